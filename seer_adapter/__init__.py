@@ -1,0 +1,25 @@
+"""seer_adapter: learned block-sparse attention (SeerAttention) as a PEFT-style adapter for any causal LM.
+
+    >>> from seer_adapter import SeerAttentionConfig, get_seer_model
+    >>> model = get_seer_model(base_model, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3))
+"""
+
+from .attention import ATTN_IMPLEMENTATION, register_attention
+from .config import SeerAttentionConfig, SeerConfigError
+from .gate import AttnGate
+from .model import AdapterMismatchError, SeerModel, UnsupportedModelError, get_seer_model
+
+__version__ = "0.1.0"
+
+register_attention()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "AdapterMismatchError",
+    "AttnGate",
+    "SeerAttentionConfig",
+    "SeerConfigError",
+    "SeerModel",
+    "UnsupportedModelError",
+    "get_seer_model",
+]

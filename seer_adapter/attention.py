@@ -1,0 +1,360 @@
+"""THE attention function of seer_adapter, registered with transformers' attention interfaces.
+
+transformers calls ``seer_attention_forward(module, q, k, v, attention_mask, ...)`` from every attention
+layer of a model whose ``config._attn_implementation`` is ``"seer_attention"``, with post-RoPE
+``q [B, Hq, S, D]`` and ``k, v [B, Hkv, Sk, D]`` (GQA not expanded, cache already appended). Here we decide,
+per call, between:
+
+* **sparse prefill** — ``S > 1``, no past (``Sk == S``), plain causal mask, ``S >= dense_below_length``:
+  invert RoPE, run the layer's gate, select blocks, call the block-sparse kernel dispatch;
+* **decode** — ``S == 1``: dense for now (`_decode_attention` is where sparse decode plugs in);
+* **distillation** — when a `DistillationHook` is installed on the runtime, it computes the ground truth
+  and the output (the distillation module provides it);
+* **dense** — everything else (dense layers, non-gated layers, sliding-window or other non-causal mask
+  patterns, prefill with a past cache, short prompts, adapter disabled): the model's *original* attention
+  implementation with its own mask, so the result is exactly the base model's.
+
+The mask function registered beside it returns a lazy `SeerAttentionMask`: it keeps the arguments of the
+mask call and materialises the original implementation's mask only when a dense path needs it, so long
+sparse prefills never build an ``[S, S]`` mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .kernels import block_sparse_attention
+from .masks import select_blocks
+from .rope import apply_rope
+
+if TYPE_CHECKING:
+    from .config import SeerAttentionConfig
+
+ATTN_IMPLEMENTATION = "seer_attention"
+
+
+# ------------------------------------------------------------------------------------------------------
+# mask function
+# ------------------------------------------------------------------------------------------------------
+class SeerAttentionMask:
+    """What the ``seer_attention`` mask function returns: the mask call's arguments, materialised lazily.
+
+    Attributes:
+        q_length, kv_length: query and key lengths the mask was made for.
+        key_padding_mask: bool ``[B, kv_length]`` (True = real token) or ``None`` when nothing is padded.
+        is_plain_causal: the pattern is causal + padding only (no sliding window, packing or custom parts),
+            the only pattern the sparse path implements.
+    """
+
+    def __init__(self, mask_kwargs: dict[str, Any]):
+        self.mask_kwargs = mask_kwargs
+        self.q_length: int = int(mask_kwargs["q_length"])
+        self.kv_length: int = int(mask_kwargs["kv_length"])
+        kv_offset = int(mask_kwargs.get("kv_offset", 0) or 0)
+        padding = prepare_padding_mask(mask_kwargs.get("attention_mask"), self.kv_length, kv_offset)
+        if padding is not None:
+            padding = padding[:, kv_offset : kv_offset + self.kv_length].to(torch.bool)
+            if bool(padding.all()):
+                padding = None
+        self.key_padding_mask: torch.Tensor | None = padding
+        self.is_plain_causal = (
+            mask_kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+            and mask_kwargs.get("local_size") is None
+        )
+        self._materialised: dict[str, Any] = {}
+
+    def materialize(self, attn_implementation: str) -> Any:
+        """The mask ``attn_implementation``'s own mask function makes from the same arguments (cached)."""
+        if attn_implementation not in self._materialised:
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]
+            self._materialised[attn_implementation] = mask_fn(**self.mask_kwargs)
+        return self._materialised[attn_implementation]
+
+    def __repr__(self) -> str:
+        padded = "none" if self.key_padding_mask is None else f"{int((~self.key_padding_mask).sum())} tokens"
+        return (
+            f"SeerAttentionMask(q_length={self.q_length}, kv_length={self.kv_length}, padding={padded}, "
+            f"plain_causal={self.is_plain_causal})"
+        )
+
+
+def seer_attention_mask(**mask_kwargs: Any) -> SeerAttentionMask:
+    """Mask function registered with `AttentionMaskInterface` under ``"seer_attention"``."""
+    return SeerAttentionMask(mask_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------
+# per-layer and per-model state
+# ------------------------------------------------------------------------------------------------------
+class DistillationHook(Protocol):
+    """Installed on `SeerRuntime.distillation` by the distillation code; computes attention + ground truth."""
+
+    def __call__(
+        self,
+        layer: SeerLayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: SeerAttentionMask,
+        scaling: float | None,
+        **kwargs: Any,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class SeerRuntime:
+    """State shared by every layer of one wrapped model (owned by `SeerModel`)."""
+
+    original_attn_implementation: str
+    configs: dict[str, SeerAttentionConfig]
+    active_adapter: str = "default"
+    adapter_enabled: bool = True
+    distillation: DistillationHook | None = None
+    record_gate_outputs: bool = False
+    # layer_idx -> statistics of the layer's last call
+    stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> SeerAttentionConfig:
+        return self.configs[self.active_adapter]
+
+
+@dataclass
+class SeerLayerState:
+    """Plain (non-module) state attached to an attention module as ``module.seer_state``."""
+
+    layer_idx: int
+    runtime: SeerRuntime
+    rope_style: str | None
+    gated: bool
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    # filled when runtime.record_gate_outputs: gate probabilities and kept blocks of the last sparse call
+    last_gate_probs: torch.Tensor | None = None
+    last_block_mask: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------------
+# the attention function
+# ------------------------------------------------------------------------------------------------------
+def seer_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered with `AttentionInterface` under ``"seer_attention"``.
+
+    Args:
+        module: the attention module (carries ``seer_state`` and ``seer_gate`` when gated).
+        query: ``[B, Hq, S, D]`` post-RoPE; key, value: ``[B, Hkv, Sk, D]``.
+        attention_mask: a `SeerAttentionMask` (or whatever the model passed when it built its own mask).
+        scaling: softmax scale; dropout: attention dropout probability.
+
+    Returns:
+        ``(out [B, S, Hq, D], None)`` as every transformers attention function.
+    """
+    state: SeerLayerState | None = getattr(module, "seer_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs attn_implementation={ATTN_IMPLEMENTATION!r} but has no seer gate state; "
+            "wrap the model with seer_adapter.get_seer_model instead of setting the implementation by hand."
+        )
+    runtime = state.runtime
+    if not runtime.adapter_enabled or not state.gated:
+        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, None, **kwargs)
+    config = runtime.config
+    if state.layer_idx in config.dense_layers:
+        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs)
+    if query.shape[2] == 1:
+        return _decode_attention(module, query, key, value, attention_mask, scaling, dropout, state, **kwargs)
+
+    reason = _why_not_sparse(query, key, attention_mask, dropout, config, kwargs)
+    if runtime.distillation is not None:
+        if reason is not None:
+            raise RuntimeError(f"layer {state.layer_idx}: distillation needs a gated prefill, but {reason}.")
+        out = runtime.distillation(state, query, key, value, attention_mask, scaling, **kwargs)
+        return out.transpose(1, 2).contiguous(), None
+    if reason is not None:
+        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, reason, **kwargs)
+    return _sparse_prefill(module, query, key, value, attention_mask, scaling, state, **kwargs)
+
+
+def _why_not_sparse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: Any,
+    dropout: float,
+    config: SeerAttentionConfig,
+    kwargs: dict[str, Any],
+) -> str | None:
+    """Why this prefill call must run dense, or ``None`` when the sparse path applies."""
+    if not isinstance(mask, SeerAttentionMask):
+        return "the model passed a mask of its own making"
+    if not mask.is_plain_causal:
+        return "the mask is not plain causal (sliding window or custom pattern)"
+    if key.shape[2] != query.shape[2]:
+        return "prefill continues a past cache (not gated yet)"
+    if query.shape[2] < config.dense_below_length:
+        return f"prefill shorter than dense_below_length={config.dense_below_length}"
+    if dropout > 0.0:
+        return "attention dropout is on (module in training mode)"
+    if kwargs.get("s_aux") is not None:
+        return "the layer uses attention sinks (s_aux)"
+    return None
+
+
+def gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over key blocks in fp32; rows without any allowed block give zeros instead of NaN."""
+    return torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
+
+
+def compute_gate_logits(state: SeerLayerState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run the layer's active gate on post-RoPE ``query [B, Hq, S, D]`` / ``key [B, Hkv, S, D]``.
+
+    Inverts RoPE with the ``position_embeddings`` the module received, takes the RoPE tables at each
+    block's first token for block RoPE, and returns logits ``[B, Hq, nB, nB]`` (``-inf`` where not allowed).
+    """
+    gate = module.seer_gate[state.runtime.active_adapter]
+    block_size = gate.block_size
+    block_cos = block_sin = None
+    style = state.rope_style or "half"
+    if state.position_embeddings is not None:
+        if state.rope_style is None:
+            raise RuntimeError(
+                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
+                "the gate needs pre-RoPE Q/K. Please report the model family."
+            )
+        cos, sin = state.position_embeddings
+        query = apply_rope(query.to(gate.k_proj.weight.dtype), cos, sin, style, inverse=True)
+        key = apply_rope(key.to(gate.k_proj.weight.dtype), cos, sin, style, inverse=True)
+        block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
+    return gate(query, key, block_cos=block_cos, block_sin=block_sin, rope_style=style, token_valid=key_padding_mask)
+
+
+def _sparse_prefill(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: SeerAttentionMask,
+    scaling: float | None,
+    state: SeerLayerState,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    config = state.runtime.config
+    block_size = config.block_size
+    padding = mask.key_padding_mask  # [B, S] or None
+    with torch.no_grad():  # the gate is trained by distillation, never through the sparse path
+        logits = compute_gate_logits(state, module, query, key, padding)  # [B, Hq, nB, nB]
+        probs = gate_probabilities(logits)
+        allowed = torch.isfinite(logits)
+        sink = None
+        if config.force_sink_block:
+            sink = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+            if padding is not None:
+                sink = padding.to(torch.int8).argmax(dim=-1) // block_size
+        keep = select_blocks(
+            probs,
+            allowed,
+            block_size=block_size,
+            sink_block=sink,
+            force_local_block=config.force_local_block,
+            dense_last_query_blocks=config.dense_last_query_blocks,
+            **_method_kwargs(config.sparsity_for_layer(state.layer_idx)),
+        )
+    out = block_sparse_attention(
+        query, key, value, keep, block_size=block_size, scale=scaling, key_padding_mask=padding,
+        softcap=kwargs.get("softcap"),
+    )  # [B, Hq, S, D]
+    allowed_count = allowed.sum().item()
+    state.runtime.stats[state.layer_idx] = {
+        "mode": "sparse",
+        "q_len": query.shape[2],
+        "density": keep.sum().item() / allowed_count if allowed_count else 1.0,
+        "kept_blocks": int(keep.sum().item()),
+        "causal_blocks": int(allowed_count),
+    }
+    if state.runtime.record_gate_outputs:
+        state.last_gate_probs, state.last_block_mask = probs, keep
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _method_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": settings["sparsity_method"],
+        "threshold": settings["threshold"],
+        "nz_ratio": settings["nz_ratio"],
+        "token_budget": settings["token_budget"],
+    }
+
+
+def _decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None,
+    dropout: float,
+    state: SeerLayerState,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One new token per sequence. Dense for now: sparse decode (decode gate + K-compression cache) plugs in here."""
+    return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "decode", **kwargs)
+
+
+def _dense_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None,
+    dropout: float,
+    state: SeerLayerState,
+    reason: str | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's original attention implementation with its own mask: exactly the base model."""
+    implementation = state.runtime.original_attn_implementation
+    if isinstance(attention_mask, SeerAttentionMask):
+        attention_mask = attention_mask.materialize(implementation)
+    if reason is not None:
+        state.runtime.stats[state.layer_idx] = {"mode": "dense", "reason": reason, "q_len": query.shape[2], "density": 1.0}
+    return original_attention_function(module, implementation)(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+def original_attention_function(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+    """The function transformers would call for ``implementation`` in ``module``'s model family."""
+    if implementation == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(f"cannot find eager_attention_forward for {type(module).__name__}")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def register_attention() -> None:
+    """Register the attention and mask functions under ``"seer_attention"`` (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, seer_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, seer_attention_mask)

@@ -1,0 +1,178 @@
+"""AttnGate: predicts, per (query block, key block), how much attention mass falls in the block.
+
+Prefill gate of SeerAttention (DESIGN.md §1):
+
+1. pool pre-RoPE Q ``[B, Hq, S, D]`` and K ``[B, Hkv, S, D]`` over non-overlapping blocks of ``block_size``
+   tokens (a trailing partial block is pooled over its real tokens; padding tokens never enter a pool);
+2. project per head without bias: K's concatenated poolings ``len(k_pooling)·D -> gate_dim`` with one
+   matrix per *query* head (the pooled K of a KV head is shared by its query group before projection);
+   Q is used as pooled unless ``use_q_proj``;
+3. rotate pooled Q and K with the model's RoPE at the position of each block's first token;
+4. ``logits = q_blk · k_blkᵀ / sqrt(gate_dim)``, block-causal (diagonal included), ``-inf`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .rope import apply_rope
+
+
+class HeadwiseLinear(nn.Module):
+    """One bias-free linear map per head: ``[B, H, N, in] -> [B, H, N, out]``; weight ``[H, out, in]``."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_heads, self.in_features, self.out_features = num_heads, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_heads, out_features, in_features, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's default uniform range
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhni,hoi->bhno", x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, poolings: list[str], valid: torch.Tensor | None) -> torch.Tensor:
+    """Pool ``x [B, H, S, D]`` over blocks of ``block_size`` tokens.
+
+    Args:
+        poolings: any of ``"avg"``, ``"max"``, ``"min"``; results are concatenated on the channel axis.
+        valid: optional bool ``[B, S]``; False tokens (padding) are left out of every pool.
+
+    Returns:
+        ``[B, H, ceil(S / block_size), len(poolings) * D]``. A block without any real token pools to 0.
+    """
+    batch, heads, length, dim = x.shape
+    n_blocks = math.ceil(length / block_size)
+    pad = n_blocks * block_size - length
+    token_valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
+    if pad:
+        x = nn.functional.pad(x, (0, 0, 0, pad))
+        token_valid = nn.functional.pad(token_valid, (0, pad), value=False)
+    blocks = x.view(batch, heads, n_blocks, block_size, dim)
+    mask = token_valid.view(batch, 1, n_blocks, block_size, 1)  # [B, 1, nB, bs, 1]
+    count = mask.sum(dim=3)  # [B, 1, nB, 1]
+    empty = count == 0
+    pooled = []
+    for kind in poolings:
+        if kind == "avg":
+            value = blocks.masked_fill(~mask, 0).sum(dim=3) / count.clamp(min=1)
+        elif kind == "max":
+            value = blocks.masked_fill(~mask, float("-inf")).amax(dim=3)
+        elif kind == "min":
+            value = blocks.masked_fill(~mask, float("inf")).amin(dim=3)
+        else:
+            raise ValueError(f"unknown pooling {kind!r}")
+        pooled.append(value.masked_fill(empty, 0))
+    return torch.cat(pooled, dim=-1)
+
+
+class AttnGate(nn.Module):
+    """The prefill gate of one attention layer.
+
+    Args:
+        num_q_heads, num_kv_heads, head_dim: the attention layer's shape.
+        gate_dim: width of projected Q/K (``head_dim`` when no Q projection is used).
+        block_size: tokens per block.
+        q_pooling, k_pooling: pooling lists (see `pool_blocks`).
+        use_q_proj: add a per-head Q linear.
+        dtype: parameter dtype (the gate also computes in it).
+
+    Parameters are initialised so that an untrained gate scores blocks by the dot product of mean-pooled Q
+    and mean-pooled K (the K projection is the identity on the ``avg`` channels and zero on the others), a
+    sensible prior that distillation refines; without an ``avg`` pooling, ``nn.Linear``'s uniform init is used.
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        gate_dim: int,
+        block_size: int,
+        q_pooling: list[str],
+        k_pooling: list[str],
+        use_q_proj: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if not use_q_proj and (list(q_pooling) != ["avg"] or gate_dim != head_dim):
+            raise ValueError("without a Q projection the gate needs q_pooling=['avg'] and gate_dim == head_dim")
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.gate_dim, self.block_size = gate_dim, block_size
+        self.q_pooling, self.k_pooling = list(q_pooling), list(k_pooling)
+        self.k_proj = HeadwiseLinear(num_q_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
+        self.q_proj = HeadwiseLinear(num_q_heads, len(self.q_pooling) * head_dim, gate_dim, dtype) if use_q_proj else None
+        self.init_mean_pooling_prior()
+
+    @torch.no_grad()
+    def init_mean_pooling_prior(self) -> None:
+        """Identity on the ``avg`` channels, zero elsewhere (see class docstring)."""
+        for proj, poolings in ((self.k_proj, self.k_pooling), (self.q_proj, self.q_pooling)):
+            if proj is None or "avg" not in poolings or self.gate_dim != self.head_dim:
+                continue
+            proj.weight.zero_()
+            start = poolings.index("avg") * self.head_dim
+            eye = torch.eye(self.head_dim, dtype=proj.weight.dtype, device=proj.weight.device)
+            proj.weight[:, :, start : start + self.head_dim] = eye
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        block_cos: torch.Tensor | None = None,
+        block_sin: torch.Tensor | None = None,
+        rope_style: str = "half",
+        token_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gate logits.
+
+        Args:
+            q: pre-RoPE queries ``[B, Hq, S, D]``.
+            k: pre-RoPE keys ``[B, Hkv, S, D]`` (same positions as ``q``: prefill without a past).
+            block_cos, block_sin: RoPE tables at each block's first token ``[B, nB, r]`` (``None``: no RoPE).
+            rope_style: ``"half"`` or ``"interleaved"``.
+            token_valid: optional bool ``[B, S]``, False for padding tokens.
+
+        Returns:
+            fp ``[B, Hq, nB, nB]`` logits in the gate dtype, ``-inf`` above the block diagonal and on key
+            blocks without a real token.
+        """
+        dtype = self.k_proj.weight.dtype
+        batch, _, length, _ = q.shape
+        group = self.num_q_heads // self.num_kv_heads
+        q_pooled = pool_blocks(q.to(dtype), self.block_size, self.q_pooling, token_valid)  # [B, Hq, nB, Pq·D]
+        k_pooled = pool_blocks(k.to(dtype), self.block_size, self.k_pooling, token_valid)  # [B, Hkv, nB, Pk·D]
+        k_pooled = k_pooled.repeat_interleave(group, dim=1)  # pooled K is tiny: [B, Hq, nB, Pk·D]
+        q_gate = self.q_proj(q_pooled) if self.q_proj is not None else q_pooled  # [B, Hq, nB, G]
+        k_gate = self.k_proj(k_pooled)  # [B, Hq, nB, G]
+        if block_cos is not None:
+            q_gate = apply_rope(q_gate, block_cos, block_sin, rope_style)
+            k_gate = apply_rope(k_gate, block_cos, block_sin, rope_style)
+        logits = torch.einsum("bhqg,bhkg->bhqk", q_gate, k_gate) / math.sqrt(self.gate_dim)
+        n_blocks = logits.shape[-1]
+        blocks = torch.arange(n_blocks, device=q.device)
+        allowed = blocks[None, :] <= blocks[:, None]  # [nB, nB] block-causal
+        if token_valid is not None:
+            pad = n_blocks * self.block_size - length
+            valid = nn.functional.pad(token_valid, (0, pad), value=False) if pad else token_valid
+            allowed = allowed & valid.view(batch, n_blocks, self.block_size).any(-1)[:, None, None, :]
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, gate_dim={self.gate_dim}, q_pooling={self.q_pooling}, "
+            f"k_pooling={self.k_pooling}"
+        )
