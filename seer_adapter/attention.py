@@ -177,8 +177,10 @@ def seer_attention_forward(
             "wrap the model with seer_adapter.get_seer_model instead of setting the implementation by hand."
         )
     runtime = state.runtime
-    if not runtime.adapter_enabled or not state.gated:
+    if not runtime.adapter_enabled:
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, None, **kwargs)
+    if not state.gated:
+        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "no gate", **kwargs)
     config = runtime.config
     if state.layer_idx in config.dense_layers:
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs)
@@ -233,6 +235,12 @@ def compute_gate_logits(state: SeerLayerState, module: torch.nn.Module, query: t
     block's first token for block RoPE, and returns logits ``[B, Hq, nB, nB]`` (``-inf`` where not allowed).
     """
     gate = module.seer_gate[state.runtime.active_adapter]
+    if query.shape[1] != gate.num_q_heads or key.shape[1] != gate.num_kv_heads or query.shape[-1] != gate.head_dim:
+        raise RuntimeError(
+            f"layer {state.layer_idx}: the gate was built for {gate.num_q_heads} query / {gate.num_kv_heads} KV heads of "
+            f"dim {gate.head_dim}, but the layer computes {query.shape[1]} / {key.shape[1]} of dim {query.shape[-1]}; "
+            "the model config's head counts do not describe this layer."
+        )
     block_size = gate.block_size
     block_cos = block_sin = None
     style = state.rope_style or "half"

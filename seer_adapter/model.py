@@ -45,8 +45,9 @@ KEY_PREFIX = "base_model.model."
 # Families whose attention runs through transformers' AttentionInterface and that the test suite covers
 # with a tiny random model (kept true by tests/test_families.py).
 TESTED_FAMILIES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "gpt_neox",
-    "olmo", "olmo2", "starcoder2", "stablelm", "granite", "cohere", "glm", "helium", "gpt2",
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "phi3", "phi", "gpt_neox", "olmo", "olmo2", "starcoder2", "stablelm", "granite", "granitemoe", "cohere", "glm",
+    "helium", "smollm3", "seed_oss", "arcee", "apertus", "ernie4_5", "opt", "gpt2", "gpt_bigcode", "biogpt",
 )
 
 
@@ -113,7 +114,9 @@ def _is_sliding_window_layer(model: nn.Module, module: nn.Module) -> bool:
     config = _text_config(model)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and module.layer_idx < len(layer_types):
-        return layer_types[module.layer_idx] != "full_attention"
+        kind = str(layer_types[module.layer_idx])
+        if "sliding" in kind or "chunked" in kind or "local" in kind:
+            return True
     return getattr(module, "sliding_window", None) is not None
 
 
@@ -170,6 +173,12 @@ def _attach_gates(
     for name, module in all_modules.items():
         if not hasattr(module, STATE_ATTR):
             style = detect_rope_style(module, head_dim)
+            if style is None and "position_embeddings" in inspect.signature(module.forward).parameters:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} (model_type={info['model_type']!r}) applies rotary embeddings in a way "
+                    "seer_adapter cannot invert (the gate needs pre-RoPE Q/K). Families tested: "
+                    f"{', '.join(TESTED_FAMILIES)}."
+                )
             setattr(module, STATE_ATTR, SeerLayerState(module.layer_idx, runtime, style, gated=False))
             setattr(module, GATE_ATTR, nn.ModuleDict())
             setattr(module, HOOKS_ATTR, (

@@ -6,6 +6,8 @@ exact up to float rounding. Two conventions exist in transformers:
 
 * ``"half"`` (GPT-NeoX / Llama): channel ``i`` pairs with ``i + r/2``; ``cos = cat(f, f)``.
 * ``"interleaved"`` (GPT-J / Cohere): channel ``2i`` pairs with ``2i + 1``; ``cos = repeat_interleave(f, 2)``.
+* ``"interleaved_half_table"`` (GLM, Helium): interleaved pairs, but the tables arrive as ``cat(f, f)`` and
+  are re-laid out inside the model's ``apply_rotary_pos_emb``.
 
 Partial rotary (GPT-NeoX, Phi, StableLM) rotates only the first ``r = cos.shape[-1]`` channels.
 """
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-ROPE_STYLES = ("half", "interleaved")
+ROPE_STYLES = ("half", "interleaved", "interleaved_half_table")
 
 
 def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
@@ -41,6 +43,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
     With ``inverse=True`` rotates by the opposite angles, undoing a previous application.
     """
+    if style == "interleaved_half_table":
+        cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1)
+        sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1)
     rot_dim = cos.shape[-1]
     cos = _broadcast_table(cos, x).to(x.dtype)
     sin = _broadcast_table(sin, x).to(x.dtype)
@@ -54,7 +59,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 def _probe_tables(style: str, head_dim: int, length: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.arange(1, length + 1, dtype=torch.float64)[:, None] * freqs[None, :]  # [N, D/2]
-    angles = torch.cat((angles, angles), dim=-1) if style == "half" else angles.repeat_interleave(2, dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if style == "interleaved" else torch.cat((angles, angles), dim=-1)
     return angles.cos()[None], angles.sin()[None]  # [1, N, D]
 
 
