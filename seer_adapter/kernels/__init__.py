@@ -111,3 +111,8 @@ __all__ = [
     "register_backend",
     "select_backend",
 ]
+
+try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
+    from . import block_sparse_triton  # noqa: E402, F401
+except ImportError:  # pragma: no cover - triton not installed
+    pass

@@ -1,0 +1,659 @@
+"""Block-sparse causal FlashAttention forward in Triton, GQA-native, for long-context prefill.
+
+The kernel follows the conventions of `reference.py` exactly (shapes, bottom-right causal alignment, per-query-head
+or per-KV-head block masks, key padding, soft-capping, zero output and ``lse = -inf`` for rows that see no key).
+
+How it works:
+
+* The boolean block mask is turned into sorted per-row lists of kept key blocks (`block_mask_to_indices`), with
+  blocks that no row of the query block may see (above the causal diagonal, or made only of padding) removed.
+* One program owns one tile of query rows: ``BLOCK_M`` consecutive rows of one query block, for one query head
+  (per-query-head masks) or for ``HEADS`` query heads of one GQA group stacked into ``HEADS * BLOCK_M`` rows
+  (per-KV-head masks: every K/V tile is then loaded once for the whole stack). The KV head is read by index
+  (``q_head // group``); K and V are never expanded.
+* The program walks only the kept key blocks of its list, in two loops: first the blocks that every row of the tile
+  sees entirely (no element-wise masking at all), then the at most two blocks that straddle the causal diagonal
+  (element-wise causal mask, also covering the ragged end of the keys). Because lists are sorted and causally
+  filtered, the straddling blocks are always the last one or two entries.
+* Online softmax in the log2 domain (``log2(e)`` folded into the scale, ``exp2``), fp32 accumulators, tensor-core
+  ``tl.dot`` on fp16/bf16 operands (IEEE fp32 dots for fp32 inputs).
+
+The output is returned as ``[B, Hq, S, D]`` whose memory is laid out ``[B, S, Hq, D]``: ``out.transpose(1, 2)`` is
+contiguous, which is the layout transformers wants back from an attention function, so no copy is needed there.
+
+The forward is wrapped in the custom op ``torch.ops.seer_adapter.block_sparse_attention_fwd`` (with a fake
+implementation) so that ``torch.compile`` treats it as one opaque node. Forward only: the base model runs frozen.
+"""
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import register_backend
+from .reference import check_attention_inputs
+
+__all__ = [
+    "KernelConfig",
+    "block_mask_to_indices",
+    "block_sparse_attention_triton",
+    "choose_kernel_config",
+    "key_block_has_tokens",
+]
+
+# Environment variable that overrides the launch heuristic, e.g. "block_m=64,block_n=64,heads=2,warps=4,stages=3".
+ENV_KERNEL_CONFIG = "SEER_ADAPTER_TRITON_CONFIG"
+# Elements of the [B, H, rows, nK] mask processed at once by `block_mask_to_indices` (bounds its temporaries).
+_INDEX_CHUNK_ELEMENTS = 1 << 25
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+TWO_LOG2E = tl.constexpr(2.8853900817779268)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Block mask -> sorted index lists
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def key_block_has_tokens(key_padding_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool ``[B, nK]``: key block ``kb`` holds at least one real token.
+
+    Args:
+        key_padding_mask: bool ``[B, Sk]``, True for real tokens.
+    """
+    batch, kv_len = key_padding_mask.shape
+    n_k_blocks = math.ceil(kv_len / block_size)
+    padded = torch.nn.functional.pad(key_padding_mask, (0, n_k_blocks * block_size - kv_len), value=False)
+    return padded.view(batch, n_k_blocks, block_size).any(dim=-1)
+
+
+def block_mask_to_indices(
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 64,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    compact: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted lists of the kept key blocks of every query-block row, computed on the mask's device.
+
+    Args:
+        block_mask: bool ``[B, Hm, nQ, nK]``.
+        block_size: tokens per block.
+        q_len, kv_len: query and key lengths (``S``, ``Sk``). When both are given, key blocks that no row of the
+            query block may see are dropped: with queries the last ``S`` of ``Sk`` positions, key block ``kb`` can
+            matter for query block ``qb`` only if ``kb * block_size <= min((qb + 1) * block_size, S) - 1 + Sk - S``.
+            Without them the mask is taken as it is.
+        key_padding_mask: optional bool ``[B, Sk]`` (True = real token); key blocks made only of padding are dropped.
+        compact: trim the lists to the longest row (one device-to-host sync). Otherwise they are ``nK`` wide,
+            which needs no sync (CUDA-graph friendly).
+
+    Returns:
+        ``kv_block_indices`` int32 ``[B, Hm, nQ, maxK]``: kept key-block indices in ascending order, padded with 0;
+        ``kv_block_counts`` int32 ``[B, Hm, nQ]``: how many entries of each row are real.
+    """
+    if block_mask.dtype != torch.bool or block_mask.dim() != 4:
+        raise ValueError(f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
+    if (q_len is None) != (kv_len is None):
+        raise ValueError("pass both q_len and kv_len (to drop non-causal blocks) or neither")
+    batch, mask_heads, n_q_blocks, n_k_blocks = block_mask.shape
+    device = block_mask.device
+    key_block_ids = torch.arange(n_k_blocks, device=device, dtype=torch.int32)  # [nK]
+
+    keep = block_mask
+    if q_len is not None and kv_len is not None:
+        q_block_ids = torch.arange(n_q_blocks, device=device, dtype=torch.int64)
+        last_row = torch.clamp((q_block_ids + 1) * block_size, max=q_len) - 1  # [nQ]
+        causal = key_block_ids[None, :].to(torch.int64) * block_size <= (last_row + (kv_len - q_len))[:, None]
+        keep = keep & causal  # [B, Hm, nQ, nK]
+    if key_padding_mask is not None:
+        keep = keep & key_block_has_tokens(key_padding_mask, block_size)[:, None, None, :]
+
+    counts = keep.sum(dim=-1, dtype=torch.int32)  # [B, Hm, nQ]
+    if compact:
+        width = int(counts.max()) if counts.numel() else 0
+    else:
+        width = n_k_blocks
+    indices = torch.zeros(batch, mask_heads, n_q_blocks, width, dtype=torch.int32, device=device)
+    if width == 0 or n_k_blocks == 0:
+        return indices, counts
+
+    # Row-wise: the j-th kept block is the first position where the running count of kept blocks reaches j + 1.
+    rows_per_chunk = max(1, _INDEX_CHUNK_ELEMENTS // max(1, batch * mask_heads * max(n_k_blocks, width)))
+    targets = torch.arange(1, width + 1, device=device, dtype=torch.int32)  # [maxK]
+    for first in range(0, n_q_blocks, rows_per_chunk):
+        rows = slice(first, min(n_q_blocks, first + rows_per_chunk))
+        running = keep[:, :, rows].cumsum(dim=-1, dtype=torch.int32)  # [B, Hm, r, nK], non-decreasing
+        wanted = targets.expand(*running.shape[:-1], width).contiguous()  # [B, Hm, r, maxK]
+        found = torch.searchsorted(running, wanted, out_int32=True)  # nK where the row has fewer kept blocks
+        indices[:, :, rows] = torch.where(found < n_k_blocks, found, 0)
+    return indices, counts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel launch.
+
+    Attributes:
+        block_m: query rows per head in one program; divides ``block_size``.
+        block_n: key columns per inner step; divides ``block_size``.
+        heads: query heads of one GQA group stacked in one program (per-KV-head masks only); divides the group.
+        num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_m: int
+    block_n: int
+    heads: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_kernel_config(head_dim: int, block_size: int, group: int, mask_per_kv_head: bool) -> KernelConfig:
+    """Autotune-free launch heuristic for Hopper-class GPUs (overridable with ``$SEER_ADAPTER_TRITON_CONFIG``).
+
+    A program holds at most 128 query rows (64 for head_dim > 128) so that the fp32 accumulator stays in registers;
+    per-KV-head masks stack as many query heads of a group as fit, so each K/V tile is shared by them.
+    """
+    padded_dim = triton.next_power_of_2(head_dim)
+    max_rows = 128 if padded_dim <= 128 else 64
+    block_m = min(block_size, max_rows)
+    heads = 1
+    if mask_per_kv_head:
+        while group % (heads * 2) == 0 and heads * 2 * block_m <= max_rows:
+            heads *= 2
+    block_n = min(block_size, 64)
+    rows = heads * block_m
+    num_warps = 8 if rows >= 128 and padded_dim >= 128 else 4
+    num_stages = 3 if padded_dim <= 128 else 2
+    config = KernelConfig(block_m=block_m, block_n=block_n, heads=heads, num_warps=num_warps, num_stages=num_stages)
+    return _apply_config_override(config, block_size, group, mask_per_kv_head)
+
+
+def _apply_config_override(config: KernelConfig, block_size: int, group: int, mask_per_kv_head: bool) -> KernelConfig:
+    text = os.environ.get(ENV_KERNEL_CONFIG, "").strip()
+    if not text:
+        return config
+    names = {"block_m": "block_m", "block_n": "block_n", "heads": "heads", "warps": "num_warps", "stages": "num_stages"}
+    changes: dict[str, int] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in names or not value.strip().isdigit():
+            raise ValueError(f"${ENV_KERNEL_CONFIG}={text!r}: expected comma-separated {sorted(names)}=<int>")
+        changes[names[key.strip()]] = int(value)
+    config = replace(config, **changes)
+    if not mask_per_kv_head:
+        config = replace(config, heads=1)
+    validate_kernel_config(config, block_size, group)
+    return config
+
+
+def validate_kernel_config(config: KernelConfig, block_size: int, group: int) -> None:
+    """Raise ValueError when ``config`` cannot tile ``block_size`` / ``group``."""
+    for name in ("block_m", "block_n", "heads"):
+        value = getattr(config, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two")
+    if block_size % config.block_m or block_size % config.block_n or config.block_n < 16:
+        raise ValueError(f"block_m={config.block_m} and block_n={config.block_n} (>= 16) must divide block_size={block_size}")
+    if group % config.heads or config.heads * config.block_m < 16:
+        raise ValueError(f"heads={config.heads} must divide the GQA group ({group}) and heads * block_m must be >= 16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton device code (also used by ground_truth.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no NaN for large |x|.
+    return 1.0 - 2.0 / (tl.exp2(x * TWO_LOG2E) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
+    # Tensor-core dot with an fp32 accumulator; fp32 operands use exact IEEE products instead of TF32.
+    if IEEE_DOT:
+        result = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        result = tl.dot(a, b, acc)
+    return result
+
+
+@triton.jit
+def _load_key_tile(tile_ptr, offsets, cols, kv_len, d_mask, CHECK_COLS: tl.constexpr, EVEN_D: tl.constexpr):
+    # One [BLOCK_N, BLOCK_D] tile of K or V; bounds are checked only where the tile can be ragged.
+    if CHECK_COLS:
+        if EVEN_D:
+            tile = tl.load(tile_ptr + offsets, mask=(cols < kv_len)[:, None], other=0.0)
+        else:
+            tile = tl.load(tile_ptr + offsets, mask=(cols < kv_len)[:, None] & d_mask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(tile_ptr + offsets)
+        else:
+            tile = tl.load(tile_ptr + offsets, mask=d_mask[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _key_tile_scores(
+    q,
+    k_head_ptr,
+    k_offsets,
+    stride_ks,
+    start,
+    offs_n,
+    row_limit,
+    key_padding_ptr,
+    kv_len,
+    qk_scale,
+    softcap_in,
+    softcap_out,
+    d_mask,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """Scores of the query tile against keys ``start + offs_n``, in log2 units, ``-inf`` where not visible.
+
+    q: [ROWS, BLOCK_D]; row_limit: [ROWS] last visible key column of each row. Returns [ROWS, BLOCK_N] fp32.
+    """
+    cols = start + offs_n  # [BLOCK_N]
+    k = _load_key_tile(k_head_ptr + tl.cast(start, tl.int64) * stride_ks, k_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)
+    qk = _dot(q, tl.trans(k), None, IEEE_DOT)  # [ROWS, BLOCK_N]
+    if HAS_SOFTCAP:
+        scores = _tanh(qk * softcap_in) * softcap_out
+    else:
+        scores = qk * qk_scale
+    if CAUSAL:
+        visible = (cols[None, :] <= row_limit[:, None]) & (cols[None, :] < kv_len)
+        scores = tl.where(visible, scores, float("-inf"))
+    if HAS_KEY_PADDING:
+        real_key = tl.load(key_padding_ptr + cols, mask=cols < kv_len, other=0) != 0
+        scores = tl.where(real_key[None, :], scores, float("-inf"))
+    return scores
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_head_ptr,
+    v_head_ptr,
+    k_offsets,
+    v_offsets,
+    stride_ks,
+    stride_vs,
+    start,
+    offs_n,
+    row_limit,
+    key_padding_ptr,
+    kv_len,
+    qk_scale,
+    softcap_in,
+    softcap_out,
+    d_mask,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """One online-softmax step over a key tile. acc: [ROWS, BLOCK_D] fp32; m_i, l_i: [ROWS] fp32 (log2 units)."""
+    scores = _key_tile_scores(
+        q, k_head_ptr, k_offsets, stride_ks, start, offs_n, row_limit, key_padding_ptr, kv_len,
+        qk_scale, softcap_in, softcap_out, d_mask, CAUSAL, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+    )  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    if CAUSAL or HAS_KEY_PADDING:
+        # A row that has seen no key yet keeps m = -inf; shift by 0 instead so that exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    p = tl.exp2(scores - m_shift[:, None])  # [ROWS, BLOCK_N]
+    alpha = tl.exp2(m_i - m_shift)  # [ROWS]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    cols = start + offs_n
+    v = _load_key_tile(v_head_ptr + tl.cast(start, tl.int64) * stride_vs, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _block_sparse_attention_fwd_kernel(
+    Q, K, V, Out, Lse, KvBlockIndices, KvBlockCounts, KeyPadding,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    stride_pb,
+    q_len, kv_len, n_row_tiles, group, head_tiles_per_kv_head,
+    qk_scale, softcap_in, softcap_out,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEADS: tl.constexpr,
+    MASK_PER_KV_HEAD: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid: (row tiles, head programs, B). Q [B, Hq, S, D]; K, V [B, Hkv, Sk, D]; Out like Q; Lse [B, Hq, S] fp32;
+    KvBlockIndices int32 [B, Hm, nQ, W] (sorted, causally filtered); KvBlockCounts int32 [B, Hm, nQ];
+    KeyPadding int8 [B, Sk]."""
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    ROWS: tl.constexpr = HEADS * BLOCK_M
+    SUB_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key tiles per key block
+    ROW_TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
+
+    # Longest rows (latest query blocks) first: better tail balance under causal masking.
+    row_tile = n_row_tiles - 1 - tl.program_id(0)
+    head_program = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_block = row_tile // ROW_TILES_PER_BLOCK
+    row_start = row_tile * BLOCK_M
+    if MASK_PER_KV_HEAD:
+        kv_head = head_program // head_tiles_per_kv_head
+        first_q_head = kv_head * group + (head_program % head_tiles_per_kv_head) * HEADS
+        mask_head = kv_head
+    else:
+        first_q_head = head_program
+        kv_head = head_program // group
+        mask_head = head_program
+
+    offs_r = tl.arange(0, ROWS)
+    head_of_row = offs_r // BLOCK_M  # [ROWS] query head offset within the stack
+    row_in_tile = offs_r % BLOCK_M
+    pos = row_start + row_in_tile  # [ROWS] query row index in [0, S)
+    row_valid = pos < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = (
+        Q + batch * stride_qb + first_q_head.to(tl.int64) * stride_qh + row_start.to(tl.int64) * stride_qs
+        + (head_of_row * stride_qh + row_in_tile * stride_qs)[:, None] + offs_d[None, :] * stride_qd
+    )  # fmt: skip
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [ROWS, BLOCK_D]
+    k_head_ptr = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_offsets = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # [BLOCK_N, BLOCK_D]
+    v_offsets = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    key_padding_ptr = KeyPadding + batch * stride_pb
+
+    causal_offset = kv_len - q_len
+    row_limit = pos + causal_offset  # [ROWS] last key column each row may see
+    # Key blocks below `full_below` are seen entirely by every row of the tile.
+    full_below = (row_start + causal_offset + 1) // BLOCK_SIZE
+
+    index_ptr = KvBlockIndices + batch * stride_ib + mask_head.to(tl.int64) * stride_ih + q_block.to(tl.int64) * stride_iq
+    n_blocks = tl.load(KvBlockCounts + batch * stride_cb + mask_head.to(tl.int64) * stride_ch + q_block)
+    # Sorted, causally filtered lists: only the last two entries can straddle the diagonal.
+    last_block = tl.load(index_ptr + n_blocks - 1, mask=n_blocks >= 1, other=-1)
+    second_last_block = tl.load(index_ptr + n_blocks - 2, mask=n_blocks >= 2, other=-1)
+    n_full = n_blocks - (last_block >= full_below).to(tl.int32) - (second_last_block >= full_below).to(tl.int32)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for step in range(0, n_full * SUB_TILES):
+        key_block = tl.load(index_ptr + step // SUB_TILES)
+        start = key_block * BLOCK_SIZE + (step % SUB_TILES) * BLOCK_N
+        acc, m_i, l_i = _attend_key_tile(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs, start, offs_n,
+            row_limit, key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+            False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+        )  # fmt: skip
+    for step in range(n_full * SUB_TILES, n_blocks * SUB_TILES):
+        key_block = tl.load(index_ptr + step // SUB_TILES)
+        start = key_block * BLOCK_SIZE + (step % SUB_TILES) * BLOCK_N
+        acc, m_i, l_i = _attend_key_tile(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs, start, offs_n,
+            row_limit, key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+            True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+        )  # fmt: skip
+
+    seen_any = l_i > 0.0
+    l_safe = tl.where(seen_any, l_i, 1.0)
+    out = acc / l_safe[:, None]  # rows that saw nothing have acc = 0 -> zeros
+    out_ptrs = (
+        Out + batch * stride_ob + first_q_head.to(tl.int64) * stride_oh + row_start.to(tl.int64) * stride_os
+        + (head_of_row * stride_oh + row_in_tile * stride_os)[:, None] + offs_d[None, :] * stride_od
+    )  # fmt: skip
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    lse = tl.where(seen_any, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log
+    lse_ptrs = Lse + batch * stride_lb + (first_q_head + head_of_row).to(tl.int64) * stride_lh + pos
+    tl.store(lse_ptrs, lse, mask=row_valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------------------
+
+_KERNELS_INTERPRETED = not isinstance(_block_sparse_attention_fwd_kernel, triton.runtime.JITFunction)
+
+
+def check_triton_device(tensor: torch.Tensor) -> None:
+    """Raise a clear error when the Triton kernels cannot run on ``tensor``'s device.
+
+    Compiled kernels need CUDA (or ROCm) tensors; kernels built under ``TRITON_INTERPRET=1`` run anywhere.
+    """
+    if _KERNELS_INTERPRETED or tensor.device.type == "cuda":
+        return
+    raise RuntimeError(
+        f"the Triton kernels of seer_adapter cannot run on {tensor.device.type} tensors. On CPU set TRITON_INTERPRET=1 "
+        "before seer_adapter.kernels is first imported (small shapes only), or use the reference backend "
+        "(SEER_ADAPTER_KERNEL=reference)."
+    )
+
+
+def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    """Dtype / block-size / head-dim requirements of the Triton kernels (on top of `check_attention_inputs`)."""
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"Triton kernels need q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"Triton kernels support head_dim <= 256, got {q.shape[-1]}")
+    check_triton_device(q)
+
+
+def softcap_factors(scale: float, softcap: float | None) -> tuple[float, float, float]:
+    """(qk_scale, softcap_in, softcap_out) so that the kernel's log2-unit score is ``qk * qk_scale`` or
+    ``tanh(qk * softcap_in) * softcap_out`` (= ``cap * tanh(scale * qk / cap) * log2(e)``)."""
+    qk_scale = scale * float(LOG2E.value)
+    if softcap is None:
+        return qk_scale, 1.0, 1.0
+    if softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return qk_scale, scale / softcap, softcap * float(LOG2E.value)
+
+
+def empty_like_bshd(q: torch.Tensor) -> torch.Tensor:
+    """Uninitialised ``[B, Hq, S, D]`` tensor laid out as ``[B, S, Hq, D]`` (its transpose(1, 2) is contiguous)."""
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim).transpose(1, 2)
+
+
+def key_padding_as_int8(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """int8 ``[B, Sk]`` view (or a 1-element dummy) of the key padding mask, and whether there is one."""
+    if key_padding_mask is None:
+        return torch.ones(1, 1, dtype=torch.int8, device=q.device), False
+    return key_padding_mask.contiguous().view(torch.int8), True
+
+
+def _launch_block_sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; returns ``out [B, Hq, S, D]`` (q.dtype, BSHD memory) and ``lse [B, Hq, S]`` fp32."""
+    check_attention_inputs(q, k, v, block_mask, block_size, key_padding_mask)
+    check_triton_inputs(q, k, v, block_size)
+    batch, hq, q_len, head_dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    mask_per_kv_head = block_mask.shape[1] != hq  # Hm == Hkv < Hq
+    if config is None:
+        config = choose_kernel_config(head_dim, block_size, group, mask_per_kv_head)
+    else:
+        validate_kernel_config(config, block_size, group)
+        if not mask_per_kv_head:
+            config = replace(config, heads=1)
+
+    if out is None:
+        out = empty_like_bshd(q)  # [B, Hq, S, D]
+    lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)  # [B, Hq, S]
+    if q_len == 0 or batch == 0 or hq == 0:
+        return out, lse
+    kv_block_indices, kv_block_counts = block_mask_to_indices(
+        block_mask, block_size=block_size, q_len=q_len, kv_len=kv_len, key_padding_mask=key_padding_mask, compact=False
+    )  # [B, Hm, nQ, nK], [B, Hm, nQ]
+    key_padding, has_key_padding = key_padding_as_int8(key_padding_mask, q)
+    qk_scale, softcap_in, softcap_out = softcap_factors(scale, softcap)
+
+    n_row_tiles = triton.cdiv(q_len, config.block_m)
+    head_tiles_per_kv_head = group // config.heads if mask_per_kv_head else 1
+    head_programs = hkv * head_tiles_per_kv_head if mask_per_kv_head else hq
+    grid = (n_row_tiles, head_programs, batch)
+    _block_sparse_attention_fwd_kernel[grid](
+        q, k, v, out, lse, kv_block_indices, kv_block_counts, key_padding,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1),
+        kv_block_indices.stride(0), kv_block_indices.stride(1), kv_block_indices.stride(2),
+        kv_block_counts.stride(0), kv_block_counts.stride(1),
+        key_padding.stride(0),
+        q_len, kv_len, n_row_tiles, group, head_tiles_per_kv_head,
+        qk_scale, softcap_in, softcap_out,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        HEADS=config.heads,
+        MASK_PER_KV_HEAD=mask_per_kv_head,
+        HAS_KEY_PADDING=has_key_padding,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE_DOT=q.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Custom op (torch.compile) and public entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+_OP_NAME = "seer_adapter::block_sparse_attention_fwd"
+_OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor block_mask, int block_size, float scale, Tensor? key_padding_mask, "
+    "float? softcap) -> (Tensor, Tensor)"
+)
+
+
+def _block_sparse_attention_op_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_block_sparse_forward(q, k, v, block_mask, block_size, scale, key_padding_mask, softcap)
+
+
+def _block_sparse_attention_op_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, hq, q_len, _ = q.shape
+    return empty_like_bshd(q), q.new_empty(batch, hq, q_len, dtype=torch.float32)
+
+
+def _register_custom_op() -> None:
+    namespace, name = _OP_NAME.split("::")
+    if hasattr(getattr(torch.ops, namespace), name):  # already defined (module reloaded)
+        return
+    # The functions resolve `_launch_block_sparse_forward` through module globals at call time, so a reload of this
+    # module (tests switching to the interpreter) is picked up by the op defined first.
+    op = torch.library.custom_op(_OP_NAME, mutates_args=(), schema=_OP_SCHEMA)(_block_sparse_attention_op_impl)
+    op.register_fake(_block_sparse_attention_op_fake)
+
+
+_register_custom_op()
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention with the Triton kernel; same contract as `block_sparse_attention_reference`.
+
+    Args:
+        q: ``[B, Hq, S, D]`` fp16 / bf16 / fp32 (any strides, e.g. a transpose of ``[B, S, Hq, D]``).
+        k, v: ``[B, Hkv, Sk, D]``, ``Sk >= S``, same dtype as ``q``; query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+        block_mask: bool ``[B, Hm, ceil(S / block_size), ceil(Sk / block_size)]`` with ``Hm`` in ``{Hq, Hkv}``.
+        block_size: tokens per block, a power of two >= 16 (64 and 128 are the tuned ones).
+        scale: softmax scale (default ``1 / sqrt(D)``).
+        key_padding_mask: optional bool ``[B, Sk]``, True for real tokens.
+        softcap: optional logit soft-capping ``cap * tanh(s / cap)``.
+        return_lse: also return ``lse [B, Hq, S]`` fp32 (natural log; ``-inf`` for rows that see no key).
+
+    Returns:
+        ``out [B, Hq, S, D]`` in ``q.dtype`` (memory laid out ``[B, S, Hq, D]``), and ``lse`` when asked.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = torch.ops.seer_adapter.block_sparse_attention_fwd(
+        q, k, v, block_mask, block_size, scale, key_padding_mask, None if softcap is None else float(softcap)
+    )
+    if return_lse:
+        return out, lse
+    return out
+
+
+register_backend("triton", block_sparse_attention_triton, device_types=("cuda",))
