@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="seer-adapter",
+    version="0.1.0",
+    description="SeerAttention as a PEFT-style adapter: learned block-sparse attention for any causal LM.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["seer_adapter", "seer_adapter.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.30",
+        "tqdm",
+    ],
+    extras_require={
+        "gguf": ["gguf>=0.10"],  # loading the SmolLM2 demo model from its GGUF
+        "triton": ["triton>=3.0"],
+        "train": ["datasets", "accelerate"],
+        "peft": ["peft>=0.17"],
+        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["seer-adapter=seer_adapter.cli:main"]},
+)
