@@ -99,7 +99,9 @@ def block_mask_to_indices(
         ``kv_block_counts`` int32 ``[B, Hm, nQ]``: how many entries of each row are real.
     """
     if block_mask.dtype != torch.bool or block_mask.dim() != 4:
-        raise ValueError(f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
+        raise ValueError(
+            f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}"
+        )
     if (q_len is None) != (kv_len is None):
         raise ValueError("pass both q_len and kv_len (to drop non-causal blocks) or neither")
     batch, mask_heads, n_q_blocks, n_k_blocks = block_mask.shape
@@ -205,7 +207,9 @@ def validate_kernel_config(config: KernelConfig, block_size: int, group: int) ->
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a power of two")
     if block_size % config.block_m or block_size % config.block_n or config.block_n < 16:
-        raise ValueError(f"block_m={config.block_m} and block_n={config.block_n} (>= 16) must divide block_size={block_size}")
+        raise ValueError(
+            f"block_m={config.block_m} and block_n={config.block_n} (>= 16) must divide block_size={block_size}"
+        )
     if group % config.heads or config.heads * config.block_m < 16:
         raise ValueError(f"heads={config.heads} must divide the GQA group ({group}) and heads * block_m must be >= 16")
 
@@ -222,8 +226,18 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
-    # Tensor-core dot with an fp32 accumulator; fp32 operands use exact IEEE products instead of TF32.
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    # a @ b on tensor cores, fp32 result; fp32 operands use exact IEEE products instead of TF32.
+    if IEEE_DOT:
+        result = tl.dot(a, b, input_precision="ieee")
+    else:
+        result = tl.dot(a, b)
+    return result
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE_DOT: tl.constexpr):
+    # acc + a @ b with the fp32 accumulator fused into the tensor-core instruction.
     if IEEE_DOT:
         result = tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -273,8 +287,9 @@ def _key_tile_scores(
     q: [ROWS, BLOCK_D]; row_limit: [ROWS] last visible key column of each row. Returns [ROWS, BLOCK_N] fp32.
     """
     cols = start + offs_n  # [BLOCK_N]
-    k = _load_key_tile(k_head_ptr + tl.cast(start, tl.int64) * stride_ks, k_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)
-    qk = _dot(q, tl.trans(k), None, IEEE_DOT)  # [ROWS, BLOCK_N]
+    k_tile_ptr = k_head_ptr + tl.cast(start, tl.int64) * stride_ks
+    k = _load_key_tile(k_tile_ptr, k_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    qk = _dot(q, tl.trans(k), IEEE_DOT)  # [ROWS, BLOCK_N]
     if HAS_SOFTCAP:
         scores = _tanh(qk * softcap_in) * softcap_out
     else:
@@ -330,8 +345,9 @@ def _attend_key_tile(
     alpha = tl.exp2(m_i - m_shift)  # [ROWS]
     l_i = l_i * alpha + tl.sum(p, 1)
     cols = start + offs_n
-    v = _load_key_tile(v_head_ptr + tl.cast(start, tl.int64) * stride_vs, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
+    v_tile_ptr = v_head_ptr + tl.cast(start, tl.int64) * stride_vs
+    v = _load_key_tile(v_tile_ptr, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
     return acc, m_new, l_i
 
 
@@ -407,7 +423,9 @@ def _block_sparse_attention_fwd_kernel(
     # Key blocks below `full_below` are seen entirely by every row of the tile.
     full_below = (row_start + causal_offset + 1) // BLOCK_SIZE
 
-    index_ptr = KvBlockIndices + batch * stride_ib + mask_head.to(tl.int64) * stride_ih + q_block.to(tl.int64) * stride_iq
+    index_ptr = (
+        KvBlockIndices + batch * stride_ib + mask_head.to(tl.int64) * stride_ih + q_block.to(tl.int64) * stride_iq
+    )  # fmt: skip
     n_blocks = tl.load(KvBlockCounts + batch * stride_cb + mask_head.to(tl.int64) * stride_ch + q_block)
     # Sorted, causally filtered lists: only the last two entries can straddle the diagonal.
     last_block = tl.load(index_ptr + n_blocks - 1, mask=n_blocks >= 1, other=-1)
@@ -443,7 +461,7 @@ def _block_sparse_attention_fwd_kernel(
     )  # fmt: skip
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
     lse = tl.where(seen_any, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log
-    lse_ptrs = Lse + batch * stride_lb + (first_q_head + head_of_row).to(tl.int64) * stride_lh + pos
+    lse_ptrs = Lse + batch * stride_lb + (first_q_head + head_of_row).to(tl.int64) * stride_lh + pos  # [ROWS]
     tl.store(lse_ptrs, lse, mask=row_valid)
 
 
@@ -471,7 +489,9 @@ def check_triton_device(tensor: torch.Tensor) -> None:
 def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
     """Dtype / block-size / head-dim requirements of the Triton kernels (on top of `check_attention_inputs`)."""
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"Triton kernels need q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"Triton kernels need q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"Triton kernels need a power-of-two block_size >= 16, got {block_size}")
     if q.shape[-1] > 256:
@@ -514,8 +534,13 @@ def _launch_block_sparse_forward(
     softcap: float | None,
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel; returns ``out [B, Hq, S, D]`` (q.dtype, BSHD memory) and ``lse [B, Hq, S]`` fp32."""
+    """Launch the kernel; returns ``out [B, Hq, S, D]`` (q.dtype, BSHD memory) and ``lse [B, Hq, S]`` fp32.
+
+    ``config`` overrides the launch heuristic (benchmark sweeps); ``out`` / ``lse`` are optional preallocated results
+    (``lse`` must be contiguous), e.g. NaN-poisoned buffers in tests.
+    """
     check_attention_inputs(q, k, v, block_mask, block_size, key_padding_mask)
     check_triton_inputs(q, k, v, block_size)
     batch, hq, q_len, head_dim = q.shape
@@ -531,7 +556,8 @@ def _launch_block_sparse_forward(
 
     if out is None:
         out = empty_like_bshd(q)  # [B, Hq, S, D]
-    lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)  # [B, Hq, S]
+    if lse is None:
+        lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)  # [B, Hq, S]
     if q_len == 0 or batch == 0 or hq == 0:
         return out, lse
     kv_block_indices, kv_block_counts = block_mask_to_indices(
@@ -636,7 +662,8 @@ def block_sparse_attention_triton(
 
     Args:
         q: ``[B, Hq, S, D]`` fp16 / bf16 / fp32 (any strides, e.g. a transpose of ``[B, S, Hq, D]``).
-        k, v: ``[B, Hkv, Sk, D]``, ``Sk >= S``, same dtype as ``q``; query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+        k, v: ``[B, Hkv, Sk, D]``, ``Sk >= S``, same dtype as ``q``; query head ``h`` reads KV head
+            ``h // (Hq // Hkv)``.
         block_mask: bool ``[B, Hm, ceil(S / block_size), ceil(Sk / block_size)]`` with ``Hm`` in ``{Hq, Hkv}``.
         block_size: tokens per block, a power of two >= 16 (64 and 128 are the tuned ones).
         scale: softmax scale (default ``1 / sqrt(D)``).

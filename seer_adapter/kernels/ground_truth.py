@@ -31,7 +31,7 @@ try:
     import triton.language as tl
 
     from .block_sparse_triton import (
-        _dot,
+        _dot_acc,
         _key_tile_scores,
         _load_key_tile,
         check_triton_inputs,
@@ -219,10 +219,11 @@ if triton is not None:
         )  # fmt: skip
         p = tl.exp2(scores - m_shift[:, None]) * inv_l[:, None]  # [ROWS, BLOCK_N] row-normalised probabilities
         cols = start + offs_n
-        v = _load_key_tile(v_head_ptr + tl.cast(start, tl.int64) * stride_vs, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)
-        acc = _dot(p.to(v.dtype), v, acc, IEEE_DOT)
+        v_tile_ptr = v_head_ptr + tl.cast(start, tl.int64) * stride_vs
+        v = _load_key_tile(v_tile_ptr, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+        acc = _dot_acc(p.to(v.dtype), v, acc, IEEE_DOT)
         tile_max = tl.max(tl.max(tl.where(row_real[:, None], p, 0.0), 1), 0)
-        tl.atomic_max(map_row_ptr + start // BLOCK_SIZE, tile_max)
+        tl.atomic_max(map_row_ptr + start // BLOCK_SIZE, tile_max, sem="relaxed")
         return acc
 
     @triton.jit
@@ -291,18 +292,22 @@ if triton is not None:
         for tile in range(0, n_full):
             m_i, l_i = _softmax_stats_tile(
                 m_i, l_i, q, k_head_ptr, k_offsets, stride_ks, tile * BLOCK_N, offs_n, row_limit, key_padding_ptr,
-                kv_len, qk_scale, softcap_in, softcap_out, d_mask, False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+                kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
         for tile in range(n_full, n_tiles):
             m_i, l_i = _softmax_stats_tile(
                 m_i, l_i, q, k_head_ptr, k_offsets, stride_ks, tile * BLOCK_N, offs_n, row_limit, key_padding_ptr,
-                kv_len, qk_scale, softcap_in, softcap_out, d_mask, True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+                kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
 
         # Pass 2: probabilities exp2(s - m) / l, the output, and the per-key-block maxima.
         m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
-        inv_l = tl.where(l_i > 0.0, 1.0 / l_i, 0.0)
-        map_row_ptr = BlockMap + batch * stride_mb + map_head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mq
+        inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+        map_row_ptr = (
+            BlockMap + batch * stride_mb + map_head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mq
+        )  # fmt: skip
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for tile in range(0, n_full):
             acc = _probability_tile(
@@ -352,6 +357,21 @@ def attention_with_block_ground_truth_triton(
     Memory beyond the inputs: ``out`` (laid out ``[B, S, Hq, D]``, returned as ``[B, Hq, S, D]``) and the fp32
     ``block_map [B, Hq or Hkv, nQ, nK]``.
     """
+    return _launch_ground_truth(q, k, v, block_size, scale, key_padding_mask, softcap, group_max)
+
+
+def _launch_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+    group_max: bool,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the ground-truth kernel; ``out``: optional preallocated ``[B, Hq, S, D]`` result (tests poison it)."""
     if triton is None:
         raise RuntimeError("attention_with_block_ground_truth_triton needs triton; use the reference backend")
     _check_ground_truth_inputs(q, k, v, block_size, key_padding_mask)
@@ -362,7 +382,8 @@ def attention_with_block_ground_truth_triton(
     n_q_blocks, n_k_blocks = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
-    out = empty_like_bshd(q)  # [B, Hq, S, D]
+    if out is None:
+        out = empty_like_bshd(q)  # [B, Hq, S, D]
     map_heads = hkv if group_max else hq
     block_map = torch.zeros(batch, map_heads, n_q_blocks, n_k_blocks, dtype=torch.float32, device=q.device)
     if q_len == 0 or batch == 0 or hq == 0:
@@ -422,7 +443,9 @@ def attention_with_block_ground_truth(
     """
     name = select_backend(q.device, backend)
     if name not in GROUND_TRUTH_BACKENDS:
-        raise ValueError(f"kernel backend {name!r} has no ground-truth kernel; available: {sorted(GROUND_TRUTH_BACKENDS)}")
+        raise ValueError(
+            f"kernel backend {name!r} has no ground-truth kernel; available: {sorted(GROUND_TRUTH_BACKENDS)}"
+        )
     return GROUND_TRUTH_BACKENDS[name](
         q,
         k,
