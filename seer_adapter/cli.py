@@ -20,7 +20,6 @@ def _device_and_dtype(device: str | None) -> tuple[Any, Any]:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Wrap SmolLM2-135M-Instruct with untrained gates, generate, and compare perplexity dense vs sparse."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import shakespeare_texts, smollm2_path
@@ -57,8 +56,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     generation_s = time.perf_counter() - start
     prefill_stats = [s for s in model.sparsity_stats() if s.get("mode") == "sparse"]
     answer = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
-    log(f"\nPrompt: {prompt['input_ids'].shape[1]} tokens of Hamlet + a question; sparse generation "
-        f"({args.max_new_tokens} new tokens, {generation_s:.1f} s):\n  {answer.strip()}\n")
+    log(
+        f"\nPrompt: {prompt['input_ids'].shape[1]} tokens of Hamlet + a question; sparse generation "
+        f"({args.max_new_tokens} new tokens, {generation_s:.1f} s):\n  {answer.strip()}\n"
+    )
 
     window = args.tokens
     sparse_ppl = perplexity(model, token_ids, window, max_windows=1)
@@ -70,8 +71,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     log("  layer  mode    density")
     for s in stats:
         log(f"  {s['layer']:>5}  {s['mode']:<6}  {s['density']:.3f}")
-    log(f"\nPerplexity on {window} tokens of Hamlet: dense {dense_ppl:.3f} | sparse {sparse_ppl:.3f} "
-        f"(mean density {mean_density:.3f}, untrained gates = mean-pooling prior)")
+    log(
+        f"\nPerplexity on {window} tokens of Hamlet: dense {dense_ppl:.3f} | sparse {sparse_ppl:.3f} "
+        f"(mean density {mean_density:.3f}, untrained gates = mean-pooling prior)"
+    )
     return {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
         "device": str(device),
@@ -96,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=2048, help="perplexity window in tokens (default 2048)")
     demo.add_argument("--prompt-tokens", type=int, default=1200, help="tokens of Hamlet in the generation prompt")
     demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--sparsity-method", default="nz_ratio", choices=["nz_ratio", "threshold", "token_budget", "dense"])
+    demo.add_argument(
+        "--sparsity-method", default="nz_ratio", choices=["nz_ratio", "threshold", "token_budget", "dense"]
+    )
     demo.add_argument("--nz-ratio", type=float, default=0.3)
     demo.add_argument("--threshold", type=float, default=5e-4)
     demo.add_argument("--token-budget", type=int, default=512)

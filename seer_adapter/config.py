@@ -155,7 +155,9 @@ class SeerAttentionConfig:
     def validate(self) -> None:
         """Check every field; raise `SeerConfigError` naming the first bad field."""
         if self.peft_type != PEFT_TYPE:
-            raise SeerConfigError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}: this is not a seer adapter.")
+            raise SeerConfigError(
+                f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}: this is not a seer adapter."
+            )
         if self.task_type != "CAUSAL_LM":
             raise SeerConfigError(f"task_type must be 'CAUSAL_LM', got {self.task_type!r}.")
         _check_int("block_size", self.block_size, minimum=1)
@@ -185,10 +187,14 @@ class SeerAttentionConfig:
         if not isinstance(self.dense_layers, (list, tuple)) or any(
             not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.dense_layers
         ):
-            raise SeerConfigError(f"dense_layers must be a list of non-negative layer indices, got {self.dense_layers!r}.")
+            raise SeerConfigError(
+                f"dense_layers must be a list of non-negative layer indices, got {self.dense_layers!r}."
+            )
         self.dense_layers = sorted(set(self.dense_layers))
         if not isinstance(self.layer_overrides, dict):
-            raise SeerConfigError(f"layer_overrides must be a dict {{layer_index: {{field: value}}}}, got {self.layer_overrides!r}.")
+            raise SeerConfigError(
+                f"layer_overrides must be a dict {{layer_index: {{field: value}}}}, got {self.layer_overrides!r}."
+            )
         normalised: dict[str, dict[str, Any]] = {}
         for key, override in self.layer_overrides.items():
             try:
@@ -196,7 +202,9 @@ class SeerAttentionConfig:
             except (TypeError, ValueError):
                 raise SeerConfigError(f"layer_overrides keys must be layer indices, got {key!r}.") from None
             if index < 0 or not isinstance(override, dict):
-                raise SeerConfigError(f"layer_overrides[{key!r}] must map a non-negative index to a dict, got {override!r}.")
+                raise SeerConfigError(
+                    f"layer_overrides[{key!r}] must map a non-negative index to a dict, got {override!r}."
+                )
             unknown = set(override) - set(LAYER_OVERRIDABLE_FIELDS)
             if unknown:
                 raise SeerConfigError(
@@ -211,13 +219,16 @@ class SeerAttentionConfig:
             if budget < self.block_size:
                 where = f"layer_overrides[{index!r}]." if index else ""
                 raise SeerConfigError(
-                    f"{where}token_budget={budget} is below one block ({self.block_size} tokens); use at least block_size."
+                    f"{where}token_budget={budget} is below one block ({self.block_size} tokens); "
+                    "use at least block_size."
                 )
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise SeerConfigError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}.")
+                raise SeerConfigError(
+                    f"target_modules must be a non-empty list of module names, got {self.target_modules!r}."
+                )
 
     # ------------------------------------------------------------------------------------------------
     def sparsity_for_layer(self, layer_idx: int) -> dict[str, Any]:

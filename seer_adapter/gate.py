@@ -113,7 +113,9 @@ class AttnGate(nn.Module):
         self.gate_dim, self.block_size = gate_dim, block_size
         self.q_pooling, self.k_pooling = list(q_pooling), list(k_pooling)
         self.k_proj = HeadwiseLinear(num_q_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
-        self.q_proj = HeadwiseLinear(num_q_heads, len(self.q_pooling) * head_dim, gate_dim, dtype) if use_q_proj else None
+        self.q_proj = (
+            HeadwiseLinear(num_q_heads, len(self.q_pooling) * head_dim, gate_dim, dtype) if use_q_proj else None
+        )
         self.init_mean_pooling_prior()
 
     @torch.no_grad()

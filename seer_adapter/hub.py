@@ -71,9 +71,23 @@ def write_model_card(directory: str | os.PathLike, config: SeerAttentionConfig, 
         "| field | value |",
         "|---|---|",
     ]
-    for key in ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "block_size", "gate_dim", "q_pooling", "k_pooling", "sparsity_method", "threshold", "nz_ratio",
-                "token_budget", "dense_layers", "dense_below_length"):
+    for key in (
+        "model_type",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "block_size",
+        "gate_dim",
+        "q_pooling",
+        "k_pooling",
+        "sparsity_method",
+        "threshold",
+        "nz_ratio",
+        "token_budget",
+        "dense_layers",
+        "dense_below_length",
+    ):
         lines.append(f"| {key} | {getattr(config, key)} |")
     sparse = [s for s in stats if s.get("mode") == "sparse"]
     if sparse:

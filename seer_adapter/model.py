@@ -29,7 +29,6 @@ from torch import nn
 from .attention import ATTN_IMPLEMENTATION, SeerLayerState, SeerRuntime, register_attention
 from .config import (
     BASE_MODEL_FIELDS,
-    CONFIG_NAME,
     WEIGHTS_NAME,
     SeerAttentionConfig,
     SeerConfigError,
@@ -45,9 +44,37 @@ KEY_PREFIX = "base_model.model."
 # Families whose attention runs through transformers' AttentionInterface and that the test suite covers
 # with a tiny random model (kept true by tests/test_families.py).
 TESTED_FAMILIES = (
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-    "phi3", "phi", "gpt_neox", "olmo", "olmo2", "starcoder2", "stablelm", "granite", "granitemoe", "cohere", "glm",
-    "helium", "smollm3", "seed_oss", "arcee", "apertus", "ernie4_5", "opt", "gpt2", "gpt_bigcode", "biogpt",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "phi",
+    "gpt_neox",
+    "olmo",
+    "olmo2",
+    "starcoder2",
+    "stablelm",
+    "granite",
+    "granitemoe",
+    "cohere",
+    "glm",
+    "helium",
+    "smollm3",
+    "seed_oss",
+    "arcee",
+    "apertus",
+    "ernie4_5",
+    "opt",
+    "gpt2",
+    "gpt_bigcode",
+    "biogpt",
 )
 
 
@@ -92,7 +119,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
         raise UnsupportedModelError(
-            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')!r}) does not route its attention "
+            f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')!r}) does not route its "
+            "attention "
             "through transformers' AttentionInterface, so seer gates cannot be attached. Families tested: "
             f"{', '.join(TESTED_FAMILIES)} (most families of transformers 5 work)."
         )
@@ -130,7 +158,9 @@ def select_target_modules(model: nn.Module, config: SeerAttentionConfig) -> dict
     if config.target_modules is None:
         targets = {n: m for n, m in modules.items() if not _is_sliding_window_layer(model, m)}
         if not targets:
-            raise UnsupportedModelError("every attention layer of this model is a sliding-window layer; nothing to gate.")
+            raise UnsupportedModelError(
+                "every attention layer of this model is a sliding-window layer; nothing to gate."
+            )
         return targets
     targets = {n: m for n, m in modules.items() if _matches_target(n, config.target_modules)}
     if not targets:
@@ -159,9 +189,7 @@ def _release_position_embeddings(module: nn.Module, args: tuple, kwargs: dict, o
     getattr(module, STATE_ATTR).position_embeddings = None
 
 
-def _attach_gates(
-    model: nn.Module, config: SeerAttentionConfig, adapter_name: str, runtime: SeerRuntime
-) -> list[int]:
+def _attach_gates(model: nn.Module, config: SeerAttentionConfig, adapter_name: str, runtime: SeerRuntime) -> list[int]:
     """Add ``seer_gate[adapter_name]`` to every targeted attention module; returns the gated layer indices."""
     info = describe_base_model(model)
     head_dim = info["head_dim"]
@@ -181,10 +209,14 @@ def _attach_gates(
                 )
             setattr(module, STATE_ATTR, SeerLayerState(module.layer_idx, runtime, style, gated=False))
             setattr(module, GATE_ATTR, nn.ModuleDict())
-            setattr(module, HOOKS_ATTR, (
-                module.register_forward_pre_hook(_capture_position_embeddings, with_kwargs=True),
-                module.register_forward_hook(_release_position_embeddings, with_kwargs=True),
-            ))
+            setattr(
+                module,
+                HOOKS_ATTR,
+                (
+                    module.register_forward_pre_hook(_capture_position_embeddings, with_kwargs=True),
+                    module.register_forward_hook(_release_position_embeddings, with_kwargs=True),
+                ),
+            )
         if name not in targets:
             continue
         state: SeerLayerState = getattr(module, STATE_ATTR)
@@ -223,7 +255,9 @@ class SeerModel(nn.Module):
     def __init__(self, model: nn.Module, config: SeerAttentionConfig, adapter_name: str = "default"):
         super().__init__()
         register_attention()
-        if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION or hasattr(model, "_seer_runtime"):
+        if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION or hasattr(
+            model, "_seer_runtime"
+        ):
             raise ValueError("this model already carries seer gates; call unload() on its SeerModel first.")
         original = model.config._attn_implementation or "eager"
         config = _with_base_model_fields(config, model)
@@ -331,8 +365,19 @@ class SeerModel(nn.Module):
         Only fields that do not change the gate's weights may change (see `SeerAttentionConfig`).
         Returns the new config.
         """
-        fixed = {"block_size", "gate_dim", "q_pooling", "k_pooling", "use_q_proj", "gate_dtype", "target_modules",
-                 *BASE_MODEL_FIELDS, "gated_layers", "peft_type", "task_type"}
+        fixed = {
+            "block_size",
+            "gate_dim",
+            "q_pooling",
+            "k_pooling",
+            "use_q_proj",
+            "gate_dtype",
+            "target_modules",
+            *BASE_MODEL_FIELDS,
+            "gated_layers",
+            "peft_type",
+            "task_type",
+        }
         refused = sorted(set(settings) & fixed)
         if refused:
             raise SeerConfigError(f"{refused} fix the shape of the trained gates and cannot change at run time.")
@@ -346,7 +391,9 @@ class SeerModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -391,7 +438,11 @@ class SeerModel(nn.Module):
         from .hub import write_model_card
 
         for name in selected_adapters or list(self.peft_config):
-            directory = save_directory if name == "default" or len(self.peft_config) == 1 else os.path.join(save_directory, name)
+            directory = (
+                save_directory
+                if name == "default" or len(self.peft_config) == 1
+                else os.path.join(save_directory, name)
+            )
             os.makedirs(directory, exist_ok=True)
             self.peft_config[name].save_pretrained(directory)
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
@@ -399,7 +450,11 @@ class SeerModel(nn.Module):
             write_model_card(directory, self.peft_config[name], self.sparsity_stats())
 
     def load_adapter(
-        self, adapter_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False, revision: str | None = None,
+        self,
+        adapter_path: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        revision: str | None = None,
         **config_overrides: Any,
     ) -> None:
         """Load gates saved by `save_pretrained` (a folder or a Hub repo id) as another adapter."""
@@ -441,9 +496,10 @@ class SeerModel(nn.Module):
                 if tensor.shape != expected[key].shape:
                     self._discard_adapter(adapter_name)
                     raise AdapterMismatchError(
-                        f"{key}: saved shape {tuple(tensor.shape)} != expected {tuple(expected[key].shape)} in {source}."
+                        f"{key}: saved shape {tuple(tensor.shape)} != expected {tuple(expected[key].shape)} "
+                        f"in {source}."
                     )
-                path = key[len(KEY_PREFIX):]
+                path = key[len(KEY_PREFIX) :]
                 module_path, param_path = path.split(marker, 1)
                 gate = getattr(modules[module_path], GATE_ATTR)[adapter_name]
                 gate.get_parameter(param_path).copy_(tensor)

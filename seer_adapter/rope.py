@@ -38,7 +38,9 @@ def _broadcast_table(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return table.unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, inverse: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, inverse: bool = False
+) -> torch.Tensor:
     """Rotate ``x [B, H, N, D]`` by the angles of ``cos, sin [B, N, r]`` (or ``[N, r]``), ``r <= D`` even.
 
     With ``inverse=True`` rotates by the opposite angles, undoing a previous application.

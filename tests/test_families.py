@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
+from tiny_models import FAMILIES, tiny_model
 
 from seer_adapter import SeerAttentionConfig, SeerModel, get_seer_model, kernels
 from seer_adapter.kernels.reference import causal_token_mask, expand_block_mask
 from seer_adapter.model import TESTED_FAMILIES
-from tiny_models import FAMILIES, tiny_model
 
 BLOCK = 16
 
@@ -143,10 +143,12 @@ def test_gate_sees_pre_rope_qk_and_block_rope(family):
     def grab(name):
         def hook(module, args, out):
             captured[name] = out
+
         return hook
 
-    handles = [attn.register_forward_pre_hook(lambda m, a, k: captured.update(pe=k["position_embeddings"]),
-                                              with_kwargs=True)]
+    handles = [
+        attn.register_forward_pre_hook(lambda m, a, k: captured.update(pe=k["position_embeddings"]), with_kwargs=True)
+    ]
     if family == "gpt_neox":
         handles.append(attn.query_key_value.register_forward_hook(grab("qkv")))
     else:

@@ -31,7 +31,9 @@ def test_threshold_keeps_exactly_the_blocks_above_it():
 
 def test_token_budget_keeps_budget_over_block_size_blocks():
     probs, allowed = _probs(1, 2, 40)
-    keep = select_blocks(probs, allowed, method="token_budget", token_budget=640, block_size=64, force_local_block=False)
+    keep = select_blocks(
+        probs, allowed, method="token_budget", token_budget=640, block_size=64, force_local_block=False
+    )
     per_row = keep.sum(-1)
     rows_allowed = allowed.expand_as(keep).sum(-1)
     assert torch.equal(per_row, rows_allowed.clamp(max=10))
@@ -43,8 +45,9 @@ def test_token_budget_keeps_budget_over_block_size_blocks():
 def test_forced_sink_local_and_dense_rows():
     probs, allowed = _probs(2, 1, 12)
     sink = torch.tensor([0, 3])
-    keep = select_blocks(probs, allowed, method="threshold", threshold=0.99, block_size=64, sink_block=sink,
-                         dense_last_query_blocks=2)
+    keep = select_blocks(
+        probs, allowed, method="threshold", threshold=0.99, block_size=64, sink_block=sink, dense_last_query_blocks=2
+    )
     idx = torch.arange(12)
     assert keep[:, :, idx, idx].all()  # diagonal
     assert keep[0, 0, :, 0].all()
@@ -61,8 +64,9 @@ def test_dense_keeps_everything_allowed_and_nothing_else():
 
 def test_rows_never_empty_with_forced_blocks():
     probs, allowed = _probs(3, 4, 33)
-    keep = select_blocks(probs, allowed, method="threshold", threshold=0.999, block_size=64,
-                         sink_block=torch.zeros(3, dtype=torch.long))
+    keep = select_blocks(
+        probs, allowed, method="threshold", threshold=0.999, block_size=64, sink_block=torch.zeros(3, dtype=torch.long)
+    )
     assert keep.any(-1).all()
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from seer_adapter import (
@@ -16,7 +17,6 @@ from seer_adapter import (
     get_seer_model,
 )
 from seer_adapter.attention import ATTN_IMPLEMENTATION
-from tiny_models import tiny_model
 
 IDS = torch.randint(3, 128, (2, 90), generator=torch.Generator().manual_seed(0))
 
@@ -38,8 +38,10 @@ def test_trainable_parameters_and_frozen_base(capsys):
     model.print_trainable_parameters()
     assert "trainable params: 6,144" in capsys.readouterr().out
     keys = [k for k in model.state_dict() if "seer_gate" in k]
-    assert keys == ["base_model.model.layers.0.self_attn.seer_gate.default.k_proj.weight",
-                    "base_model.model.layers.1.self_attn.seer_gate.default.k_proj.weight"]
+    assert keys == [
+        "base_model.model.layers.0.self_attn.seer_gate.default.k_proj.weight",
+        "base_model.model.layers.1.self_attn.seer_gate.default.k_proj.weight",
+    ]
 
 
 def test_disable_adapter_and_unload_give_the_exact_base_model():
@@ -71,8 +73,12 @@ def test_runtime_sparsity_changes_and_statistics():
     model = get_seer_model(tiny_model("llama"), _config(sparsity_method="dense"))
     model(IDS)
     assert [s["density"] for s in model.sparsity_stats()] == [1.0, 1.0]
-    model.set_sparsity(sparsity_method="nz_ratio", nz_ratio=0.2, dense_layers=[1],
-                       layer_overrides={"0": {"sparsity_method": "threshold", "threshold": 0.9}})
+    model.set_sparsity(
+        sparsity_method="nz_ratio",
+        nz_ratio=0.2,
+        dense_layers=[1],
+        layer_overrides={"0": {"sparsity_method": "threshold", "threshold": 0.9}},
+    )
     model(IDS)
     stats = model.sparsity_stats()
     assert stats[0]["mode"] == "sparse" and stats[0]["density"] < 0.6

@@ -45,8 +45,10 @@ def test_untrained_gates_perplexity_is_finite_and_reported(smollm2, tmp_path, re
         density = sum(s["density"] for s in model.sparsity_stats()) / 30
         record_property("smollm2_dense_ppl", dense)
         record_property("smollm2_sparse_ppl_nz0.5", sparse)
-        print(f"\nSmolLM2 {WINDOW} tokens of Hamlet: dense PPL {dense:.3f}, untrained gates nz_ratio=0.5 "
-              f"(density {density:.3f}) PPL {sparse:.3f}")
+        print(
+            f"\nSmolLM2 {WINDOW} tokens of Hamlet: dense PPL {dense:.3f}, untrained gates nz_ratio=0.5 "
+            f"(density {density:.3f}) PPL {sparse:.3f}"
+        )
         assert math.isfinite(sparse) and 0.45 < density < 0.75
         assert dense < sparse < 2 * dense
         model.save_pretrained(tmp_path)

@@ -27,8 +27,12 @@ FAMILIES: dict[str, dict] = {
     "qwen3": {"head_dim": 16},
     "gemma": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": 32, "num_hidden_layers": 2},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 32, "num_hidden_layers": 3,
-                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 32,
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
     "phi3": {},
     "phi": {"partial_rotary_factor": 0.5},
     "gpt_neox": {"partial_rotary_factor": 0.25, "num_key_value_heads": 4},
@@ -41,8 +45,12 @@ FAMILIES: dict[str, dict] = {
     "glm": {"head_dim": 16, "partial_rotary_factor": 0.5},
     "helium": {"head_dim": 16},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 32},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    },
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "smollm3": {},
@@ -62,7 +70,9 @@ EAGER_ONLY = {"gemma2": "eager"}
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of ``family`` in eval mode."""
-    kwargs = {k: v for k, v in {**COMMON, **FAMILIES[family], **overrides}.items() if v is not None or k == "sliding_window"}
+    kwargs = {
+        k: v for k, v in {**COMMON, **FAMILIES[family], **overrides}.items() if v is not None or k == "sliding_window"
+    }
     implementation = EAGER_ONLY.get(family, "sdpa")
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)

@@ -25,9 +25,7 @@ import torch
 _MAX_SCORE_ELEMENTS = 1 << 27
 
 
-def expand_block_mask(
-    block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: int
-) -> torch.Tensor:
+def expand_block_mask(block_mask: torch.Tensor, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
     """Token-level view of a block mask.
 
     Args:
@@ -126,7 +124,10 @@ def check_attention_inputs(
 ) -> None:
     """Validate shapes of a block-sparse attention call; raise ValueError naming the bad argument."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B, Hq, S, D] and k, v [B, Hkv, Sk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            "expected q [B, Hq, S, D] and k, v [B, Hkv, Sk, D]; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     batch, hq, q_len, head_dim = q.shape
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
@@ -137,11 +138,18 @@ def check_attention_inputs(
         raise ValueError(f"key length {kv_len} is shorter than query length {q_len}")
     n_q, n_k = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
     if block_mask.dtype != torch.bool or block_mask.dim() != 4:
-        raise ValueError(f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
+        raise ValueError(
+            f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}"
+        )
     if block_mask.shape[0] != batch or block_mask.shape[1] not in (hq, hkv) or block_mask.shape[2:] != (n_q, n_k):
         raise ValueError(
             f"block_mask shape {tuple(block_mask.shape)} does not fit q {tuple(q.shape)} / k {tuple(k.shape)} at "
             f"block_size {block_size}: expected ({batch}, {hq} or {hkv}, {n_q}, {n_k})"
         )
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, kv_len)):
-        raise ValueError(f"key_padding_mask must be bool [B, Sk] = ({batch}, {kv_len}), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, kv_len)
+    ):
+        raise ValueError(
+            f"key_padding_mask must be bool [B, Sk] = ({batch}, {kv_len}), "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )

@@ -70,12 +70,18 @@ def test_matches_naive_oracle(b, hq, hkv, s, sk, d, bs, per_kv_head):
 def test_key_padding_scale_and_softcap(side):
     gen = torch.Generator().manual_seed(1)
     b, hq, hkv, s, d, bs = 3, 4, 2, 90, 32, 16
-    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    q, k, v = (
+        torch.randn(b, hq, s, d, generator=gen),
+        torch.randn(b, hkv, s, d, generator=gen),
+        torch.randn(b, hkv, s, d, generator=gen),
+    )
     lengths = torch.tensor([90, 50, 17])
     pos = torch.arange(s)[None]
     padding = pos < lengths[:, None] if side == "right" else pos >= (s - lengths)[:, None]
     mask = random_block_mask(b, hq, s, s, bs, 0.5, gen)
-    out = block_sparse_attention_reference(q, k, v, mask, block_size=bs, key_padding_mask=padding, scale=0.3, softcap=5.0)
+    out = block_sparse_attention_reference(
+        q, k, v, mask, block_size=bs, key_padding_mask=padding, scale=0.3, softcap=5.0
+    )
     want, _ = naive_attention(q, k, v, mask, bs, scale=0.3, key_padding_mask=padding, softcap=5.0)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()
@@ -94,7 +100,11 @@ def test_rows_without_keys_give_zero_and_minus_inf_lse():
 
 def test_chunking_does_not_change_the_result(monkeypatch):
     gen = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(1, 4, 300, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen)
+    q, k, v = (
+        torch.randn(1, 4, 300, 16, generator=gen),
+        torch.randn(1, 2, 300, 16, generator=gen),
+        torch.randn(1, 2, 300, 16, generator=gen),
+    )
     mask = random_block_mask(1, 4, 300, 300, 32, 0.5, gen)
     whole = block_sparse_attention_reference(q, k, v, mask, block_size=32)
     monkeypatch.setattr(reference, "_MAX_SCORE_ELEMENTS", 4 * 32 * 300)  # one query block per chunk
