@@ -306,13 +306,12 @@ def _sparse_prefill(
         key_padding_mask=padding,
         softcap=kwargs.get("softcap"),
     )  # [B, Hq, S, D]
-    allowed_count = allowed.sum().item()
+    # Counts stay on the device: reading them (SeerModel.sparsity_stats) is the only synchronisation.
     state.runtime.stats[state.layer_idx] = {
         "mode": "sparse",
         "q_len": query.shape[2],
-        "density": keep.sum().item() / allowed_count if allowed_count else 1.0,
-        "kept_blocks": int(keep.sum().item()),
-        "causal_blocks": int(allowed_count),
+        "kept_blocks": keep.sum(),
+        "causal_blocks": allowed.sum(),
     }
     if state.runtime.record_gate_outputs:
         state.last_gate_probs, state.last_block_mask = probs, keep

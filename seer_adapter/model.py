@@ -387,7 +387,14 @@ class SeerModel(nn.Module):
 
     def sparsity_stats(self) -> list[dict[str, Any]]:
         """Per-layer statistics of the last forward: ``[{layer, mode, density, q_len, ...}]`` in layer order."""
-        return [{"layer": idx, **stats} for idx, stats in sorted(self.runtime.stats.items())]
+        rows = []
+        for idx, stats in sorted(self.runtime.stats.items()):
+            row = {"layer": idx, **stats}
+            if stats["mode"] == "sparse":
+                kept, causal = int(stats["kept_blocks"]), int(stats["causal_blocks"])
+                row.update(kept_blocks=kept, causal_blocks=causal, density=kept / causal if causal else 1.0)
+            rows.append(row)
+        return rows
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
