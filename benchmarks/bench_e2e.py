@@ -1,0 +1,110 @@
+"""End-to-end prefill time: a wrapped model against the same model dense (a script, not a test).
+
+Default: a Llama-3.1-8B-shaped model with random bf16 weights (shapes are what matter for time; ANCHORS.md
+measured the dense baseline the same way), one sequence, ``logits_to_keep=1``, no cache. Sparse runs use
+untrained gates at ``nz_ratio`` (the density is what the kernel sees; gate quality does not change time).
+
+    python benchmarks/bench_e2e.py --lengths 32768 131072 --nz-ratios 0.1 0.3
+
+Writes ``benchmarks/results/e2e_prefill_<date>.json`` and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
+from seer_adapter.kernels import select_backend  # noqa: E402
+
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+)
+
+
+def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one prefill forward (after one warm-up)."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768])
+    parser.add_argument("--nz-ratios", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": args.layers})
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    rows = []
+    for length in args.lengths:
+        ids = torch.randint(0, config.vocab_size, (1, length), device=device)
+        dense_s = time_prefill(base, ids, args.repeats)
+        rows.append({"S": length, "variant": "dense sdpa (cuDNN)", "nz_ratio": 1.0, "density": 1.0, "s": dense_s})
+        print(f"S={length}: dense {dense_s:.3f} s", flush=True)
+        model = get_seer_model(base, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.5))
+        for nz in args.nz_ratios:
+            model.set_sparsity(nz_ratio=nz)
+            sparse_s = time_prefill(model, ids, args.repeats)
+            stats = model.sparsity_stats()
+            density = sum(s.get("density", 1.0) for s in stats) / len(stats)
+            rows.append({"S": length, "variant": "seer", "nz_ratio": nz, "density": density, "s": sparse_s,
+                         "speedup_vs_dense": dense_s / sparse_s})
+            print(f"S={length}: seer nz_ratio={nz} density={density:.3f} {sparse_s:.3f} s "
+                  f"({dense_s / sparse_s:.2f}x)", flush=True)
+        model.unload()
+        del ids
+        torch.cuda.empty_cache()
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "kernel_backend": select_backend(device),
+        "model": f"Llama-3.1-8B-shaped, random bf16 weights, {args.layers} layers",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e_prefill_{meta['date']}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {path}\n{'S':>7} {'variant':<20} {'nz':>5} {'density':>8} {'s':>8} {'x dense':>8}")
+    for r in rows:
+        print(f"{r['S']:>7} {r['variant']:<20} {r['nz_ratio']:>5} {r['density']:>8.3f} {r['s']:>8.3f} "
+              f"{r.get('speedup_vs_dense', 1.0):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
