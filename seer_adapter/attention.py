@@ -100,10 +100,12 @@ def seer_attention_mask(**mask_kwargs: Any) -> SeerAttentionMask:
 # per-layer and per-model state
 # ------------------------------------------------------------------------------------------------------
 class DistillationHook(Protocol):
-    """Installed on `SeerRuntime.distillation` by the distillation code; computes attention + ground truth."""
+    """Installed on `SeerRuntime.distillation` by `seer_adapter.distill`: computes the attention output (which the
+    frozen model continues with) and records the layer's gate loss against the ground truth."""
 
     def __call__(
         self,
+        module: torch.nn.Module,
         layer: SeerLayerState,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -111,6 +113,25 @@ class DistillationHook(Protocol):
         mask: SeerAttentionMask,
         scaling: float | None,
         **kwargs: Any,
+    ) -> torch.Tensor: ...
+
+
+class BlockScorer(Protocol):
+    """Replaces the gate's block probabilities (evaluation baselines: MoBA-style, oracle, random).
+
+    Returns scores ``[B, Hq, nQ, nK]``; only their order within a row matters for top-k methods.
+    """
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        layer: SeerLayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: SeerAttentionMask,
+        scaling: float | None,
+        allowed: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -123,6 +144,8 @@ class SeerRuntime:
     active_adapter: str = "default"
     adapter_enabled: bool = True
     distillation: DistillationHook | None = None
+    # when set, replaces the gate's probabilities in sparse prefill (evaluation baselines)
+    block_scorer: BlockScorer | None = None
     record_gate_outputs: bool = False
     # layer_idx -> statistics of the layer's last call
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -182,6 +205,12 @@ def seer_attention_forward(
     if not state.gated:
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "no gate", **kwargs)
     config = runtime.config
+    if runtime.distillation is not None:  # every gated layer is trained, dense_layers included
+        reason = _why_not_sparse(query, key, attention_mask, dropout, None, kwargs)
+        if reason is not None:
+            raise RuntimeError(f"layer {state.layer_idx}: distillation needs a gated prefill, but {reason}.")
+        out = runtime.distillation(module, state, query, key, value, attention_mask, scaling, **kwargs)
+        return out.transpose(1, 2).contiguous(), None
     if state.layer_idx in config.dense_layers:
         return _dense_attention(
             module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs
@@ -190,11 +219,6 @@ def seer_attention_forward(
         return _decode_attention(module, query, key, value, attention_mask, scaling, dropout, state, **kwargs)
 
     reason = _why_not_sparse(query, key, attention_mask, dropout, config, kwargs)
-    if runtime.distillation is not None:
-        if reason is not None:
-            raise RuntimeError(f"layer {state.layer_idx}: distillation needs a gated prefill, but {reason}.")
-        out = runtime.distillation(state, query, key, value, attention_mask, scaling, **kwargs)
-        return out.transpose(1, 2).contiguous(), None
     if reason is not None:
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, reason, **kwargs)
     return _sparse_prefill(module, query, key, value, attention_mask, scaling, state, **kwargs)
@@ -205,17 +229,21 @@ def _why_not_sparse(
     key: torch.Tensor,
     mask: Any,
     dropout: float,
-    config: SeerAttentionConfig,
+    config: SeerAttentionConfig | None,
     kwargs: dict[str, Any],
 ) -> str | None:
-    """Why this prefill call must run dense, or ``None`` when the sparse path applies."""
+    """Why this prefill call must run dense, or ``None`` when the sparse path applies.
+
+    ``config=None`` skips the length check (distillation gates every length)."""
     if not isinstance(mask, SeerAttentionMask):
         return "the model passed a mask of its own making"
     if not mask.is_plain_causal:
         return "the mask is not plain causal (sliding window or custom pattern)"
     if key.shape[2] != query.shape[2]:
         return "prefill continues a past cache (not gated yet)"
-    if query.shape[2] < config.dense_below_length:
+    if query.shape[2] == 1:
+        return "a single query token"
+    if config is not None and query.shape[2] < config.dense_below_length:
         return f"prefill shorter than dense_below_length={config.dense_below_length}"
     if dropout > 0.0:
         return "attention dropout is on (module in training mode)"
@@ -282,6 +310,8 @@ def _sparse_prefill(
         logits = compute_gate_logits(state, module, query, key, padding)  # [B, Hq, nB, nB]
         probs = gate_probabilities(logits)
         allowed = torch.isfinite(logits)
+        if state.runtime.block_scorer is not None:
+            probs = state.runtime.block_scorer(module, state, query, key, value, mask, scaling, allowed)
         sink = None
         if config.force_sink_block:
             sink = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)

@@ -89,6 +89,74 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def load_model_and_tokenizer(name: str, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """A causal LM + tokenizer from a folder or Hub name; ``smollm2`` is the embedded demo model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        from .assets import smollm2_path
+
+        name = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    """Distil gates on a text source and save the adapter (see `seer_adapter.distill.train_gates`)."""
+    import torch
+
+    from .config import SeerAttentionConfig
+    from .data import load_text_dataset, packed_sequences
+    from .distill import DistillationArguments, train_gates
+    from .model import SeerModel, get_seer_model
+
+    device, dtype = _device_and_dtype(args.device)
+    if dist_env := _init_distributed(device):
+        device = dist_env
+    base, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.init_adapter:
+        model = SeerModel.from_pretrained(base, args.init_adapter, is_trainable=True)
+    else:
+        model = get_seer_model(base, SeerAttentionConfig(block_size=args.block_size))
+    train_args = DistillationArguments(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        save_steps=args.save_steps,
+        seed=args.seed,
+    )
+    dataset = load_text_dataset(args.data, streaming=args.streaming, shuffle_seed=args.seed)
+    vocab = base.get_input_embeddings().num_embeddings
+    sequences = packed_sequences(dataset, tokenizer, args.seq_len, vocab_size=vocab, min_seq_len=args.block_size)
+    torch.manual_seed(args.seed)
+    records = train_gates(model, sequences, train_args, resume_from_checkpoint=args.resume)
+    return {"output": args.output, "steps": len(records), "final_loss": records[-1]["loss"] if records else None,
+            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in records) / max(1, len(records))}
+
+
+def _init_distributed(device: Any) -> Any:
+    """Under torchrun / accelerate launch: join the process group and return this rank's device."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seer-adapter", description="SeerAttention adapters for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +176,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     demo.set_defaults(func=run_demo)
+
+    distill = sub.add_parser(
+        "distill",
+        help="train the gates by self-distillation and save the adapter",
+        description="Self-distillation of SeerAttention gates against the frozen model's own attention. "
+        "Data-parallel when started with torchrun or accelerate launch.",
+    )
+    distill.add_argument("--model", default="smollm2", help="model folder or Hub name ('smollm2': the demo model)")
+    distill.add_argument("--data", default="default",
+                         help="text source: folder/.txt/.jsonl, a Hub dataset name, or 'default' (Shakespeare)")
+    distill.add_argument("--output", required=True, help="output folder (adapter, checkpoints, log.jsonl)")
+    distill.add_argument("--seq-len", type=int, default=4096)
+    distill.add_argument("--max-steps", type=int, default=500)
+    distill.add_argument("--batch-size", type=int, default=1, help="sequences per forward and process")
+    distill.add_argument("--grad-accum", type=int, default=1)
+    distill.add_argument("--lr", type=float, default=1e-3)
+    distill.add_argument("--warmup-steps", type=int, default=20)
+    distill.add_argument("--save-steps", type=int, default=100)
+    distill.add_argument("--block-size", type=int, default=64)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--init-adapter", default=None, help="start from these gates instead of fresh ones")
+    distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    distill.add_argument("--streaming", action="store_true", help="stream the data (larger than memory)")
+    distill.add_argument("--device", default=None)
+    distill.add_argument("--json", action="store_true")
+    distill.set_defaults(func=run_distill)
     return parser
 
 

@@ -1,0 +1,376 @@
+"""Self-distillation of the gates against the frozen model's own attention.
+
+In distillation mode every gated layer computes, in one kernel call, the exact attention output (which the
+frozen model continues with) and the ground-truth block map (DESIGN.md §1: per query row the largest
+row-normalised probability of each key block, max-pooled over the block's query rows, renormalised per row).
+The gate's logits for the same layer are computed with gradients; the loss is
+
+    loss = loss_scale · Σ_layers mean_rows KL(ground truth ‖ softmax(gate logits))
+
+over causal key blocks in fp32, leaving out the first ``skip_first_fraction`` of query-block rows (their rows
+hold few blocks, so they teach little). The base model runs under ``no_grad``: none of its activations are
+kept, only the gates' small graphs (pooled tensors), so memory stays near inference memory.
+
+Entry points: `distillation_loss` (one step's loss, for notebooks and custom loops) and `train_gates` (the
+full loop: AdamW, cosine schedule with warm-up, gradient accumulation, tqdm, JSONL log, atomic checkpoints
+and exact resume, data-parallel under ``torchrun`` / ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .attention import SeerAttentionMask, SeerLayerState, compute_gate_logits
+from .kernels.ground_truth import attention_with_block_ground_truth
+from .model import SeerModel
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LATEST_FILE = "latest_checkpoint.txt"
+
+
+# ------------------------------------------------------------------------------------------------------
+# loss
+# ------------------------------------------------------------------------------------------------------
+def block_kl_loss(target: torch.Tensor, logits: torch.Tensor, skip_first_fraction: float = 0.25) -> torch.Tensor:
+    """Mean over rows of ``KL(target ‖ softmax(logits))``.
+
+    Args:
+        target: fp ``[B, H, nQ, nK]`` ground-truth block map; rows sum to 1 (or are all zero: padding rows).
+        logits: ``[B, H, nQ, nK]`` gate logits, ``-inf`` on blocks the gate may not choose.
+        skip_first_fraction: leave out the first ``floor(nQ · fraction)`` query-block rows.
+
+    Returns:
+        fp32 scalar; 0 (with a graph) when no row qualifies.
+    """
+    # Finite stand-in for -inf keeps log_softmax and its gradient free of NaN on fully masked rows.
+    logits = torch.where(torch.isfinite(logits), logits.float(), torch.full_like(logits, -1e4, dtype=torch.float32))
+    log_q = torch.log_softmax(logits, dim=-1)
+    target = target.float()
+    positive = target > 0
+    kl = torch.where(positive, target * (torch.log(target.clamp_min(1e-30)) - log_q), torch.zeros_like(log_q))
+    row_kl = kl.sum(dim=-1)  # [B, H, nQ]
+    rows = positive.any(dim=-1)
+    skip = math.floor(target.shape[-2] * skip_first_fraction)
+    if skip:
+        rows[..., :skip] = False
+    if not rows.any():
+        return logits.sum() * 0.0
+    return row_kl[rows].mean()
+
+
+class GateDistillationHook:
+    """The `DistillationHook` installed during a distillation forward: ground truth + gate loss per layer."""
+
+    def __init__(self, skip_first_fraction: float = 0.25):
+        self.skip_first_fraction = skip_first_fraction
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        layer: SeerLayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: SeerAttentionMask,
+        scaling: float | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        config = layer.runtime.config
+        padding = mask.key_padding_mask
+        with torch.no_grad():
+            out, target = attention_with_block_ground_truth(
+                query, key, value, block_size=config.block_size, scale=scaling, key_padding_mask=padding,
+                softcap=kwargs.get("softcap"),
+            )  # out [B, Hq, S, D], target [B, Hq, nQ, nK]
+        with torch.enable_grad():
+            logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
+            self.losses[layer.layer_idx] = block_kl_loss(target, logits, self.skip_first_fraction)
+        return out
+
+
+def distillation_loss(
+    model: SeerModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    skip_first_fraction: float = 0.25,
+    loss_scale: float = 10.0,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """One distillation forward of the frozen model.
+
+    Args:
+        model: a `SeerModel`; its active adapter's gates are trained.
+        input_ids: ``[B, S]``; attention_mask: optional ``[B, S]`` padding mask.
+        skip_first_fraction: see `block_kl_loss`.
+        loss_scale: multiplies the summed layer losses (the released recipe uses 10).
+
+    Returns:
+        ``(loss, per_layer)``: the scalar loss with gradients into the gates only, and ``{layer: loss}`` floats.
+    """
+    runtime = model.runtime
+    if runtime.distillation is not None:
+        raise RuntimeError("a distillation forward is already running on this model")
+    hook = GateDistillationHook(skip_first_fraction)
+    runtime.distillation = hook
+    try:
+        with torch.no_grad():
+            # The backbone alone: the LM head's logits are not needed to distil attention.
+            model.base_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        runtime.distillation = None
+    if not hook.losses:
+        raise RuntimeError("no gated layer ran during the distillation forward; does the model carry gates?")
+    total = torch.stack(list(hook.losses.values())).sum() * loss_scale
+    return total, {idx: loss.item() for idx, loss in sorted(hook.losses.items())}
+
+
+# ------------------------------------------------------------------------------------------------------
+# training loop
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class DistillationArguments:
+    """Settings of `train_gates` (defaults follow the released recipe where it has one)."""
+
+    output_dir: str = field(metadata={"help": "Where checkpoints, the JSONL log and the final adapter go."})
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps."})
+    seq_len: int = field(default=4096, metadata={"help": "Tokens per training sequence."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences per forward (per process)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps before the cosine decay."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
+    loss_scale: float = field(default=10.0, metadata={"help": "Multiplier of the summed layer losses."})
+    skip_first_fraction: float = field(default=0.25, metadata={"help": "Leading query-block rows left out."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (and at the end)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data shuffle and of torch."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "seq_len", "batch_size", "gradient_accumulation_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.skip_first_fraction < 1:
+            raise ValueError(f"skip_first_fraction must be in [0, 1), got {self.skip_first_fraction}")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gate_parameters(model: SeerModel) -> dict[str, torch.nn.Parameter]:
+    marker = f".seer_gate.{model.active_adapter}."
+    return {name: p for name, p in model.base_model.named_parameters() if marker in name}
+
+
+def save_checkpoint(
+    model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, sequences_seen: int,
+    args: DistillationArguments,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place) and prune old ones."""
+    output = Path(args.output_dir)
+    final = output / f"{CHECKPOINT_PREFIX}{step}"
+    partial = output / f".{CHECKPOINT_PREFIX}{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    gates = {name: p.detach().cpu().contiguous() for name, p in _gate_parameters(model).items()}
+    save_file(gates, partial / "gates.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        partial / "trainer_state.pt",
+    )
+    (partial / "progress.json").write_text(
+        json.dumps({"step": step, "sequences_seen": sequences_seen, "args": asdict(args)}, indent=2)
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    latest_tmp = output / (LATEST_FILE + ".partial")
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, output / LATEST_FILE)
+    checkpoints = sorted(
+        (p for p in output.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1])
+    )
+    for old in checkpoints[: -args.save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``output_dir`` or ``None``."""
+    pointer = Path(output_dir) / LATEST_FILE
+    if not pointer.exists():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _load_checkpoint(
+    path: Path, model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, int]:
+    gates = load_file(path / "gates.safetensors")
+    params = _gate_parameters(model)
+    if set(gates) != set(params):
+        raise ValueError(f"checkpoint {path} holds gates for other layers/adapters than this model's.")
+    with torch.no_grad():
+        for name, tensor in gates.items():
+            params[name].copy_(tensor)
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    progress = json.loads((path / "progress.json").read_text())
+    return progress["step"], progress["sequences_seen"]
+
+
+def _skip(iterator: Iterator[torch.Tensor], count: int) -> None:
+    for _ in range(count):
+        next(iterator)
+
+
+def train_gates(
+    model: SeerModel,
+    sequences: Iterable[torch.Tensor],
+    args: DistillationArguments,
+    *,
+    resume_from_checkpoint: bool | str | os.PathLike = False,
+) -> list[dict[str, Any]]:
+    """Distil the active adapter's gates on ``sequences`` (``LongTensor [seq_len]`` each, e.g. `packed_sequences`).
+
+    Under ``torchrun`` / ``accelerate launch`` (an initialised process group) every process takes every
+    ``world_size``-th sequence and gradients are averaged across processes; rank 0 writes files.
+
+    Args:
+        model: the wrapped model (base frozen); its active adapter's gates are trained in place.
+        sequences: a deterministic stream of training sequences (the same order on every run, so that a
+            resumed run skips exactly the sequences already seen).
+        args: `DistillationArguments`.
+        resume_from_checkpoint: ``True`` for the newest checkpoint in ``output_dir``, or a checkpoint path.
+
+    Returns:
+        The log records of the steps run (also appended to ``output_dir/log.jsonl``). The final adapter is saved
+        to ``output_dir`` in the PEFT file layout.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world = _world()
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    params = _gate_parameters(model)
+    if not params:
+        raise RuntimeError(f"adapter {model.active_adapter!r} has no gates to train")
+    for p in params.values():
+        p.requires_grad_(True)
+    model.peft_config[model.active_adapter].inference_mode = False
+    optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    step, seen = 0, 0
+    if resume_from_checkpoint:
+        path = latest_checkpoint(output) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {output}")
+        step, seen = _load_checkpoint(path, model, optimizer, scheduler)
+    iterator = iter(sequences)
+    _skip(iterator, seen)
+    device = next(iter(params.values())).device
+    per_step = args.batch_size * args.gradient_accumulation_steps * world
+
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress or rank != 0, desc="distill", unit="step")
+    log_file = open(output / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    try:
+        while step < args.max_steps:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, layer_losses = 0.0, {}
+            for _ in range(args.gradient_accumulation_steps):
+                batch = []
+                for _ in range(args.batch_size * world):
+                    try:
+                        batch.append(next(iterator))
+                    except StopIteration:
+                        raise RuntimeError(
+                            f"the data ran out after {seen + len(batch)} sequences at step {step}; "
+                            "give more data or fewer max_steps."
+                        ) from None
+                seen += len(batch)
+                local = torch.stack(batch[rank::world]).to(device)  # [batch_size, seq_len]
+                loss, per_layer = distillation_loss(
+                    model, local, skip_first_fraction=args.skip_first_fraction, loss_scale=args.loss_scale
+                )
+                (loss / args.gradient_accumulation_steps).backward()
+                step_loss += loss.item() / args.gradient_accumulation_steps
+                for idx, value in per_layer.items():
+                    layer_losses[idx] = layer_losses.get(idx, 0.0) + value / args.gradient_accumulation_steps
+            if world > 1:
+                for p in params.values():
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                reduced = torch.tensor(step_loss, device=device)
+                dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+                step_loss = reduced.item()
+            grad_norm = None
+            if args.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), args.max_grad_norm).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": per_step * args.seq_len / elapsed,
+                "seconds": elapsed,
+                "layer_loss": layer_losses,
+            }
+            records.append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if rank == 0 and (step % args.save_steps == 0 or step == args.max_steps):
+                save_checkpoint(model, optimizer, scheduler, step, seen, args)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    if rank == 0:
+        model.save_pretrained(output)
+    return records
