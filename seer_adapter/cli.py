@@ -139,6 +139,58 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
             "mean_tokens_per_s": sum(r["tokens_per_s"] for r in records) / max(1, len(records))}
 
 
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of the gates and of every baseline selector at equal density; writes JSON."""
+    import datetime
+    import os
+
+    import torch
+    import transformers
+
+    from .config import SeerAttentionConfig
+    from .data import load_text_dataset
+    from .evaluation import evaluate_selectors
+    from .model import SeerModel, get_seer_model
+
+    device, dtype = _device_and_dtype(args.device)
+    base, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.adapter:
+        model = SeerModel.from_pretrained(base, args.adapter)
+    else:
+        model = get_seer_model(base, SeerAttentionConfig())
+    rows_text = [row["text"] for row in load_text_dataset(args.data)]
+    token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
+    rows = evaluate_selectors(
+        model, token_ids, args.window, max_windows=args.max_windows, nz_ratios=tuple(args.nz_ratios),
+        thresholds=tuple(args.thresholds), selectors=tuple(args.selectors),
+    )
+    windows = min(token_ids.numel() // args.window, args.max_windows or 10**9)
+    meta = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "data": f"{args.data}: {windows} windows x {args.window} tokens",
+        "context": args.window,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "seer-adapter " + " ".join(sys.argv[1:]),
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log(f"{'selector':<10} {'method':<10} {'setting':>8} {'density':>8} {'ppl':>9} {'vs dense':>9}")
+    for r in rows:
+        setting = r.get("nz_ratio", r.get("threshold", ""))
+        log(f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
+            f"{100 * (r['ppl'] / dense - 1):>+8.2f}%")
+    return {"meta": meta, "rows": rows}
+
+
 def _init_distributed(device: Any) -> Any:
     """Under torchrun / accelerate launch: join the process group and return this rank's device."""
     import os
@@ -202,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", default=None)
     distill.add_argument("--json", action="store_true")
     distill.set_defaults(func=run_distill)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="perplexity of the gates against dense, untrained gates, MoBA-style, oracle and random selectors",
+    )
+    evaluate.add_argument("--model", default="smollm2", help="model folder or Hub name ('smollm2': the demo model)")
+    evaluate.add_argument("--adapter", default=None, help="trained gates (folder or Hub repo); default: untrained")
+    evaluate.add_argument("--data", default="default:heldout", help="text source (see distill --data)")
+    evaluate.add_argument("--window", type=int, default=2048, help="context per window (the model's context)")
+    evaluate.add_argument("--max-windows", type=int, default=None)
+    evaluate.add_argument("--nz-ratios", type=float, nargs="*", default=[0.5, 0.3, 0.1])
+    evaluate.add_argument("--thresholds", type=float, nargs="*", default=[])
+    evaluate.add_argument("--selectors", nargs="*", default=["gate", "untrained", "moba", "oracle", "random"],
+                          choices=["gate", "untrained", "moba", "oracle", "random"])
+    evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 

@@ -69,25 +69,28 @@ def select_blocks(
     """
     allowed = allowed.expand_as(probs)
     n_q_blocks, n_k_blocks = probs.shape[-2:]
+    forced = torch.zeros(n_q_blocks, n_k_blocks, dtype=torch.bool, device=probs.device)
+    if force_local_block:
+        diagonal = torch.arange(n_q_blocks, device=probs.device) + (n_k_blocks - n_q_blocks)
+        forced[torch.arange(n_q_blocks, device=probs.device), diagonal] = True
+    if sink_block is not None:
+        sink = torch.arange(n_k_blocks, device=probs.device)[None, :] == sink_block[:, None]  # [B, nK]
+        forced = forced | sink[:, None, None, :]
+    forced = forced & allowed
+    # Top-k methods count forced blocks among their k (they rank first), so every selector keeps the same number
+    # of blocks per row and densities compare exactly.
+    ranked = probs.masked_fill(forced, float("inf"))
     if method == "dense":
         keep = allowed.clone()
     elif method == "threshold":
         keep = (probs > threshold) & allowed
     elif method == "nz_ratio":
-        keep = topk_block_mask(probs, allowed, nz_ratio_to_topk(nz_ratio, n_k_blocks))
+        keep = topk_block_mask(ranked, allowed, nz_ratio_to_topk(nz_ratio, n_k_blocks))
     elif method == "token_budget":
-        keep = topk_block_mask(probs, allowed, max(1, token_budget // block_size))
+        keep = topk_block_mask(ranked, allowed, max(1, token_budget // block_size))
     else:
         raise ValueError(f"unknown sparsity method {method!r}")
-
-    if force_local_block:
-        diagonal = torch.arange(n_q_blocks, device=probs.device) + (n_k_blocks - n_q_blocks)
-        local = torch.zeros(n_q_blocks, n_k_blocks, dtype=torch.bool, device=probs.device)
-        local[torch.arange(n_q_blocks, device=probs.device), diagonal] = True
-        keep |= local & allowed
-    if sink_block is not None:
-        sink = torch.arange(n_k_blocks, device=probs.device)[None, :] == sink_block[:, None]  # [B, nK]
-        keep |= sink[:, None, None, :] & allowed
+    keep |= forced
     if dense_last_query_blocks > 0:
         keep[..., -dense_last_query_blocks:, :] = allowed[..., -dense_last_query_blocks:, :]
     return keep

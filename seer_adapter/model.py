@@ -243,46 +243,62 @@ def _attach_gates(model: nn.Module, config: SeerAttentionConfig, adapter_name: s
     return gated_layers
 
 
-class SeerModel(nn.Module):
-    """A causal LM wrapped with SeerAttention gates. Create it with `get_seer_model` or `SeerModel.from_pretrained`.
+def gate_checkpoint_key(model_key: str, adapter_name: str) -> str | None:
+    """The adapter-file key of one gate tensor of ``adapter_name``, or ``None`` for any other state-dict key.
 
-    Attributes:
-        base_model: the wrapped transformers model (its weights are frozen).
-        peft_config: ``{adapter_name: SeerAttentionConfig}``.
-        active_adapter: the adapter whose gates and settings are in use.
+    ``...self_attn.seer_gate.<adapter_name>.k_proj.weight`` becomes ``...self_attn.seer_gate.k_proj.weight``
+    (PEFT's convention: files do not carry the adapter name). Works on transformers-model keys and on
+    ``base_model.model.``-prefixed PeftModel keys alike.
+    """
+    marker = f".{GATE_ATTR}.{adapter_name}."
+    return model_key.replace(marker, f".{GATE_ATTR}.") if marker in model_key else None
+
+
+class SeerAdapterMixin:
+    """Gate management shared by `SeerModel` and the PEFT tuner (`seer_adapter.peft_integration.SeerAttentionModel`).
+
+    One implementation serves both routes, so they inject, switch, save and load gates identically. The class
+    using it provides ``base_model`` (the transformers model that carries the gates), ``peft_config``
+    (``{adapter_name: SeerAttentionConfig}``, shared with the runtime) and ``active_adapter``; `_install` creates
+    ``runtime``.
     """
 
-    def __init__(self, model: nn.Module, config: SeerAttentionConfig, adapter_name: str = "default"):
-        super().__init__()
+    base_model: nn.Module
+    peft_config: dict[str, SeerAttentionConfig]
+    runtime: SeerRuntime
+    active_adapter: str
+
+    def _install(self, model: nn.Module, config: SeerAttentionConfig, adapter_name: str) -> None:
+        """First injection into ``model`` (== ``self.base_model``): runtime, frozen base, gates, attention switch."""
         register_attention()
         if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION or hasattr(
             model, "_seer_runtime"
         ):
             raise ValueError("this model already carries seer gates; call unload() on its SeerModel first.")
         original = model.config._attn_implementation or "eager"
-        config = _with_base_model_fields(config, model)
-        self.base_model = model
-        self.peft_config: dict[str, SeerAttentionConfig] = {}
         self.runtime = SeerRuntime(original_attn_implementation=original, configs=self.peft_config)
         model._seer_runtime = self.runtime
-        for param in model.parameters():
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        for param in trainable:
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except Exception:  # leave the model as it was given
+            self.unload()
+            for param in trainable:
+                param.requires_grad_(True)
+            raise
         self.runtime.active_adapter = adapter_name
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             self.unload()
             raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation={ATTN_IMPLEMENTATION!r}.")
 
-    # --- adapters ---------------------------------------------------------------------------------------
-    @property
-    def active_adapter(self) -> str:
-        return self.runtime.active_adapter
-
-    @property
-    def config(self) -> Any:
-        """The base model's config (as ``PeftModel.config``)."""
-        return self.base_model.config
+    def _set_adapter_enabled(self, enabled: bool) -> None:
+        """Switch between the gated attention and the base model's own attention implementation."""
+        self.runtime.adapter_enabled = enabled
+        implementation = ATTN_IMPLEMENTATION if enabled else self.runtime.original_attn_implementation
+        self.base_model.set_attn_implementation(implementation)
 
     def add_adapter(self, adapter_name: str, config: SeerAttentionConfig) -> None:
         """Attach a new, freshly initialised set of gates under ``adapter_name``."""
@@ -311,7 +327,7 @@ class SeerModel(nn.Module):
         if adapter_name == self.active_adapter:
             raise ValueError("cannot delete the active adapter; set_adapter() another one first.")
         for module in self._attention_modules():
-            getattr(module, GATE_ATTR).pop(adapter_name, None)
+            _drop_gate(module, adapter_name)
         del self.peft_config[adapter_name]
 
     def _attention_modules(self) -> Iterator[nn.Module]:
@@ -327,37 +343,6 @@ class SeerModel(nn.Module):
             for m in self._attention_modules()
             if name in getattr(m, GATE_ATTR)
         }
-
-    # --- forward / generate -------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
-
-    def get_base_model(self) -> nn.Module:
-        """The wrapped transformers model (still carrying the gates)."""
-        return self.base_model
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    # --- run-time control -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the exact base model (its original attention implementation) inside the ``with`` block."""
-        self.base_model.set_attn_implementation(self.runtime.original_attn_implementation)
-        self.runtime.adapter_enabled = False
-        try:
-            yield
-        finally:
-            self.runtime.adapter_enabled = True
-            self.base_model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def set_sparsity(self, **settings: Any) -> SeerAttentionConfig:
         """Change sparsity settings of the active adapter at run time, e.g. ``set_sparsity(threshold=2e-3)``.
@@ -396,17 +381,6 @@ class SeerModel(nn.Module):
             rows.append(row)
         return rows
 
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-        )
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
     def unload(self) -> nn.Module:
         """Remove every gate, hook and state and restore the original attention implementation.
 
@@ -425,16 +399,107 @@ class SeerModel(nn.Module):
         self.runtime.stats.clear()
         return model
 
-    # --- files ------------------------------------------------------------------------------------------
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Gate weights of one adapter with PEFT's key layout (adapter name removed)."""
         name = adapter_name or self.active_adapter
-        marker = f".{GATE_ATTR}.{name}."
         state = {}
         for key, tensor in self.base_model.state_dict().items():
-            if marker in key:
-                state[KEY_PREFIX + key.replace(marker, f".{GATE_ATTR}.")] = tensor
+            checkpoint_key = gate_checkpoint_key(key, name)
+            if checkpoint_key is not None:
+                state[KEY_PREFIX + checkpoint_key] = tensor
         return state
+
+    def _discard_adapter(self, adapter_name: str) -> None:
+        for module in self._attention_modules():
+            _drop_gate(module, adapter_name)
+        self.peft_config.pop(adapter_name, None)
+
+    def _load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.get_adapter_state_dict(adapter_name)
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            self._discard_adapter(adapter_name)
+            raise AdapterMismatchError(
+                f"gate weights in {source} do not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}). Was the adapter saved for another base model?"
+            )
+        marker = f".{GATE_ATTR}."
+        modules = dict(self.base_model.named_modules())
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if tensor.shape != expected[key].shape:
+                    self._discard_adapter(adapter_name)
+                    raise AdapterMismatchError(
+                        f"{key}: saved shape {tuple(tensor.shape)} != expected {tuple(expected[key].shape)} "
+                        f"in {source}."
+                    )
+                path = key[len(KEY_PREFIX) :]
+                module_path, param_path = path.split(marker, 1)
+                gate = getattr(modules[module_path], GATE_ATTR)[adapter_name]
+                gate.get_parameter(param_path).copy_(tensor)
+
+
+class SeerModel(SeerAdapterMixin, nn.Module):
+    """A causal LM wrapped with SeerAttention gates. Create it with `get_seer_model` or `SeerModel.from_pretrained`.
+
+    Attributes:
+        base_model: the wrapped transformers model (its weights are frozen).
+        peft_config: ``{adapter_name: SeerAttentionConfig}``.
+        active_adapter: the adapter whose gates and settings are in use.
+    """
+
+    def __init__(self, model: nn.Module, config: SeerAttentionConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, SeerAttentionConfig] = {}
+        self._install(model, config, adapter_name)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.runtime.active_adapter
+
+    @property
+    def config(self) -> Any:
+        """The base model's config (as ``PeftModel.config``)."""
+        return self.base_model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (still carrying the gates)."""
+        return self.base_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the exact base model (its original attention implementation) inside the ``with`` block."""
+        self._set_adapter_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_adapter_enabled(True)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md``.
@@ -482,35 +547,6 @@ class SeerModel(nn.Module):
             ) from None
         self._load_adapter_tensors(adapter_name, tensors, source=str(adapter_path))
 
-    def _discard_adapter(self, adapter_name: str) -> None:
-        for module in self._attention_modules():
-            getattr(module, GATE_ATTR).pop(adapter_name, None)
-        self.peft_config.pop(adapter_name, None)
-
-    def _load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.get_adapter_state_dict(adapter_name)
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            self._discard_adapter(adapter_name)
-            raise AdapterMismatchError(
-                f"gate weights in {source} do not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}). Was the adapter saved for another base model?"
-            )
-        marker = f".{GATE_ATTR}."
-        modules = dict(self.base_model.named_modules())
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                if tensor.shape != expected[key].shape:
-                    self._discard_adapter(adapter_name)
-                    raise AdapterMismatchError(
-                        f"{key}: saved shape {tuple(tensor.shape)} != expected {tuple(expected[key].shape)} "
-                        f"in {source}."
-                    )
-                path = key[len(KEY_PREFIX) :]
-                module_path, param_path = path.split(marker, 1)
-                gate = getattr(modules[module_path], GATE_ATTR)[adapter_name]
-                gate.get_parameter(param_path).copy_(tensor)
-
     @classmethod
     def from_pretrained(
         cls,
@@ -546,6 +582,12 @@ class SeerModel(nn.Module):
             seer.unload()
             raise
         return seer
+
+
+def _drop_gate(module: nn.Module, adapter_name: str) -> None:
+    gates = getattr(module, GATE_ATTR)
+    if adapter_name in gates:
+        del gates[adapter_name]
 
 
 def _with_base_model_fields(config: SeerAttentionConfig, model: nn.Module) -> SeerAttentionConfig:
