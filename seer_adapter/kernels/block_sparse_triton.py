@@ -46,7 +46,7 @@ __all__ = [
 
 # Environment variable that overrides the launch heuristic, e.g. "block_m=64,block_n=64,heads=2,warps=4,stages=3".
 ENV_KERNEL_CONFIG = "SEER_ADAPTER_TRITON_CONFIG"
-# Elements of the [B, H, rows, nK] mask processed at once by `block_mask_to_indices` (bounds its temporaries).
+# Elements of the [B, H, rows, nK] mask processed at once by `block_mask_to_indices` (bounds its int64 temporaries).
 _INDEX_CHUNK_ELEMENTS = 1 << 25
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,7 +95,8 @@ def block_mask_to_indices(
             which needs no sync (CUDA-graph friendly).
 
     Returns:
-        ``kv_block_indices`` int32 ``[B, Hm, nQ, maxK]``: kept key-block indices in ascending order, padded with 0;
+        ``kv_block_indices`` int32 ``[B, Hm, nQ, maxK]``: kept key-block indices in ascending order, padded with 0
+        (a view whose rows are ``maxK + 1`` apart; call ``.contiguous()`` where that matters);
         ``kv_block_counts`` int32 ``[B, Hm, nQ]``: how many entries of each row are real.
     """
     if block_mask.dtype != torch.bool or block_mask.dim() != 4:
@@ -122,20 +123,19 @@ def block_mask_to_indices(
         width = int(counts.max()) if counts.numel() else 0
     else:
         width = n_k_blocks
-    indices = torch.zeros(batch, mask_heads, n_q_blocks, width, dtype=torch.int32, device=device)
-    if width == 0 or n_k_blocks == 0:
-        return indices, counts
+    # One spare column at the end receives the dropped blocks; the returned lists are a view without it.
+    lists = torch.zeros(batch, mask_heads, n_q_blocks, width + 1, dtype=torch.int32, device=device)
+    if n_k_blocks == 0:
+        return lists[..., :width], counts
 
-    # Row-wise: the j-th kept block is the first position where the running count of kept blocks reaches j + 1.
-    rows_per_chunk = max(1, _INDEX_CHUNK_ELEMENTS // max(1, batch * mask_heads * max(n_k_blocks, width)))
-    targets = torch.arange(1, width + 1, device=device, dtype=torch.int32)  # [maxK]
+    # Row-wise compaction without a host sync: kept block kb goes to slot (number of kept blocks up to kb) - 1.
+    rows_per_chunk = max(1, _INDEX_CHUNK_ELEMENTS // max(1, batch * mask_heads * n_k_blocks))
     for first in range(0, n_q_blocks, rows_per_chunk):
         rows = slice(first, min(n_q_blocks, first + rows_per_chunk))
-        running = keep[:, :, rows].cumsum(dim=-1, dtype=torch.int32)  # [B, Hm, r, nK], non-decreasing
-        wanted = targets.expand(*running.shape[:-1], width).contiguous()  # [B, Hm, r, maxK]
-        found = torch.searchsorted(running, wanted, out_int32=True)  # nK where the row has fewer kept blocks
-        indices[:, :, rows] = torch.where(found < n_k_blocks, found, 0)
-    return indices, counts
+        kept = keep[:, :, rows]  # [B, Hm, r, nK]
+        slot = torch.where(kept, kept.cumsum(dim=-1, dtype=torch.int32) - 1, width).long()
+        lists[:, :, rows].scatter_(-1, slot, key_block_ids.expand(kept.shape))
+    return lists[..., :width], counts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,28 +161,39 @@ class KernelConfig:
     num_stages: int = 3
 
 
-def choose_kernel_config(head_dim: int, block_size: int, group: int, mask_per_kv_head: bool) -> KernelConfig:
+def choose_kernel_config(
+    head_dim: int, block_size: int, group: int, mask_per_kv_head: bool, dtype: torch.dtype = torch.bfloat16
+) -> KernelConfig:
     """Autotune-free launch heuristic for Hopper-class GPUs (overridable with ``$SEER_ADAPTER_TRITON_CONFIG``).
 
     A program holds at most 128 query rows (64 for head_dim > 128) so that the fp32 accumulator stays in registers;
-    per-KV-head masks stack as many query heads of a group as fit, so each K/V tile is shared by them.
+    per-KV-head masks stack as many query heads of a group as fit, so each K/V tile is shared by them. 128-row tiles
+    and head_dim 256 get 8 warps. The choices were checked against sm_90 register and shared-memory use (no spills for
+    fp16/bf16); fp32 inputs (tests, not production) get small tiles without pipelining.
     """
     padded_dim = triton.next_power_of_2(head_dim)
     max_rows = 128 if padded_dim <= 128 else 64
     block_m = min(block_size, max_rows)
     heads = 1
-    if mask_per_kv_head:
+    if mask_per_kv_head and dtype != torch.float32:
         while group % (heads * 2) == 0 and heads * 2 * block_m <= max_rows:
             heads *= 2
-    block_n = min(block_size, 64)
     rows = heads * block_m
-    num_warps = 8 if rows >= 128 and padded_dim >= 128 else 4
-    num_stages = 3 if padded_dim <= 128 else 2
-    config = KernelConfig(block_m=block_m, block_n=block_n, heads=heads, num_warps=num_warps, num_stages=num_stages)
+    if dtype == torch.float32:
+        config = KernelConfig(block_m=block_m, block_n=min(block_size, 32), heads=1, num_warps=8, num_stages=1)
+    else:
+        config = KernelConfig(
+            block_m=block_m,
+            block_n=min(block_size, 32 if padded_dim > 128 else 64),
+            heads=heads,
+            num_warps=8 if rows >= 128 or padded_dim > 128 else 4,
+            num_stages=3 if padded_dim <= 128 else 2,
+        )
     return _apply_config_override(config, block_size, group, mask_per_kv_head)
 
 
 def _apply_config_override(config: KernelConfig, block_size: int, group: int, mask_per_kv_head: bool) -> KernelConfig:
+    """``config`` with the fields named in ``$SEER_ADAPTER_TRITON_CONFIG`` replaced (validated)."""
     text = os.environ.get(ENV_KERNEL_CONFIG, "").strip()
     if not text:
         return config
@@ -246,8 +257,15 @@ def _dot_acc(a, b, acc, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_key_tile(tile_ptr, offsets, cols, kv_len, d_mask, CHECK_COLS: tl.constexpr, EVEN_D: tl.constexpr):
-    # One [BLOCK_N, BLOCK_D] tile of K or V; bounds are checked only where the tile can be ragged.
+def _load_key_tile(
+    head_ptr, start, offs_n, offs_d, stride_s, stride_d, kv_len, d_mask, CHECK_COLS: tl.constexpr, EVEN_D: tl.constexpr
+):
+    # One [BLOCK_N, BLOCK_D] tile of K or V at key columns start + offs_n; bounds are checked only where the tile can
+    # be ragged. The offsets are formed per tile: a hoisted [BLOCK_N, BLOCK_D] offset tensor would stay live in
+    # registers across the loop (and spill).
+    cols = start + offs_n  # [BLOCK_N]
+    tile_ptr = head_ptr + tl.cast(start, tl.int64) * stride_s
+    offsets = offs_n[:, None] * stride_s + offs_d[None, :] * stride_d
     if CHECK_COLS:
         if EVEN_D:
             tile = tl.load(tile_ptr + offsets, mask=(cols < kv_len)[:, None], other=0.0)
@@ -265,10 +283,11 @@ def _load_key_tile(tile_ptr, offsets, cols, kv_len, d_mask, CHECK_COLS: tl.const
 def _key_tile_scores(
     q,
     k_head_ptr,
-    k_offsets,
     stride_ks,
+    stride_kd,
     start,
     offs_n,
+    offs_d,
     row_limit,
     key_padding_ptr,
     kv_len,
@@ -287,8 +306,7 @@ def _key_tile_scores(
     q: [ROWS, BLOCK_D]; row_limit: [ROWS] last visible key column of each row. Returns [ROWS, BLOCK_N] fp32.
     """
     cols = start + offs_n  # [BLOCK_N]
-    k_tile_ptr = k_head_ptr + tl.cast(start, tl.int64) * stride_ks
-    k = _load_key_tile(k_tile_ptr, k_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    k = _load_key_tile(k_head_ptr, start, offs_n, offs_d, stride_ks, stride_kd, kv_len, d_mask, CAUSAL, EVEN_D)
     qk = _dot(q, tl.trans(k), IEEE_DOT)  # [ROWS, BLOCK_N]
     if HAS_SOFTCAP:
         scores = _tanh(qk * softcap_in) * softcap_out
@@ -311,12 +329,13 @@ def _attend_key_tile(
     q,
     k_head_ptr,
     v_head_ptr,
-    k_offsets,
-    v_offsets,
     stride_ks,
+    stride_kd,
     stride_vs,
+    stride_vd,
     start,
     offs_n,
+    offs_d,
     row_limit,
     key_padding_ptr,
     kv_len,
@@ -332,7 +351,7 @@ def _attend_key_tile(
 ):
     """One online-softmax step over a key tile. acc: [ROWS, BLOCK_D] fp32; m_i, l_i: [ROWS] fp32 (log2 units)."""
     scores = _key_tile_scores(
-        q, k_head_ptr, k_offsets, stride_ks, start, offs_n, row_limit, key_padding_ptr, kv_len,
+        q, k_head_ptr, stride_ks, stride_kd, start, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
         qk_scale, softcap_in, softcap_out, d_mask, CAUSAL, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
     )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -344,9 +363,7 @@ def _attend_key_tile(
     p = tl.exp2(scores - m_shift[:, None])  # [ROWS, BLOCK_N]
     alpha = tl.exp2(m_i - m_shift)  # [ROWS]
     l_i = l_i * alpha + tl.sum(p, 1)
-    cols = start + offs_n
-    v_tile_ptr = v_head_ptr + tl.cast(start, tl.int64) * stride_vs
-    v = _load_key_tile(v_tile_ptr, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+    v = _load_key_tile(v_head_ptr, start, offs_n, offs_d, stride_vs, stride_vd, kv_len, d_mask, CAUSAL, EVEN_D)
     acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
     return acc, m_new, l_i
 
@@ -414,8 +431,6 @@ def _block_sparse_attention_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [ROWS, BLOCK_D]
     k_head_ptr = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_head_ptr = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k_offsets = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # [BLOCK_N, BLOCK_D]
-    v_offsets = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     key_padding_ptr = KeyPadding + batch * stride_pb
 
     causal_offset = kv_len - q_len
@@ -439,7 +454,7 @@ def _block_sparse_attention_fwd_kernel(
         key_block = tl.load(index_ptr + step // SUB_TILES)
         start = key_block * BLOCK_SIZE + (step % SUB_TILES) * BLOCK_N
         acc, m_i, l_i = _attend_key_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs, start, offs_n,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd, start, offs_n, offs_d,
             row_limit, key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
             False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
         )  # fmt: skip
@@ -447,7 +462,7 @@ def _block_sparse_attention_fwd_kernel(
         key_block = tl.load(index_ptr + step // SUB_TILES)
         start = key_block * BLOCK_SIZE + (step % SUB_TILES) * BLOCK_N
         acc, m_i, l_i = _attend_key_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs, start, offs_n,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd, start, offs_n, offs_d,
             row_limit, key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
             True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
         )  # fmt: skip
@@ -486,8 +501,11 @@ def check_triton_device(tensor: torch.Tensor) -> None:
     )
 
 
-def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
-    """Dtype / block-size / head-dim requirements of the Triton kernels (on top of `check_attention_inputs`)."""
+def check_triton_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, **extra_tensors: torch.Tensor | None
+) -> None:
+    """Dtype / block-size / head-dim / device requirements of the Triton kernels (on top of the shape checks of
+    `check_attention_inputs`); ``extra_tensors`` (block mask, padding mask) must be on q's device too."""
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"Triton kernels need q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -496,6 +514,10 @@ def check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         raise ValueError(f"Triton kernels need a power-of-two block_size >= 16, got {block_size}")
     if q.shape[-1] > 256:
         raise ValueError(f"Triton kernels support head_dim <= 256, got {q.shape[-1]}")
+    others = {"k": k, "v": v, **{name: tensor for name, tensor in extra_tensors.items() if tensor is not None}}
+    for name, tensor in others.items():
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
     check_triton_device(q)
 
 
@@ -535,20 +557,23 @@ def _launch_block_sparse_forward(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    block_indices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel; returns ``out [B, Hq, S, D]`` (q.dtype, BSHD memory) and ``lse [B, Hq, S]`` fp32.
 
     ``config`` overrides the launch heuristic (benchmark sweeps); ``out`` / ``lse`` are optional preallocated results
-    (``lse`` must be contiguous), e.g. NaN-poisoned buffers in tests.
+    (``lse`` must be contiguous), e.g. NaN-poisoned buffers in tests. ``block_indices`` are precomputed
+    ``(kv_block_indices, kv_block_counts)`` of ``block_mask``; they must come from `block_mask_to_indices` called with
+    ``q_len``, ``kv_len`` and the same ``key_padding_mask`` (the kernel relies on sorted, causally filtered lists).
     """
     check_attention_inputs(q, k, v, block_mask, block_size, key_padding_mask)
-    check_triton_inputs(q, k, v, block_size)
+    check_triton_inputs(q, k, v, block_size, block_mask=block_mask, key_padding_mask=key_padding_mask)
     batch, hq, q_len, head_dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     mask_per_kv_head = block_mask.shape[1] != hq  # Hm == Hkv < Hq
     if config is None:
-        config = choose_kernel_config(head_dim, block_size, group, mask_per_kv_head)
+        config = choose_kernel_config(head_dim, block_size, group, mask_per_kv_head, q.dtype)
     else:
         validate_kernel_config(config, block_size, group)
         if not mask_per_kv_head:
@@ -560,9 +585,16 @@ def _launch_block_sparse_forward(
         lse = torch.empty(batch, hq, q_len, dtype=torch.float32, device=q.device)  # [B, Hq, S]
     if q_len == 0 or batch == 0 or hq == 0:
         return out, lse
-    kv_block_indices, kv_block_counts = block_mask_to_indices(
-        block_mask, block_size=block_size, q_len=q_len, kv_len=kv_len, key_padding_mask=key_padding_mask, compact=False
-    )  # [B, Hm, nQ, nK], [B, Hm, nQ]
+    if block_indices is None:
+        block_indices = block_mask_to_indices(
+            block_mask,
+            block_size=block_size,
+            q_len=q_len,
+            kv_len=kv_len,
+            key_padding_mask=key_padding_mask,
+            compact=False,
+        )
+    kv_block_indices, kv_block_counts = block_indices  # int32 [B, Hm, nQ, W], [B, Hm, nQ]
     key_padding, has_key_padding = key_padding_as_int8(key_padding_mask, q)
     qk_scale, softcap_in, softcap_out = softcap_factors(scale, softcap)
 

@@ -152,10 +152,11 @@ if triton is not None:
         l_i,
         q,
         k_head_ptr,
-        k_offsets,
         stride_ks,
+        stride_kd,
         start,
         offs_n,
+        offs_d,
         row_limit,
         key_padding_ptr,
         kv_len,
@@ -171,7 +172,7 @@ if triton is not None:
     ):
         """Pass 1 on one key tile: update the running row max ``m_i`` and sum ``l_i`` (log2 units), [ROWS] each."""
         scores = _key_tile_scores(
-            q, k_head_ptr, k_offsets, stride_ks, start, offs_n, row_limit, key_padding_ptr, kv_len,
+            q, k_head_ptr, stride_ks, stride_kd, start, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
             qk_scale, softcap_in, softcap_out, d_mask, CAUSAL, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -191,12 +192,13 @@ if triton is not None:
         q,
         k_head_ptr,
         v_head_ptr,
-        k_offsets,
-        v_offsets,
         stride_ks,
+        stride_kd,
         stride_vs,
+        stride_vd,
         start,
         offs_n,
+        offs_d,
         row_limit,
         key_padding_ptr,
         map_row_ptr,
@@ -214,13 +216,11 @@ if triton is not None:
     ):
         """Pass 2 on one key tile: normalised probabilities, P @ V, and the tile's max over real rows into the map."""
         scores = _key_tile_scores(
-            q, k_head_ptr, k_offsets, stride_ks, start, offs_n, row_limit, key_padding_ptr, kv_len,
+            q, k_head_ptr, stride_ks, stride_kd, start, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
             qk_scale, softcap_in, softcap_out, d_mask, CAUSAL, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
         )  # fmt: skip
         p = tl.exp2(scores - m_shift[:, None]) * inv_l[:, None]  # [ROWS, BLOCK_N] row-normalised probabilities
-        cols = start + offs_n
-        v_tile_ptr = v_head_ptr + tl.cast(start, tl.int64) * stride_vs
-        v = _load_key_tile(v_tile_ptr, v_offsets, cols, kv_len, d_mask, CAUSAL, EVEN_D)  # [BLOCK_N, BLOCK_D]
+        v = _load_key_tile(v_head_ptr, start, offs_n, offs_d, stride_vs, stride_vd, kv_len, d_mask, CAUSAL, EVEN_D)
         acc = _dot_acc(p.to(v.dtype), v, acc, IEEE_DOT)
         tile_max = tl.max(tl.max(tl.where(row_real[:, None], p, 0.0), 1), 0)
         tl.atomic_max(map_row_ptr + start // BLOCK_SIZE, tile_max, sem="relaxed")
@@ -273,8 +273,6 @@ if triton is not None:
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         k_head_ptr = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_head_ptr = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
-        k_offsets = offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-        v_offsets = offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
         key_padding_ptr = KeyPadding + batch * stride_pb
 
         causal_offset = kv_len - q_len
@@ -291,14 +289,14 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for tile in range(0, n_full):
             m_i, l_i = _softmax_stats_tile(
-                m_i, l_i, q, k_head_ptr, k_offsets, stride_ks, tile * BLOCK_N, offs_n, row_limit, key_padding_ptr,
-                kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
+                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
                 False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
         for tile in range(n_full, n_tiles):
             m_i, l_i = _softmax_stats_tile(
-                m_i, l_i, q, k_head_ptr, k_offsets, stride_ks, tile * BLOCK_N, offs_n, row_limit, key_padding_ptr,
-                kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
+                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
                 True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
 
@@ -311,14 +309,14 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for tile in range(0, n_full):
             acc = _probability_tile(
-                acc, m_shift, inv_l, row_real, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs,
-                tile * BLOCK_N, offs_n, row_limit, key_padding_ptr, map_row_ptr, kv_len, qk_scale, softcap_in,
+                acc, m_shift, inv_l, row_real, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd,
+                tile * BLOCK_N, offs_n, offs_d, row_limit, key_padding_ptr, map_row_ptr, kv_len, qk_scale, softcap_in,
                 softcap_out, d_mask, BLOCK_SIZE, False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
         for tile in range(n_full, n_tiles):
             acc = _probability_tile(
-                acc, m_shift, inv_l, row_real, q, k_head_ptr, v_head_ptr, k_offsets, v_offsets, stride_ks, stride_vs,
-                tile * BLOCK_N, offs_n, row_limit, key_padding_ptr, map_row_ptr, kv_len, qk_scale, softcap_in,
+                acc, m_shift, inv_l, row_real, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd,
+                tile * BLOCK_N, offs_n, offs_d, row_limit, key_padding_ptr, map_row_ptr, kv_len, qk_scale, softcap_in,
                 softcap_out, d_mask, BLOCK_SIZE, True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
             )  # fmt: skip
 
@@ -329,15 +327,19 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
-def _ground_truth_launch_config(head_dim: int, block_size: int) -> dict[str, int]:
-    """Tile sizes of the ground-truth kernel: at most 128 rows (64 for head_dim > 128), 64-column key tiles."""
+def _ground_truth_launch_config(head_dim: int, block_size: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes of the ground-truth kernel (checked against sm_90 register use: no spills for fp16/bf16).
+
+    At most 128 query rows (64 for head_dim > 128), 64-column key tiles (32 for head_dim > 128 and fp32 inputs).
+    """
     padded_dim = max(16, 1 << (head_dim - 1).bit_length())
     block_m = min(block_size, 128 if padded_dim <= 128 else 64)
+    fp32 = dtype == torch.float32
     return {
         "BLOCK_M": block_m,
-        "BLOCK_N": min(block_size, 64),
-        "num_warps": 8 if block_m * padded_dim >= 128 * 128 else 4,
-        "num_stages": 3 if padded_dim <= 128 else 2,
+        "BLOCK_N": min(block_size, 32 if padded_dim > 128 or fp32 else 64),
+        "num_warps": 8 if block_m >= 128 or padded_dim >= 128 or fp32 else 4,
+        "num_stages": 1 if fp32 else (3 if padded_dim <= 128 else 2),
     }
 
 
@@ -375,7 +377,7 @@ def _launch_ground_truth(
     if triton is None:
         raise RuntimeError("attention_with_block_ground_truth_triton needs triton; use the reference backend")
     _check_ground_truth_inputs(q, k, v, block_size, key_padding_mask)
-    check_triton_inputs(q, k, v, block_size)
+    check_triton_inputs(q, k, v, block_size, key_padding_mask=key_padding_mask)
     batch, hq, q_len, head_dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -390,7 +392,7 @@ def _launch_ground_truth(
         return out, block_map
     key_padding, has_key_padding = key_padding_as_int8(key_padding_mask, q)
     qk_scale, softcap_in, softcap_out = softcap_factors(scale, softcap)
-    launch = _ground_truth_launch_config(head_dim, block_size)
+    launch = _ground_truth_launch_config(head_dim, block_size, q.dtype)
     n_row_tiles = triton.cdiv(q_len, launch["BLOCK_M"])
     _ground_truth_fwd_kernel[(n_row_tiles, hq, batch)](
         q, k, v, out, block_map, key_padding,

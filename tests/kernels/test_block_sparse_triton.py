@@ -230,7 +230,12 @@ def index_lists_by_loop(block_mask, block_size, q_len=None, kv_len=None, key_pad
 
 @pytest.mark.parametrize(
     ("q_len", "kv_len", "block_size", "with_lengths", "side"),
-    [(100, 100, 64, True, None), (100, 230, 32, True, "left"), (200, 200, 64, False, None), (63, 300, 64, True, "right")],
+    [
+        (100, 100, 64, True, None),
+        (100, 230, 32, True, "left"),
+        (200, 200, 64, False, None),
+        (63, 300, 64, True, "right"),
+    ],
 )
 @pytest.mark.parametrize("compact", [True, False])
 def test_block_mask_to_indices_matches_loop(q_len, kv_len, block_size, with_lengths, side, compact) -> None:
@@ -279,7 +284,9 @@ def test_config_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_kernel_config(128, 64, 4, mask_per_kv_head=True) == KernelConfig(64, 64, 2, 8, 3)
     assert choose_kernel_config(128, 64, 7, mask_per_kv_head=True).heads == 1
     assert choose_kernel_config(128, 128, 4, mask_per_kv_head=True) == KernelConfig(128, 64, 1, 8, 3)
-    assert choose_kernel_config(256, 128, 4, mask_per_kv_head=False) == KernelConfig(64, 64, 1, 4, 2)
+    assert choose_kernel_config(256, 128, 4, mask_per_kv_head=False) == KernelConfig(64, 32, 1, 8, 2)
+    assert choose_kernel_config(64, 32, 8, mask_per_kv_head=True) == KernelConfig(32, 32, 4, 8, 3)
+    assert choose_kernel_config(128, 64, 4, True, torch.float32) == KernelConfig(64, 32, 1, 8, 1)
     monkeypatch.setenv(ENV_KERNEL_CONFIG, "block_m=32,warps=2")
     assert choose_kernel_config(128, 64, 4, mask_per_kv_head=True) == KernelConfig(32, 64, 2, 2, 3)
     monkeypatch.setenv(ENV_KERNEL_CONFIG, "block_m=48")
@@ -297,6 +304,10 @@ def test_rejects_unsupported_inputs() -> None:
     with pytest.raises(ValueError, match="one dtype"):
         block_sparse_attention_triton(
             q, k.float(), v.float(), torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE), block_size=64
+        )
+    with pytest.raises(ValueError, match="block_mask is on meta"):  # (the custom op would route meta to its fake)
+        block_sparse_triton._launch_block_sparse_forward(
+            q, k, v, torch.ones(1, 2, 2, 2, dtype=torch.bool, device="meta"), 64, 0.125, None, None
         )
     with pytest.raises(ValueError, match="block_mask shape"):
         block_sparse_attention_triton(q, k, v, torch.ones(1, 2, 3, 2, dtype=torch.bool, device=DEVICE), block_size=64)

@@ -57,9 +57,7 @@ def naive_ground_truth(q, k, v, *, block_size, key_padding_mask=None, softcap=No
     out = probs @ values
     block_map = torch.zeros(batch, hq, n_q, n_k, dtype=torch.float64)
     for b in range(batch):
-        real_rows = [
-            i for i in range(q_len) if key_padding_mask is None or key_padding_mask[b, i + kv_len - q_len]
-        ]
+        real_rows = [i for i in range(q_len) if key_padding_mask is None or key_padding_mask[b, i + kv_len - q_len]]
         for h in range(hq):
             for q_block in range(n_q):
                 rows = [i for i in real_rows if q_block * block_size <= i < (q_block + 1) * block_size]
@@ -89,7 +87,12 @@ def test_reference_matches_naive_oracle(case: str, group_max: bool) -> None:
     batch, hq, hkv, q_len, kv_len, head_dim, block_size, side, softcap = ORACLE_CASES[case]
     q, k, v = make_qkv(batch, hq, hkv, q_len, kv_len, head_dim, torch.float32, seed=len(case), device="cpu")
     key_padding_mask = padding_mask(batch, kv_len, side, (9, 20), device="cpu")
-    kwargs = {"block_size": block_size, "key_padding_mask": key_padding_mask, "softcap": softcap, "group_max": group_max}
+    kwargs = {
+        "block_size": block_size,
+        "key_padding_mask": key_padding_mask,
+        "softcap": softcap,
+        "group_max": group_max,
+    }
     out, block_map = attention_with_block_ground_truth_reference(q, k, v, **kwargs)
     expected_out, expected_map = naive_ground_truth(q, k, v, **kwargs)
     assert block_map.dtype == torch.float32 and block_map.shape == expected_map.shape
@@ -102,7 +105,9 @@ def test_reference_properties_and_chunking(monkeypatch: pytest.MonkeyPatch) -> N
     """Rows sum to 1 (or are all zero), non-causal blocks are 0, and chunking over query blocks changes nothing."""
     q, k, v = make_qkv(2, 4, 2, 100, 140, 32, torch.float32, seed=1, device="cpu")
     key_padding_mask = padding_mask(2, 140, "left", (140, 30), device="cpu")  # sequence 0 entirely padding
-    out, block_map = attention_with_block_ground_truth_reference(q, k, v, block_size=32, key_padding_mask=key_padding_mask)
+    out, block_map = attention_with_block_ground_truth_reference(
+        q, k, v, block_size=32, key_padding_mask=key_padding_mask
+    )
     row_sum = block_map.sum(dim=-1)
     assert torch.all(row_sum[0] == 0) and torch.all(out[0] == 0)
     torch.testing.assert_close(row_sum[1], torch.ones_like(row_sum[1]))
@@ -139,7 +144,12 @@ def test_triton_matches_reference(case: str, group_max: bool) -> None:
     batch, hq, hkv, q_len, kv_len, head_dim, block_size, side, softcap, dtype = TRITON_CASES[case]
     q, k, v = make_qkv(batch, hq, hkv, q_len, kv_len, head_dim, dtype, seed=len(case))
     key_padding_mask = padding_mask(batch, kv_len, side, (37, 90))
-    kwargs = {"block_size": block_size, "key_padding_mask": key_padding_mask, "softcap": softcap, "group_max": group_max}
+    kwargs = {
+        "block_size": block_size,
+        "key_padding_mask": key_padding_mask,
+        "softcap": softcap,
+        "group_max": group_max,
+    }
     poisoned = torch.full((batch, q_len, hq, head_dim), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
     out, block_map = ground_truth._launch_ground_truth(
         q, k, v, block_size, None, key_padding_mask, softcap, group_max, out=poisoned
@@ -150,6 +160,21 @@ def test_triton_matches_reference(case: str, group_max: bool) -> None:
     atol = 2e-5 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(out.float(), expected_out.float(), atol=atol, rtol=atol)
     torch.testing.assert_close(block_map, expected_map, atol=1e-5, rtol=1e-4)
+
+
+@requires_triton
+def test_triton_query_blocks_split_over_programs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row tiles smaller than a query block (and key tiles smaller than a key block) merge through atomic max."""
+    launch = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(ground_truth, "_ground_truth_launch_config", lambda *args: launch)
+    q, k, v = make_qkv(2, 2, 1, 100, 120, 64, torch.float16, seed=9)
+    key_padding_mask = padding_mask(2, 120, "right", (0, 50))
+    for group_max in (False, True):
+        kwargs = {"block_size": 64, "key_padding_mask": key_padding_mask, "group_max": group_max}
+        out, block_map = ground_truth.attention_with_block_ground_truth_triton(q, k, v, **kwargs)
+        expected_out, expected_map = attention_with_block_ground_truth_reference(q, k, v, **kwargs)
+        torch.testing.assert_close(out.float(), expected_out.float(), atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(block_map, expected_map, atol=1e-5, rtol=1e-4)
 
 
 @requires_triton
