@@ -22,8 +22,8 @@ setup(
         "gguf": ["gguf>=0.10"],  # loading the SmolLM2 demo model from its GGUF
         "triton": ["triton>=3.0"],
         "train": ["datasets", "accelerate"],
-        "peft": ["peft>=0.17"],
-        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0"],
+        "peft": ["peft>=0.21"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
+        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21"],
     },
     entry_points={"console_scripts": ["seer-adapter=seer_adapter.cli:main"]},
 )

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
+from seer_adapter.distill import distillation_loss  # noqa: E402
 from seer_adapter.kernels import select_backend  # noqa: E402
 
 LLAMA_8B = dict(
@@ -52,12 +53,29 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def time_distillation_step(model, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of one distillation step (forward with ground truth + gate backward) and peak GiB."""
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss, _ = distillation_loss(model, ids)
+        loss.backward()
+        torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768])
     parser.add_argument("--nz-ratios", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--distill", action="store_true", help="also time one distillation step per length")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -82,6 +100,12 @@ def main() -> None:
                          "speedup_vs_dense": dense_s / sparse_s})
             print(f"S={length}: seer nz_ratio={nz} density={density:.3f} {sparse_s:.3f} s "
                   f"({dense_s / sparse_s:.2f}x)", flush=True)
+        if args.distill:
+            step_s, peak = time_distillation_step(model, ids, args.repeats)
+            rows.append({"S": length, "variant": "distillation step", "nz_ratio": None, "density": 1.0, "s": step_s,
+                         "tokens_per_s": length / step_s, "peak_gib": peak, "speedup_vs_dense": dense_s / step_s})
+            print(f"S={length}: distillation step {step_s:.3f} s = {length / step_s:.0f} tokens/s, peak {peak:.1f} GiB",
+                  flush=True)
         model.unload()
         del ids
         torch.cuda.empty_cache()
@@ -102,7 +126,7 @@ def main() -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}\n{'S':>7} {'variant':<20} {'nz':>5} {'density':>8} {'s':>8} {'x dense':>8}")
     for r in rows:
-        print(f"{r['S']:>7} {r['variant']:<20} {r['nz_ratio']:>5} {r['density']:>8.3f} {r['s']:>8.3f} "
+        print(f"{r['S']:>7} {r['variant']:<20} {r['nz_ratio']!s:>5} {r['density']:>8.3f} {r['s']:>8.3f} "
               f"{r.get('speedup_vs_dense', 1.0):>8.2f}")
 
 

@@ -5,18 +5,22 @@
 """
 
 from .attention import ATTN_IMPLEMENTATION, register_attention
+from .auto import AutoSeerModelForCausalLM
 from .config import SeerAttentionConfig, SeerConfigError
 from .gate import AttnGate
 from .model import AdapterMismatchError, SeerModel, UnsupportedModelError, get_seer_model
+from .peft_integration import register_with_peft
 
 __version__ = "0.1.0"
 
 register_attention()
+register_with_peft(strict=False)  # PeftModel / AutoPeftModelForCausalLM load seer adapters (peft >= 0.21)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AdapterMismatchError",
     "AttnGate",
+    "AutoSeerModelForCausalLM",
     "SeerAttentionConfig",
     "SeerConfigError",
     "SeerModel",

@@ -191,6 +191,22 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"meta": meta, "rows": rows}
 
 
+def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    """Print what an adapter holds; with --base-model, check it fits (exit status 1 when it does not)."""
+    from .adapter_info import format_report, inspect_adapter
+    from .config import SeerConfigError
+
+    try:
+        info = inspect_adapter(args.adapter, base_model=args.base_model, revision=args.revision, token=args.token)
+    except (FileNotFoundError, PermissionError, ConnectionError, SeerConfigError) as exc:
+        raise SystemExit(f"seer-adapter inspect: error: {exc}") from None
+    if not args.json:
+        print(format_report(info))
+    check = info.get("base_model_check")
+    args.exit_status = 0 if check is None or check["fits"] else 1
+    return info
+
+
 def _init_distributed(device: Any) -> Any:
     """Under torchrun / accelerate launch: join the process group and return this rank's device."""
     import os
@@ -272,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=run_eval)
+
+    inspect_cmd = sub.add_parser(
+        "inspect",
+        help="show an adapter's config, size, parameter count and per-layer settings; check it fits a base model",
+        description="Describe a SeerAttention adapter (a folder or a Hub repo id) without loading a model:\n"
+        "its configuration, file sizes, gate parameter count, and the sparsity settings in force per layer.\n"
+        "With --base-model, also check that it fits that base model (built from its config on the meta\n"
+        "device: no weights are loaded); the exit status is then 1 when it does not fit.",
+        epilog="examples:\n"
+        "  seer-adapter inspect ./gates\n"
+        "  seer-adapter inspect user/smollm2-gates --revision v1 --json\n"
+        "  seer-adapter inspect ./gates --base-model HuggingFaceTB/SmolLM2-135M-Instruct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect_cmd.add_argument("adapter", metavar="ADAPTER", help="adapter folder or Hub repo id ('user/name')")
+    inspect_cmd.add_argument(
+        "--base-model", metavar="PATH", default=None, help="base model folder or Hub id to check the adapter against"
+    )
+    inspect_cmd.add_argument("--revision", default=None, help="branch, tag or commit of a Hub adapter repo")
+    inspect_cmd.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    inspect_cmd.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    inspect_cmd.set_defaults(func=run_inspect)
     return parser
 
 
@@ -280,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     result = args.func(args)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
-    return 0
+    return int(getattr(args, "exit_status", 0))
 
 
 if __name__ == "__main__":

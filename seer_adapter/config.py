@@ -148,8 +148,26 @@ class SeerAttentionConfig:
         default=None, metadata={"help": "Layer indices that carry a gate; filled by get_seer_model."}
     )
 
+    # --- PEFT bookkeeping written by peft.PeftModel.save_pretrained (unused by seer_adapter) -----------
+    auto_mapping: dict[str, str] | None = field(
+        default=None, metadata={"help": "PEFT's base-model class mapping for custom models; unused by seer_adapter."}
+    )
+    peft_version: str | None = field(
+        default=None, metadata={"help": "Version of peft that wrote the file, when peft wrote it; informational."}
+    )
+
     def __post_init__(self) -> None:
         self.validate()
+
+    # PEFT reads these two flags from every adapter config (`peft.get_peft_model`, `PeftModel`): a seer adapter is
+    # neither a prompt-learning nor an adaption-prompt method.
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -255,11 +273,12 @@ class SeerAttentionConfig:
                 f"This adapter_config.json has peft_type={data.get('peft_type')!r}, not {PEFT_TYPE!r}: it belongs to "
                 "another adapter type. Load it with peft.PeftModel instead."
             )
-        unknown = set(data) - set(_field_names())
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(known)
         if unknown:
             raise SeerConfigError(
                 f"Unknown key(s) {sorted(unknown)} in the adapter config. It may come from a newer seer_adapter "
-                f"(upgrade it) or have been edited by hand; known keys: {_field_names()}."
+                f"(upgrade it) or have been edited by hand; known keys: {known}."
             )
         return cls(**data)
 

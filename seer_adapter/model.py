@@ -10,6 +10,9 @@ Injection does three things to the base model, all undone by `SeerModel.unload`:
 
 Files: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``README.md``), with PEFT's key layout
 ``base_model.model.<module path>.seer_gate.<param>`` (adapter name removed).
+
+`SeerAdapterMixin` holds this injection and the gate management; `SeerModel` and the PEFT tuner
+(`seer_adapter.peft_integration.SeerAttentionTuner`) both use it, so the two routes build the same model.
 """
 
 from __future__ import annotations
@@ -189,8 +192,18 @@ def _release_position_embeddings(module: nn.Module, args: tuple, kwargs: dict, o
     getattr(module, STATE_ATTR).position_embeddings = None
 
 
-def _attach_gates(model: nn.Module, config: SeerAttentionConfig, adapter_name: str, runtime: SeerRuntime) -> list[int]:
-    """Add ``seer_gate[adapter_name]`` to every targeted attention module; returns the gated layer indices."""
+def _attach_gates(
+    model: nn.Module,
+    config: SeerAttentionConfig,
+    adapter_name: str,
+    runtime: SeerRuntime,
+    container_cls: type[nn.ModuleDict] = nn.ModuleDict,
+) -> list[int]:
+    """Add ``seer_gate[adapter_name]`` to every targeted attention module; returns the gated layer indices.
+
+    ``container_cls`` is the class of the ``seer_gate`` dict made on first injection (the PEFT tuner uses a
+    subclass that peft recognises as an adapter layer).
+    """
     info = describe_base_model(model)
     head_dim = info["head_dim"]
     gate_dim = config.gate_dim or head_dim
@@ -208,7 +221,7 @@ def _attach_gates(model: nn.Module, config: SeerAttentionConfig, adapter_name: s
                     f"{', '.join(TESTED_FAMILIES)}."
                 )
             setattr(module, STATE_ATTR, SeerLayerState(module.layer_idx, runtime, style, gated=False))
-            setattr(module, GATE_ATTR, nn.ModuleDict())
+            setattr(module, GATE_ATTR, container_cls())
             setattr(
                 module,
                 HOOKS_ATTR,
@@ -267,10 +280,18 @@ class SeerAdapterMixin:
     peft_config: dict[str, SeerAttentionConfig]
     runtime: SeerRuntime
     active_adapter: str
+    gate_container_cls: type[nn.ModuleDict] = nn.ModuleDict  # class of each module's ``seer_gate`` dict
 
     def _install(self, model: nn.Module, config: SeerAttentionConfig, adapter_name: str) -> None:
         """First injection into ``model`` (== ``self.base_model``): runtime, frozen base, gates, attention switch."""
         register_attention()
+        if type(model).__module__.startswith("peft."):
+            raise UnsupportedModelError(
+                f"got a peft {type(model).__name__}; seer gates attach to the transformers model inside it. Pass "
+                "model.get_base_model() (its LoRA/other adapter layers stay active under the gates) or "
+                "model.merge_and_unload(). To load a seer adapter through peft, use PeftModel.from_pretrained on the "
+                "plain base model (one PeftModel holds one adapter type)."
+            )
         if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION or hasattr(
             model, "_seer_runtime"
         ):
@@ -304,11 +325,11 @@ class SeerAdapterMixin:
         """Attach a new, freshly initialised set of gates under ``adapter_name``."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it.")
-        config = _with_base_model_fields(config, self.base_model)
         _check_matches_base(config, self.base_model)
+        config = _with_base_model_fields(config, self.base_model)
         self.peft_config[adapter_name] = config
         try:
-            gated = _attach_gates(self.base_model, config, adapter_name, self.runtime)
+            gated = _attach_gates(self.base_model, config, adapter_name, self.runtime, self.gate_container_cls)
         except Exception:
             del self.peft_config[adapter_name]
             raise
@@ -501,25 +522,87 @@ class SeerModel(SeerAdapterMixin, nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        *,
+        training_data: str | list[str] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md``.
 
         The active/default adapter goes to ``save_directory``; other adapters (when selected) to
-        ``save_directory/<adapter_name>`` as PEFT does.
+        ``save_directory/<adapter_name>`` as PEFT does. ``training_data`` and ``metrics`` go to the model card
+        (see `seer_adapter.hub.write_model_card`).
         """
-        from .hub import write_model_card
-
         for name in selected_adapters or list(self.peft_config):
             directory = (
                 save_directory
                 if name == "default" or len(self.peft_config) == 1
                 else os.path.join(save_directory, name)
             )
-            os.makedirs(directory, exist_ok=True)
-            self.peft_config[name].save_pretrained(directory)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
-            save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-            write_model_card(directory, self.peft_config[name], self.sparsity_stats())
+            self._save_adapter(name, directory, training_data=training_data, metrics=metrics)
+
+    def _save_adapter(self, adapter_name: str, directory: str | os.PathLike, **card_kwargs: Any) -> None:
+        from .hub import write_model_card
+
+        os.makedirs(directory, exist_ok=True)
+        self.peft_config[adapter_name].save_pretrained(directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.get_adapter_state_dict(adapter_name).items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        parameters = sum(t.numel() for t in tensors.values())
+        write_model_card(
+            directory, self.peft_config[adapter_name], self.sparsity_stats(), num_parameters=parameters, **card_kwargs
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload SeerAttention adapter",
+        commit_description: str | None = None,
+        create_pr: bool = False,
+        adapter_name: str | None = None,
+        training_data: str | list[str] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Any:
+        """Upload one adapter (default: the active one) to the Hub as ``repo_id``, in one commit.
+
+        The repo gets what `save_pretrained` writes (config, weights, model card naming the repo) at its root, so
+        ``SeerModel.from_pretrained(base, repo_id)``, ``AutoSeerModelForCausalLM.from_pretrained(repo_id)`` and
+        ``PeftModel.from_pretrained(base, repo_id)`` load it. The repo is created when missing (``private`` applies
+        then); ``revision`` is a branch, created from ``main`` when missing. Hub commits are atomic: a failed
+        upload leaves the repo as it was.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``; ``.oid`` is the commit to pin with ``revision=`` when loading.
+
+        Raises:
+            PermissionError: the Hub refused the token. ConnectionError: the upload was interrupted.
+        """
+        from .hub import push_folder_to_hub
+
+        name = adapter_name or self.active_adapter
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {list(self.peft_config)}.")
+
+        def write(folder: str) -> None:
+            self._save_adapter(name, folder, training_data=training_data, metrics=metrics, repo_id=repo_id)
+
+        return push_folder_to_hub(
+            write,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        )
 
     def load_adapter(
         self,
@@ -527,12 +610,13 @@ class SeerModel(SeerAdapterMixin, nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         revision: str | None = None,
+        token: str | bool | None = None,
         **config_overrides: Any,
     ) -> None:
         """Load gates saved by `save_pretrained` (a folder or a Hub repo id) as another adapter."""
         from .hub import resolve_adapter_files
 
-        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision)
+        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision, token=token)
         config = SeerAttentionConfig.from_json_file(config_path)
         config = config.replace(inference_mode=not is_trainable, **config_overrides)
         _check_matches_base(config, self.base_model, source=str(adapter_path))
@@ -555,16 +639,18 @@ class SeerModel(SeerAdapterMixin, nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         revision: str | None = None,
+        token: str | bool | None = None,
         **config_overrides: Any,
     ) -> SeerModel:
         """Wrap ``model`` with gates loaded from ``adapter_path`` (folder or Hub repo id).
 
         ``config_overrides`` change config fields at load, e.g. ``threshold=2e-3, sparsity_method="threshold"``.
-        ``is_trainable=False`` (default) freezes the gates, as PEFT does.
+        ``is_trainable=False`` (default) freezes the gates, as PEFT does. ``revision`` (branch, tag or commit) and
+        ``token`` apply to Hub repos; the Hub cache and ``HF_HUB_OFFLINE`` are respected.
         """
         from .hub import resolve_adapter_files
 
-        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision)
+        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision, token=token)
         config = SeerAttentionConfig.from_json_file(config_path)
         config = config.replace(inference_mode=not is_trainable, **config_overrides)
         _check_matches_base(config, model, source=str(adapter_path))
