@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from seer_adapter import SeerAttentionConfig, get_seer_model
 from seer_adapter.data import DataError, load_text_dataset, packed_sequences
 from seer_adapter.distill import DistillationArguments, block_kl_loss, distillation_loss, train_gates
-from tiny_models import tiny_model
 
 BLOCK = 16
 
@@ -112,7 +112,7 @@ def test_kill_and_resume_continues_exactly(tmp_path):
                        resume_from_checkpoint=True)
     assert [r["step"] for r in rest] == [3, 4, 5, 6]
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
-    for (i, a), (j, b) in zip(straight.gates().items(), resumed.gates().items(), strict=True):
+    for a, b in zip(straight.gates().values(), resumed.gates().values(), strict=True):
         assert torch.equal(a.k_proj.weight, b.k_proj.weight)
 
 

@@ -109,5 +109,6 @@ def test_committed_trained_gates_beat_untrained_gates(smollm2):
         trained_ppl = perplexity(trained, ids, WINDOW, max_windows=1)
     finally:
         trained.unload()
-    print(f"\nSmolLM2 {WINDOW} tokens at nz_ratio=0.5: untrained gates PPL {untrained_ppl:.3f}, trained {trained_ppl:.3f}")
+    print(f"\nSmolLM2 {WINDOW} tokens at nz_ratio=0.5: untrained gates PPL {untrained_ppl:.3f}, "
+          f"trained {trained_ppl:.3f}")
     assert trained_ppl < untrained_ppl
