@@ -25,7 +25,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .assets import shakespeare_texts, smollm2_path
     from .config import SeerAttentionConfig
     from .evaluation import perplexity
-    from .model import get_seer_model
+    from .model import SeerModel, get_seer_model
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     device, dtype = _device_and_dtype(args.device)
@@ -43,8 +43,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         token_budget=args.token_budget,
         dense_below_length=min(args.tokens, 1024),
     )
-    model = get_seer_model(base, config)
-    model.print_trainable_parameters() if not args.json else None
+    gates = None if args.untrained else args.adapter or _committed_smollm2_gates()
+    if gates:
+        overrides = {k: v for k, v in config.to_dict().items() if k in SPARSITY_FIELDS}
+        model = SeerModel.from_pretrained(base, gates, **overrides)
+        log(f"Gates: {gates}")
+    else:
+        model = get_seer_model(base, config)
+        log("Gates: untrained (the mean-pooling prior; pass --adapter or distill some with `seer-adapter distill`)")
 
     # A long prompt so the prefill runs sparse: a scene of Hamlet, then a question about it.
     excerpt = tokenizer.decode(token_ids[: args.prompt_tokens])
@@ -73,11 +79,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         log(f"  {s['layer']:>5}  {s['mode']:<6}  {s['density']:.3f}")
     log(
         f"\nPerplexity on {window} tokens of Hamlet: dense {dense_ppl:.3f} | sparse {sparse_ppl:.3f} "
-        f"(mean density {mean_density:.3f}, untrained gates = mean-pooling prior)"
+        f"(mean density {mean_density:.3f}, {'trained' if gates else 'untrained'} gates)"
     )
     return {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
         "device": str(device),
+        "gates": str(gates) if gates else "untrained",
         "config": config.to_dict(),
         "generation": answer,
         "prefill_density": [s["density"] for s in prefill_stats],
@@ -225,6 +232,17 @@ def _init_distributed(device: Any) -> Any:
     return device
 
 
+SPARSITY_FIELDS = ("sparsity_method", "nz_ratio", "threshold", "token_budget", "dense_below_length")
+
+
+def _committed_smollm2_gates() -> str | None:
+    """The SmolLM2 gates committed under examples/ (present in a source checkout), else None."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "gates" / "smollm2-135m-8k"
+    return str(path) if (path / "adapter_config.json").exists() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seer-adapter", description="SeerAttention adapters for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nz-ratio", type=float, default=0.3)
     demo.add_argument("--threshold", type=float, default=5e-4)
     demo.add_argument("--token-budget", type=int, default=512)
+    demo.add_argument("--adapter", default=None,
+                      help="gates to use (default: the trained SmolLM2 gates under examples/gates/)")
+    demo.add_argument("--untrained", action="store_true", help="use fresh, untrained gates")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     demo.set_defaults(func=run_demo)
