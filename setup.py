@@ -23,7 +23,7 @@ setup(
         "triton": ["triton>=3.0"],
         "train": ["datasets", "accelerate"],
         "peft": ["peft>=0.21"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
-        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21"],
+        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21", "datasets"],
     },
     entry_points={"console_scripts": ["seer-adapter=seer_adapter.cli:main"]},
 )
