@@ -162,7 +162,6 @@ class SeerLayerState:
     layer_idx: int
     runtime: SeerRuntime
     rope_style: str | None
-    gated: bool
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     # filled when runtime.record_gate_outputs: gate probabilities and kept blocks of the last sparse call
     last_gate_probs: torch.Tensor | None = None
@@ -202,7 +201,7 @@ def seer_attention_forward(
     runtime = state.runtime
     if not runtime.adapter_enabled:
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, None, **kwargs)
-    if not state.gated:
+    if runtime.active_adapter not in module.seer_gate:  # adapters may target different layers
         return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "no gate", **kwargs)
     config = runtime.config
     if runtime.distillation is not None:  # every gated layer is trained, dense_layers included

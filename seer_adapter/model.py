@@ -220,7 +220,7 @@ def _attach_gates(
                     "seer_adapter cannot invert (the gate needs pre-RoPE Q/K). Families tested: "
                     f"{', '.join(TESTED_FAMILIES)}."
                 )
-            setattr(module, STATE_ATTR, SeerLayerState(module.layer_idx, runtime, style, gated=False))
+            setattr(module, STATE_ATTR, SeerLayerState(module.layer_idx, runtime, style))
             setattr(module, GATE_ATTR, container_cls())
             setattr(
                 module,
@@ -251,7 +251,6 @@ def _attach_gates(
             dtype=dtype,
         ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
-        state.gated = True
         gated_layers.append(module.layer_idx)
     return gated_layers
 

@@ -218,3 +218,15 @@ def test_a_failed_wrap_leaves_the_model_as_it_was(bad):
     assert not hasattr(base, "_seer_runtime") and not any(hasattr(m, "seer_state") for m in base.modules())
     assert all(p.requires_grad for p in base.parameters()) and base.config._attn_implementation == "sdpa"
     get_seer_model(base, _config())  # and it can be wrapped
+
+
+def test_adapters_with_different_target_layers(tmp_path):
+    model = get_seer_model(tiny_model("llama"), _config(sparsity_method="nz_ratio", nz_ratio=0.8,
+                                                         target_modules=["model.layers.0.self_attn"]))
+    model.add_adapter("second", _config(sparsity_method="nz_ratio", nz_ratio=0.8,
+                                        target_modules=["model.layers.1.self_attn"]))
+    model(IDS)
+    assert [s["mode"] for s in model.sparsity_stats()] == ["sparse", "dense"]
+    model.set_adapter("second")
+    model(IDS)
+    assert [s["mode"] for s in model.sparsity_stats()] == ["dense", "sparse"]
