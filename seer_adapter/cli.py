@@ -148,15 +148,11 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of the gates and of every baseline selector at equal density; writes JSON."""
-    import datetime
     import os
-
-    import torch
-    import transformers
 
     from .config import SeerAttentionConfig
     from .data import load_text_dataset
-    from .evaluation import evaluate_selectors
+    from .evaluation import environment_meta, evaluate_selectors, format_selector_table
     from .model import SeerModel, get_seer_model
 
     device, dtype = _device_and_dtype(args.device)
@@ -172,29 +168,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         thresholds=tuple(args.thresholds), selectors=tuple(args.selectors),
     )
     windows = min(token_ids.numel() // args.window, args.max_windows or 10**9)
-    meta = {
-        "model": args.model,
-        "adapter": args.adapter,
-        "data": f"{args.data}: {windows} windows x {args.window} tokens",
-        "context": args.window,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "seer-adapter " + " ".join(sys.argv[1:]),
-    }
+    meta = environment_meta(
+        device,
+        model=args.model,
+        adapter=args.adapter,
+        data=f"{args.data}: {windows} windows x {args.window} tokens",
+        context=args.window,
+        dtype=str(dtype),
+        command="seer-adapter " + " ".join(sys.argv[1:]),
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    log(f"{'selector':<10} {'method':<10} {'setting':>8} {'density':>8} {'ppl':>9} {'vs dense':>9}")
-    for r in rows:
-        setting = r.get("nz_ratio", r.get("threshold", ""))
-        log(f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
-            f"{100 * (r['ppl'] / dense - 1):>+8.2f}%")
+    log(format_selector_table(rows))
     return {"meta": meta, "rows": rows}
 
 

@@ -203,3 +203,31 @@ def evaluate_selectors(
         if "untrained" in model.peft_config and trained != "untrained":
             model.delete_adapter("untrained")
     return rows
+
+
+def environment_meta(device: torch.device, **fields: Any) -> dict[str, Any]:
+    """The ``meta`` object of a results file: ``fields`` plus device, versions and date."""
+    import datetime
+
+    import transformers
+
+    return {
+        **fields,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def format_selector_table(rows: list[dict[str, Any]]) -> str:
+    """A text table of `evaluate_selectors` rows, with the perplexity change against the dense row."""
+    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
+    lines = [f"{'selector':<10} {'method':<10} {'setting':>8} {'density':>8} {'ppl':>9} {'vs dense':>9}"]
+    for r in rows:
+        setting = r.get("nz_ratio", r.get("threshold", ""))
+        lines.append(
+            f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
+            f"{100 * (r['ppl'] / dense - 1):>+8.2f}%"
+        )
+    return "\n".join(lines)
