@@ -36,9 +36,10 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .gate import block_has_tokens
 from .kernels import block_sparse_attention
+from .kernels.gate_pooling import pool_pre_rope_blocks
 from .masks import select_blocks
-from .rope import apply_rope
 
 if TYPE_CHECKING:
     from .config import SeerAttentionConfig
@@ -265,8 +266,11 @@ def compute_gate_logits(
 ) -> torch.Tensor:
     """Run the layer's active gate on post-RoPE ``query [B, Hq, S, D]`` / ``key [B, Hkv, S, D]``.
 
-    Inverts RoPE with the ``position_embeddings`` the module received, takes the RoPE tables at each
-    block's first token for block RoPE, and returns logits ``[B, Hq, nB, nB]`` (``-inf`` where not allowed).
+    Pools pre-RoPE Q / K per block straight from the post-RoPE tensors with the fused `pool_pre_rope_blocks`
+    (inverse RoPE with the ``position_embeddings`` the module received; fp32, nothing of size ``[.., S, D]`` is
+    materialised), takes the RoPE tables at each block's first token for block RoPE, and returns
+    `AttnGate.logits_from_pooled`: logits ``[B, Hq, nB, nB]`` in the gate dtype (``-inf`` where not allowed),
+    differentiable in the gate's weights (``query`` / ``key`` get no gradient; pass them detached under grad mode).
     """
     gate = module.seer_gate[state.runtime.active_adapter]
     if query.shape[1] != gate.num_q_heads or key.shape[1] != gate.num_kv_heads or query.shape[-1] != gate.head_dim:
@@ -277,7 +281,7 @@ def compute_gate_logits(
             "the model config's head counts do not describe this layer."
         )
     block_size = gate.block_size
-    block_cos = block_sin = None
+    cos = sin = block_cos = block_sin = None
     style = state.rope_style or "half"
     if state.position_embeddings is not None:
         if state.rope_style is None:
@@ -286,10 +290,18 @@ def compute_gate_logits(
                 "the gate needs pre-RoPE Q/K. Please report the model family."
             )
         cos, sin = state.position_embeddings
-        query = apply_rope(query.to(gate.k_proj.weight.dtype), cos, sin, style, inverse=True)
-        key = apply_rope(key.to(gate.k_proj.weight.dtype), cos, sin, style, inverse=True)
         block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
-    return gate(query, key, block_cos=block_cos, block_sin=block_sin, rope_style=style, token_valid=key_padding_mask)
+    pooling = {"rope_style": style, "block_size": block_size, "token_valid": key_padding_mask}
+    q_pooled = pool_pre_rope_blocks(query, cos, sin, poolings=gate.q_pooling, **pooling)  # [B, Hq, nB, Pq·D] fp32
+    k_pooled = pool_pre_rope_blocks(key, cos, sin, poolings=gate.k_pooling, **pooling)  # [B, Hkv, nB, Pk·D] fp32
+    return gate.logits_from_pooled(
+        q_pooled,
+        k_pooled,
+        block_cos=block_cos,
+        block_sin=block_sin,
+        rope_style=style,
+        block_valid=block_has_tokens(key_padding_mask, block_size),
+    )
 
 
 def _sparse_prefill(

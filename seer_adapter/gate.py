@@ -9,6 +9,10 @@ Prefill gate of SeerAttention (DESIGN.md §1):
    Q is used as pooled unless ``use_q_proj``;
 3. rotate pooled Q and K with the model's RoPE at the position of each block's first token;
 4. ``logits = q_blk · k_blkᵀ / sqrt(gate_dim)``, block-causal (diagonal included), ``-inf`` elsewhere.
+
+`AttnGate.logits_from_pooled` is steps 2-4; `AttnGate.forward` pools pre-RoPE Q / K with `pool_blocks` first. In the
+model, `seer_adapter.attention.compute_gate_logits` does step 1 straight from post-RoPE Q / K with the fused
+`seer_adapter.kernels.gate_pooling.pool_pre_rope_blocks` (inverse RoPE and pooling in one pass).
 """
 
 from __future__ import annotations
@@ -76,6 +80,17 @@ def pool_blocks(x: torch.Tensor, block_size: int, poolings: list[str], valid: to
     return torch.cat(pooled, dim=-1)
 
 
+def block_has_tokens(token_valid: torch.Tensor | None, block_size: int) -> torch.Tensor | None:
+    """bool ``[B, ceil(S / block_size)]``: which blocks of ``token_valid [B, S]`` hold a real token (None -> None)."""
+    if token_valid is None:
+        return None
+    batch, length = token_valid.shape
+    n_blocks = math.ceil(length / block_size)
+    pad = n_blocks * block_size - length
+    valid = nn.functional.pad(token_valid, (0, pad), value=False) if pad else token_valid
+    return valid.reshape(batch, n_blocks, block_size).any(-1)
+
+
 class AttnGate(nn.Module):
     """The prefill gate of one attention layer.
 
@@ -139,13 +154,13 @@ class AttnGate(nn.Module):
         rope_style: str = "half",
         token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gate logits.
+        """Gate logits from pre-RoPE Q / K: pools them (`pool_blocks`) and calls `logits_from_pooled`.
 
         Args:
             q: pre-RoPE queries ``[B, Hq, S, D]``.
             k: pre-RoPE keys ``[B, Hkv, S, D]`` (same positions as ``q``: prefill without a past).
             block_cos, block_sin: RoPE tables at each block's first token ``[B, nB, r]`` (``None``: no RoPE).
-            rope_style: ``"half"`` or ``"interleaved"``.
+            rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"``.
             token_valid: optional bool ``[B, S]``, False for padding tokens.
 
         Returns:
@@ -153,10 +168,59 @@ class AttnGate(nn.Module):
             blocks without a real token.
         """
         dtype = self.k_proj.weight.dtype
-        batch, _, length, _ = q.shape
-        group = self.num_q_heads // self.num_kv_heads
         q_pooled = pool_blocks(q.to(dtype), self.block_size, self.q_pooling, token_valid)  # [B, Hq, nB, Pq·D]
         k_pooled = pool_blocks(k.to(dtype), self.block_size, self.k_pooling, token_valid)  # [B, Hkv, nB, Pk·D]
+        return self.logits_from_pooled(
+            q_pooled,
+            k_pooled,
+            block_cos=block_cos,
+            block_sin=block_sin,
+            rope_style=rope_style,
+            block_valid=block_has_tokens(token_valid, self.block_size),
+        )
+
+    def logits_from_pooled(
+        self,
+        q_pooled: torch.Tensor,
+        k_pooled: torch.Tensor,
+        *,
+        block_cos: torch.Tensor | None = None,
+        block_sin: torch.Tensor | None = None,
+        rope_style: str = "half",
+        block_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gate logits from already pooled pre-RoPE Q / K (steps 2-4 of the module docstring).
+
+        Args:
+            q_pooled: ``[B, Hq, nB, len(q_pooling)·D]``, the poolings in ``q_pooling`` order (any float dtype;
+                computed in the gate dtype).
+            k_pooled: ``[B, Hkv, nB, len(k_pooling)·D]``, the poolings in ``k_pooling`` order.
+            block_cos, block_sin: RoPE tables at each block's first token ``[B, nB, r]`` or ``[nB, r]``
+                (``None``: no RoPE).
+            rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"``.
+            block_valid: optional bool ``[B, nB]``, False for key blocks without a real token
+                (`block_has_tokens`).
+
+        Returns:
+            fp ``[B, Hq, nB, nB]`` logits in the gate dtype, ``-inf`` above the block diagonal and on key
+            blocks without a real token. Differentiable in the gate's weights (and in the pooled inputs).
+        """
+        dtype = self.k_proj.weight.dtype
+        batch, _, n_blocks, _ = q_pooled.shape
+        q_width, k_width = len(self.q_pooling) * self.head_dim, len(self.k_pooling) * self.head_dim
+        if tuple(q_pooled.shape) != (batch, self.num_q_heads, n_blocks, q_width):
+            raise ValueError(f"q_pooled must be [B, Hq={self.num_q_heads}, nB, {q_width}], got {tuple(q_pooled.shape)}")
+        if tuple(k_pooled.shape) != (batch, self.num_kv_heads, n_blocks, k_width):
+            raise ValueError(
+                f"k_pooled must be [B={batch}, Hkv={self.num_kv_heads}, nB={n_blocks}, {k_width}], "
+                f"got {tuple(k_pooled.shape)}"
+            )
+        if block_valid is not None and tuple(block_valid.shape) != (batch, n_blocks):
+            raise ValueError(
+                f"block_valid must be bool [B, nB] = [{batch}, {n_blocks}], got {tuple(block_valid.shape)}"
+            )
+        group = self.num_q_heads // self.num_kv_heads
+        q_pooled, k_pooled = q_pooled.to(dtype), k_pooled.to(dtype)
         k_pooled = k_pooled.repeat_interleave(group, dim=1)  # pooled K is tiny: [B, Hq, nB, Pk·D]
         q_gate = self.q_proj(q_pooled) if self.q_proj is not None else q_pooled  # [B, Hq, nB, G]
         k_gate = self.k_proj(k_pooled)  # [B, Hq, nB, G]
@@ -164,13 +228,10 @@ class AttnGate(nn.Module):
             q_gate = apply_rope(q_gate, block_cos, block_sin, rope_style)
             k_gate = apply_rope(k_gate, block_cos, block_sin, rope_style)
         logits = torch.einsum("bhqg,bhkg->bhqk", q_gate, k_gate) / math.sqrt(self.gate_dim)
-        n_blocks = logits.shape[-1]
-        blocks = torch.arange(n_blocks, device=q.device)
+        blocks = torch.arange(n_blocks, device=logits.device)
         allowed = blocks[None, :] <= blocks[:, None]  # [nB, nB] block-causal
-        if token_valid is not None:
-            pad = n_blocks * self.block_size - length
-            valid = nn.functional.pad(token_valid, (0, pad), value=False) if pad else token_valid
-            allowed = allowed & valid.view(batch, n_blocks, self.block_size).any(-1)[:, None, None, :]
+        if block_valid is not None:
+            allowed = allowed & block_valid[:, None, None, :]
         return logits.masked_fill(~allowed, float("-inf"))
 
     def extra_repr(self) -> str:
