@@ -114,5 +114,12 @@ __all__ = [
 
 try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
     from . import block_sparse_triton  # noqa: E402, F401
-except ImportError:  # pragma: no cover - triton not installed
-    pass
+except ImportError as _triton_error:  # pragma: no cover - triton not installed
+    if torch.cuda.is_available():
+        import warnings
+
+        warnings.warn(
+            f"Triton is not importable ({_triton_error}); CUDA tensors will use the slow PyTorch reference kernels. "
+            "Install triton (pip install 'seer-adapter[triton]') for the fast path.",
+            stacklevel=2,
+        )
