@@ -19,11 +19,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "gguf": ["gguf>=0.10"],  # loading the SmolLM2 demo model from its GGUF
+        "gguf": ["gguf>=0.10", "accelerate"],  # loading the demo models from their GGUF (transformers needs both)
         "triton": ["triton>=3.0"],
         "train": ["datasets", "accelerate"],
-        "peft": ["peft>=0.21"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
-        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21", "datasets"],
+        "peft": ["peft>=0.21"],
+        "plots": ["matplotlib"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
+        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21", "datasets", "matplotlib"],
     },
     entry_points={"console_scripts": ["seer-adapter=seer_adapter.cli:main"]},
 )
