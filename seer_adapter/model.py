@@ -613,21 +613,8 @@ class SeerModel(SeerAdapterMixin, nn.Module):
         **config_overrides: Any,
     ) -> None:
         """Load gates saved by `save_pretrained` (a folder or a Hub repo id) as another adapter."""
-        from .hub import resolve_adapter_files
-
-        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision, token=token)
-        config = SeerAttentionConfig.from_json_file(config_path)
-        config = config.replace(inference_mode=not is_trainable, **config_overrides)
-        _check_matches_base(config, self.base_model, source=str(adapter_path))
+        config, tensors = _read_adapter(adapter_path, self.base_model, is_trainable, revision, token, config_overrides)
         self.add_adapter(adapter_name, config)
-        try:
-            tensors = load_file(weights_path)
-        except (SafetensorError, OSError) as exc:
-            self._discard_adapter(adapter_name)
-            raise ValueError(
-                f"cannot read the gate weights {weights_path!s} ({exc}); the file is corrupted or incomplete, "
-                "download or save the adapter again."
-            ) from None
         self._load_adapter_tensors(adapter_name, tensors, source=str(adapter_path))
 
     @classmethod
@@ -647,19 +634,7 @@ class SeerModel(SeerAdapterMixin, nn.Module):
         ``is_trainable=False`` (default) freezes the gates, as PEFT does. ``revision`` (branch, tag or commit) and
         ``token`` apply to Hub repos; the Hub cache and ``HF_HUB_OFFLINE`` are respected.
         """
-        from .hub import resolve_adapter_files
-
-        config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision, token=token)
-        config = SeerAttentionConfig.from_json_file(config_path)
-        config = config.replace(inference_mode=not is_trainable, **config_overrides)
-        _check_matches_base(config, model, source=str(adapter_path))
-        try:
-            tensors = load_file(weights_path)
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(
-                f"cannot read the gate weights {weights_path!s} ({exc}); the file is corrupted or incomplete, "
-                "download or save the adapter again."
-            ) from None
+        config, tensors = _read_adapter(adapter_path, model, is_trainable, revision, token, config_overrides)
         seer = cls(model, config, adapter_name=adapter_name)
         try:
             seer._load_adapter_tensors(adapter_name, tensors, source=str(adapter_path))
@@ -667,6 +642,32 @@ class SeerModel(SeerAdapterMixin, nn.Module):
             seer.unload()
             raise
         return seer
+
+
+def _read_adapter(
+    adapter_path: str | os.PathLike,
+    model: nn.Module,
+    is_trainable: bool,
+    revision: str | None,
+    token: str | bool | None,
+    config_overrides: dict[str, Any],
+) -> tuple[SeerAttentionConfig, dict[str, torch.Tensor]]:
+    """Config (overrides applied, checked against ``model``) and gate tensors of a saved adapter, read before any
+    gate is attached so a bad file leaves the model untouched."""
+    from .hub import resolve_adapter_files
+
+    config_path, weights_path = resolve_adapter_files(adapter_path, revision=revision, token=token)
+    config = SeerAttentionConfig.from_json_file(config_path)
+    config = config.replace(inference_mode=not is_trainable, **config_overrides)
+    _check_matches_base(config, model, source=str(adapter_path))
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"cannot read the gate weights {weights_path!s} ({exc}); the file is corrupted or incomplete, "
+            "download or save the adapter again."
+        ) from None
+    return config, tensors
 
 
 def _drop_gate(module: nn.Module, adapter_name: str) -> None:
