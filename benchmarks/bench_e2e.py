@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import seer_adapter.attention as seer_attention  # noqa: E402
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.distill import distillation_loss  # noqa: E402
 from seer_adapter.kernels import select_backend  # noqa: E402
@@ -53,6 +54,47 @@ def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> flo
     return sorted(times)[len(times) // 2]
 
 
+STAGES = {"gate": "compute_gate_logits", "mask": "select_block_lists", "attention": "block_sparse_attention"}
+
+
+def stage_breakdown(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """GPU seconds spent in each stage of the sparse path during one prefill (CUDA events around every call).
+
+    Events are recorded on the stream around the calls of `seer_adapter.attention`'s three stages (gate logits,
+    block selection, attention kernel), without synchronising inside the forward; their sums are read at the end.
+    """
+    pairs: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {stage: [] for stage in STAGES}
+    originals = {stage: getattr(seer_attention, name) for stage, name in STAGES.items()}
+
+    def timed(stage, fn):
+        def wrapper(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn(*args, **kwargs)
+            end.record()
+            pairs[stage].append((start, end))
+            return result
+
+        return wrapper
+
+    for stage, name in STAGES.items():
+        setattr(seer_attention, name, timed(stage, originals[stage]))
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        for stage, name in STAGES.items():
+            setattr(seer_attention, name, originals[stage])
+    seconds = {stage: sum(a.elapsed_time(b) for a, b in events) / 1e3 for stage, events in pairs.items()}
+    seconds["rest of the model"] = total - sum(seconds.values())
+    seconds["total"] = total
+    return seconds
+
+
 def time_distillation_step(model, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds of one distillation step (forward with ground truth + gate backward) and peak GiB."""
     times = []
@@ -76,6 +118,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--distill", action="store_true", help="also time one distillation step per length")
+    parser.add_argument("--breakdown", action="store_true", help="also measure the gate / mask / attention shares")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -100,6 +143,12 @@ def main() -> None:
                          "speedup_vs_dense": dense_s / sparse_s})
             print(f"S={length}: seer nz_ratio={nz} density={density:.3f} {sparse_s:.3f} s "
                   f"({dense_s / sparse_s:.2f}x)", flush=True)
+            if args.breakdown:
+                shares = stage_breakdown(model, ids)
+                rows[-1]["stage_seconds"] = shares
+                rows[-1]["stage_share"] = {k: v / shares["total"] for k, v in shares.items() if k != "total"}
+                print("    " + ", ".join(f"{k} {v:.3f} s ({v / shares['total']:.1%})" for k, v in shares.items()
+                                        if k != "total"), flush=True)
         if args.distill:
             step_s, peak = time_distillation_step(model, ids, args.repeats)
             rows.append({"S": length, "variant": "distillation step", "nz_ratio": None, "density": 1.0, "s": step_s,
@@ -122,7 +171,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e2e_prefill_{meta['date']}.json"
+    path = out / f"e2e_prefill_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}\n{'S':>7} {'variant':<20} {'nz':>5} {'density':>8} {'s':>8} {'x dense':>8}")
     for r in rows:

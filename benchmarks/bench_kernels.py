@@ -40,6 +40,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter.kernels import block_sparse_triton  # noqa: E402
+from seer_adapter.kernels import ground_truth as ground_truth_kernels  # noqa: E402
 from seer_adapter.kernels.block_sparse_triton import (  # noqa: E402
     KernelConfig,
     block_mask_to_indices,
@@ -366,6 +367,16 @@ def build_ground_truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     return functools.partial(attention_with_block_ground_truth_triton, q, k, v, block_size=block_size), {}
 
 
+def build_ground_truth_two_pass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int
+) -> tuple[Callable, dict]:
+    """The two-pass variant (no scratch records; two Q K^T passes), for comparison with the single-pass default."""
+    fn = functools.partial(
+        ground_truth_kernels._launch_ground_truth, q, k, v, block_size, None, None, None, False, single_pass=False
+    )
+    return fn, {}
+
+
 def build_seer(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_size: int, density_actual: float
 ) -> tuple[Callable, dict]:
@@ -428,6 +439,12 @@ def bench_shape(
     if ground_truth:
         runner.measure(
             "ground_truth_triton", shape, functools.partial(build_ground_truth, q, k, v, block_size), **dense
+        )
+        runner.measure(
+            "ground_truth_triton_two_pass",
+            shape,
+            functools.partial(build_ground_truth_two_pass, q, k, v, block_size),
+            **dense,
         )
 
     for density in densities:

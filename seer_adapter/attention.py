@@ -37,9 +37,8 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .gate import block_has_tokens
-from .kernels import block_sparse_attention
+from .kernels import block_sparse_attention, select_block_lists
 from .kernels.gate_pooling import pool_pre_rope_blocks
-from .masks import select_blocks
 
 if TYPE_CHECKING:
     from .config import SeerAttentionConfig
@@ -317,21 +316,27 @@ def _sparse_prefill(
     config = state.runtime.config
     block_size = config.block_size
     padding = mask.key_padding_mask  # [B, S] or None
+    q_len = query.shape[2]
     with torch.no_grad():  # the gate is trained by distillation, never through the sparse path
         logits = compute_gate_logits(state, module, query, key, padding)  # [B, Hq, nB, nB]
-        probs = gate_probabilities(logits)
-        allowed = torch.isfinite(logits)
+        scores, apply_softmax = logits, True
         if state.runtime.block_scorer is not None:
-            probs = state.runtime.block_scorer(module, state, query, key, value, mask, scaling, allowed)
+            allowed = torch.isfinite(logits)
+            scores = state.runtime.block_scorer(module, state, query, key, value, mask, scaling, allowed)
+            apply_softmax = False  # scorers return probabilities (or any monotone score) per block
         sink = None
         if config.force_sink_block:
             sink = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
             if padding is not None:
                 sink = padding.to(torch.int8).argmax(dim=-1) // block_size
-        keep = select_blocks(
-            probs,
-            allowed,
+        # Scores -> sorted kept-block lists in one fused kernel on CUDA (no boolean mask, no host sync).
+        lists, allowed_counts = select_block_lists(
+            scores,
             block_size=block_size,
+            q_len=q_len,
+            kv_len=key.shape[2],
+            block_valid=block_has_tokens(padding, block_size),
+            apply_softmax=apply_softmax,
             sink_block=sink,
             force_local_block=config.force_local_block,
             dense_last_query_blocks=config.dense_last_query_blocks,
@@ -341,7 +346,7 @@ def _sparse_prefill(
         query,
         key,
         value,
-        keep,
+        lists,
         block_size=block_size,
         scale=scaling,
         key_padding_mask=padding,
@@ -350,12 +355,13 @@ def _sparse_prefill(
     # Counts stay on the device: reading them (SeerModel.sparsity_stats) is the only synchronisation.
     state.runtime.stats[state.layer_idx] = {
         "mode": "sparse",
-        "q_len": query.shape[2],
-        "kept_blocks": keep.sum(),
-        "causal_blocks": allowed.sum(),
+        "q_len": q_len,
+        "kept_blocks": lists.counts.sum(),
+        "causal_blocks": allowed_counts.sum(),
     }
     if state.runtime.record_gate_outputs:
-        state.last_gate_probs, state.last_block_mask = probs, keep
+        probs = gate_probabilities(logits) if apply_softmax else scores
+        state.last_gate_probs, state.last_block_mask = probs, lists.to_mask()
     return out.transpose(1, 2).contiguous(), None
 
 

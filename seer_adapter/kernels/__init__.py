@@ -1,6 +1,7 @@
 """The kernel half of seer_adapter: one dispatch point for every attention kernel.
 
-Every caller reaches a kernel through `block_sparse_attention`; it picks a backend:
+Every caller reaches a kernel through `block_sparse_attention` (attention over kept blocks) or `select_block_lists`
+(gate scores -> kept-block lists); each picks a backend:
 
 * ``"reference"`` — the pure-PyTorch oracle of `reference.py` (any device; the CPU path);
 * ``"triton"`` — Triton kernels, registered by `register_backend` when they are importable; the default on
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from .block_lists import BlockLists, select_block_lists_reference
 from .reference import (
     block_sparse_attention_reference,
     causal_token_mask,
@@ -26,22 +28,63 @@ from .reference import (
 )
 
 ENV_BACKEND = "SEER_ADAPTER_KERNEL"
-_BACKENDS: dict[str, Callable[..., object]] = {"reference": block_sparse_attention_reference}
+# Operation -> backend name -> implementation. "attention": `block_sparse_attention`; "select": `select_block_lists`;
+# "gate_pooling" and "ground_truth" register themselves from their modules.
+_OPS: dict[str, dict[str, Callable[..., object]]] = {
+    "attention": {"reference": block_sparse_attention_reference},
+    "select": {"reference": select_block_lists_reference},
+    "gate_pooling": {},
+    "ground_truth": {},
+}
 # Backends able to run on a device type, in order of preference for "auto".
 _AUTO_ORDER: dict[str, list[str]] = {}
 
 
-def register_backend(name: str, fn: Callable[..., object], device_types: tuple[str, ...]) -> None:
-    """Make a kernel backend available to `block_sparse_attention` (same signature as the reference)."""
-    _BACKENDS[name] = fn
+def register_backend(
+    name: str, fn: Callable[..., object], device_types: tuple[str, ...], op: str = "attention"
+) -> None:
+    """Make a kernel backend available for ``op`` (same signature as that op's reference implementation).
+
+    An attention backend that reads `BlockLists` directly sets ``fn.accepts_block_lists = True``; others get the
+    equivalent boolean mask.
+
+    ``op``: ``"attention"`` (`block_sparse_attention`), ``"select"`` (`select_block_lists`), ``"gate_pooling"`` or
+    ``"ground_truth"``. See `backend_for` for what happens when a backend lacks an op.
+    """
+    _OPS[_check_op(op)][name] = fn
     for device_type in device_types:
         order = _AUTO_ORDER.setdefault(device_type, [])
         if name not in order:
             order.insert(0, name)
 
 
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+def _check_op(op: str) -> str:
+    if op not in _OPS:
+        raise ValueError(f"unknown kernel op {op!r}; expected one of {sorted(_OPS)}")
+    return op
+
+
+def available_backends(op: str | None = None) -> list[str]:
+    """Backend names (for ``op`` only, when given)."""
+    return sorted(_OPS[_check_op(op)] if op else set().union(*_OPS.values()))
+
+
+def backend_for(op: str, device: torch.device, backend: str | None = None) -> Callable[..., object]:
+    """The implementation of ``op`` for tensors on ``device``, chosen by `select_backend`.
+
+    A backend forced with ``backend=`` that lacks ``op`` raises. One named by ``$SEER_ADAPTER_KERNEL`` that lacks it
+    (say a custom attention-only backend) picks the attention kernel only: ``op`` then runs on the device's default.
+    """
+    name = select_backend(device, backend)
+    implementations = _OPS[_check_op(op)]
+    if name not in implementations:
+        if backend is not None:
+            raise ValueError(
+                f"kernel backend {name!r} has no {op} implementation; available: {available_backends(op)}"
+            )
+        name = select_backend(device, "auto")
+        name = name if name in implementations else "reference"
+    return implementations[name]
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
@@ -50,7 +93,7 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
     if requested == "auto":
         order = _AUTO_ORDER.get(device.type, [])
         return order[0] if order else "reference"
-    if requested not in _BACKENDS:
+    if requested not in available_backends():
         raise ValueError(
             f"Kernel backend {requested!r} is not available (from {'argument' if backend else ENV_BACKEND}); "
             f"available: {available_backends()} or 'auto'."
@@ -62,7 +105,7 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: torch.Tensor | BlockLists,
     *,
     block_size: int = 64,
     scale: float | None = None,
@@ -75,7 +118,8 @@ def block_sparse_attention(
 
     Args:
         q: ``[B, Hq, S, D]``; k, v: ``[B, Hkv, Sk, D]`` (GQA by index; queries are the last S positions).
-        block_mask: bool ``[B, Hq or Hkv, ceil(S/block_size), ceil(Sk/block_size)]``.
+        block_mask: bool ``[B, Hq or Hkv, ceil(S/block_size), ceil(Sk/block_size)]``, or the same kept blocks as
+            `BlockLists` (from `select_block_lists`; the Triton kernel reads these directly).
         block_size: tokens per block (default 64).
         scale: softmax scale (default ``1/sqrt(D)``).
         key_padding_mask: optional bool ``[B, Sk]``, True for real tokens.
@@ -86,7 +130,9 @@ def block_sparse_attention(
     Returns:
         ``out [B, Hq, S, D]`` in ``q.dtype`` (and ``lse`` when asked).
     """
-    fn = _BACKENDS[select_backend(q.device, backend)]
+    fn = backend_for("attention", q.device, backend)
+    if isinstance(block_mask, BlockLists) and not getattr(fn, "accepts_block_lists", False):
+        block_mask = block_mask.to_mask()  # a backend that takes boolean masks only
     return fn(
         q,
         k,
@@ -100,9 +146,51 @@ def block_sparse_attention(
     )
 
 
+def select_block_lists(
+    scores: torch.Tensor,
+    *,
+    method: str,
+    block_size: int,
+    q_len: int,
+    kv_len: int,
+    block_valid: torch.Tensor | None = None,
+    apply_softmax: bool = True,
+    threshold: float = 5e-4,
+    nz_ratio: float = 0.5,
+    token_budget: int = 2048,
+    sink_block: torch.Tensor | None = None,
+    force_local_block: bool = True,
+    dense_last_query_blocks: int = 0,
+    backend: str | None = None,
+) -> tuple[BlockLists, torch.Tensor]:
+    """Gate scores ``[B, H, nQ, nK]`` -> sorted kept-block lists: the single entry point to block selection.
+
+    See `block_lists.select_block_lists_reference` for the arguments. Returns `BlockLists` and ``allowed_counts``
+    int32 ``[B, H, nQ]`` (blocks each row could keep: the density denominator).
+    """
+    fn = backend_for("select", scores.device, backend)
+    return fn(
+        scores,
+        method=method,
+        block_size=block_size,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_valid=block_valid,
+        apply_softmax=apply_softmax,
+        threshold=threshold,
+        nz_ratio=nz_ratio,
+        token_budget=token_budget,
+        sink_block=sink_block,
+        force_local_block=force_local_block,
+        dense_last_query_blocks=dense_last_query_blocks,
+    )
+
+
 __all__ = [
     "ENV_BACKEND",
+    "BlockLists",
     "available_backends",
+    "backend_for",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "causal_token_mask",
@@ -110,10 +198,11 @@ __all__ = [
     "expand_block_mask",
     "register_backend",
     "select_backend",
+    "select_block_lists",
 ]
 
 try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
-    from . import block_sparse_triton  # noqa: E402, F401
+    from . import block_select_triton, block_sparse_triton  # noqa: E402, F401
 except ImportError as _triton_error:  # pragma: no cover - triton not installed
     if torch.cuda.is_available():
         import warnings

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import register_backend
+from .block_lists import BlockLists, block_mask_to_indices, key_block_has_tokens
 from .reference import check_attention_inputs
 
 __all__ = [
@@ -46,96 +47,11 @@ __all__ = [
 
 # Environment variable that overrides the launch heuristic, e.g. "block_m=64,block_n=64,heads=2,warps=4,stages=3".
 ENV_KERNEL_CONFIG = "SEER_ADAPTER_TRITON_CONFIG"
-# Elements of the [B, H, rows, nK] mask processed at once by `block_mask_to_indices` (bounds its int64 temporaries).
-_INDEX_CHUNK_ELEMENTS = 1 << 25
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Block mask -> sorted index lists
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def key_block_has_tokens(key_padding_mask: torch.Tensor, block_size: int) -> torch.Tensor:
-    """bool ``[B, nK]``: key block ``kb`` holds at least one real token.
-
-    Args:
-        key_padding_mask: bool ``[B, Sk]``, True for real tokens.
-    """
-    batch, kv_len = key_padding_mask.shape
-    n_k_blocks = math.ceil(kv_len / block_size)
-    padded = torch.nn.functional.pad(key_padding_mask, (0, n_k_blocks * block_size - kv_len), value=False)
-    return padded.view(batch, n_k_blocks, block_size).any(dim=-1)
-
-
-def block_mask_to_indices(
-    block_mask: torch.Tensor,
-    *,
-    block_size: int = 64,
-    q_len: int | None = None,
-    kv_len: int | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    compact: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted lists of the kept key blocks of every query-block row, computed on the mask's device.
-
-    Args:
-        block_mask: bool ``[B, Hm, nQ, nK]``.
-        block_size: tokens per block.
-        q_len, kv_len: query and key lengths (``S``, ``Sk``). When both are given, key blocks that no row of the
-            query block may see are dropped: with queries the last ``S`` of ``Sk`` positions, key block ``kb`` can
-            matter for query block ``qb`` only if ``kb * block_size <= min((qb + 1) * block_size, S) - 1 + Sk - S``.
-            Without them the mask is taken as it is.
-        key_padding_mask: optional bool ``[B, Sk]`` (True = real token); key blocks made only of padding are dropped.
-        compact: trim the lists to the longest row (one device-to-host sync). Otherwise they are ``nK`` wide,
-            which needs no sync (CUDA-graph friendly).
-
-    Returns:
-        ``kv_block_indices`` int32 ``[B, Hm, nQ, maxK]``: kept key-block indices in ascending order, padded with 0
-        (a view whose rows are ``maxK + 1`` apart; call ``.contiguous()`` where that matters);
-        ``kv_block_counts`` int32 ``[B, Hm, nQ]``: how many entries of each row are real.
-    """
-    if block_mask.dtype != torch.bool or block_mask.dim() != 4:
-        raise ValueError(
-            f"block_mask must be a bool [B, H, nQ, nK] tensor, got {block_mask.dtype} {tuple(block_mask.shape)}"
-        )
-    if (q_len is None) != (kv_len is None):
-        raise ValueError("pass both q_len and kv_len (to drop non-causal blocks) or neither")
-    batch, mask_heads, n_q_blocks, n_k_blocks = block_mask.shape
-    device = block_mask.device
-    key_block_ids = torch.arange(n_k_blocks, device=device, dtype=torch.int32)  # [nK]
-
-    keep = block_mask
-    if q_len is not None and kv_len is not None:
-        q_block_ids = torch.arange(n_q_blocks, device=device, dtype=torch.int64)
-        last_row = torch.clamp((q_block_ids + 1) * block_size, max=q_len) - 1  # [nQ]
-        causal = key_block_ids[None, :].to(torch.int64) * block_size <= (last_row + (kv_len - q_len))[:, None]
-        keep = keep & causal  # [B, Hm, nQ, nK]
-    if key_padding_mask is not None:
-        keep = keep & key_block_has_tokens(key_padding_mask, block_size)[:, None, None, :]
-
-    counts = keep.sum(dim=-1, dtype=torch.int32)  # [B, Hm, nQ]
-    if compact:
-        width = int(counts.max()) if counts.numel() else 0
-    else:
-        width = n_k_blocks
-    # One spare column at the end receives the dropped blocks; the returned lists are a view without it.
-    lists = torch.zeros(batch, mask_heads, n_q_blocks, width + 1, dtype=torch.int32, device=device)
-    if n_k_blocks == 0:
-        return lists[..., :width], counts
-
-    # Row-wise compaction without a host sync: kept block kb goes to slot (number of kept blocks up to kb) - 1.
-    rows_per_chunk = max(1, _INDEX_CHUNK_ELEMENTS // max(1, batch * mask_heads * n_k_blocks))
-    for first in range(0, n_q_blocks, rows_per_chunk):
-        rows = slice(first, min(n_q_blocks, first + rows_per_chunk))
-        kept = keep[:, :, rows]  # [B, Hm, r, nK]
-        slot = torch.where(kept, kept.cumsum(dim=-1, dtype=torch.int32) - 1, width).long()
-        lists[:, :, rows].scatter_(-1, slot, key_block_ids.expand(kept.shape))
-    return lists[..., :width], counts
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -665,14 +581,89 @@ def _block_sparse_attention_op_fake(
     return empty_like_bshd(q), q.new_empty(batch, hq, q_len, dtype=torch.float32)
 
 
+_INDEXED_OP_NAME = "seer_adapter::block_sparse_attention_indexed_fwd"
+_INDEXED_OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor kv_block_indices, Tensor kv_block_counts, int n_k_blocks, int block_size, "
+    "float scale, Tensor? key_padding_mask, float? softcap) -> (Tensor, Tensor)"
+)
+
+
+def _block_sparse_attention_indexed_op_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    n_k_blocks: int,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_block_lists(kv_block_indices, kv_block_counts, q, k, block_size, n_k_blocks)
+    # Shape-only stand-in for the boolean mask the lists describe (checks and per-head layout; no memory).
+    shape_mask = torch.ones((), dtype=torch.bool, device=q.device).expand(*kv_block_counts.shape, n_k_blocks)
+    return _launch_block_sparse_forward(
+        q, k, v, shape_mask, block_size, scale, key_padding_mask, softcap,
+        block_indices=(kv_block_indices, kv_block_counts),
+    )  # fmt: skip
+
+
+def _block_sparse_attention_indexed_op_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_indices: torch.Tensor,
+    kv_block_counts: torch.Tensor,
+    n_k_blocks: int,
+    block_size: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, hq, q_len, _ = q.shape
+    return empty_like_bshd(q), q.new_empty(batch, hq, q_len, dtype=torch.float32)
+
+
+def check_block_lists(
+    indices: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, k: torch.Tensor, block_size: int, n_k_blocks: int
+) -> None:
+    """Validate `BlockLists` against q / k; raise ValueError naming the bad tensor."""
+    batch, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    n_q = math.ceil(q_len / block_size)
+    if n_k_blocks != math.ceil(kv_len / block_size):
+        raise ValueError(f"block lists are for {n_k_blocks} key blocks, k has {math.ceil(kv_len / block_size)}")
+    if indices.dtype != torch.int32 or counts.dtype != torch.int32 or indices.dim() != 4 or counts.dim() != 3:
+        raise ValueError(
+            f"block lists must be int32 indices [B, H, nQ, W] and counts [B, H, nQ], got {indices.dtype} "
+            f"{tuple(indices.shape)} and {counts.dtype} {tuple(counts.shape)}"
+        )
+    if counts.shape[0] != batch or counts.shape[1] not in (hq, hkv) or counts.shape[2] != n_q:
+        raise ValueError(f"block list counts {tuple(counts.shape)} do not fit ({batch}, {hq} or {hkv}, {n_q})")
+    if indices.shape[:3] != counts.shape or indices.stride(-1) != 1:
+        raise ValueError(f"block list indices {tuple(indices.shape)} must be [*counts.shape, W] with unit last stride")
+    if indices.device != q.device or counts.device != q.device:
+        raise ValueError(f"block lists are on {indices.device}, q on {q.device}")
+
+
 def _register_custom_op() -> None:
-    namespace, name = _OP_NAME.split("::")
-    if hasattr(getattr(torch.ops, namespace), name):  # already defined (module reloaded)
-        return
     # The functions resolve `_launch_block_sparse_forward` through module globals at call time, so a reload of this
-    # module (tests switching to the interpreter) is picked up by the op defined first.
-    op = torch.library.custom_op(_OP_NAME, mutates_args=(), schema=_OP_SCHEMA)(_block_sparse_attention_op_impl)
-    op.register_fake(_block_sparse_attention_op_fake)
+    # module (tests switching to the interpreter) is picked up by the ops defined first.
+    for op_name, schema, impl, fake in (
+        (_OP_NAME, _OP_SCHEMA, _block_sparse_attention_op_impl, _block_sparse_attention_op_fake),
+        (
+            _INDEXED_OP_NAME,
+            _INDEXED_OP_SCHEMA,
+            _block_sparse_attention_indexed_op_impl,
+            _block_sparse_attention_indexed_op_fake,
+        ),
+    ):
+        namespace, name = op_name.split("::")
+        if hasattr(getattr(torch.ops, namespace), name):  # already defined (module reloaded)
+            continue
+        op = torch.library.custom_op(op_name, mutates_args=(), schema=schema)(impl)
+        op.register_fake(fake)
 
 
 _register_custom_op()
@@ -682,7 +673,7 @@ def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: torch.Tensor | BlockLists,
     *,
     block_size: int = 64,
     scale: float | None = None,
@@ -696,7 +687,9 @@ def block_sparse_attention_triton(
         q: ``[B, Hq, S, D]`` fp16 / bf16 / fp32 (any strides, e.g. a transpose of ``[B, S, Hq, D]``).
         k, v: ``[B, Hkv, Sk, D]``, ``Sk >= S``, same dtype as ``q``; query head ``h`` reads KV head
             ``h // (Hq // Hkv)``.
-        block_mask: bool ``[B, Hm, ceil(S / block_size), ceil(Sk / block_size)]`` with ``Hm`` in ``{Hq, Hkv}``.
+        block_mask: bool ``[B, Hm, ceil(S / block_size), ceil(Sk / block_size)]`` with ``Hm`` in ``{Hq, Hkv}``, or
+            `BlockLists` (sorted, causally filtered lists, e.g. from `select_block_lists`): used as they are, no
+            conversion.
         block_size: tokens per block, a power of two >= 16 (64 and 128 are the tuned ones).
         scale: softmax scale (default ``1 / sqrt(D)``).
         key_padding_mask: optional bool ``[B, Sk]``, True for real tokens.
@@ -707,12 +700,20 @@ def block_sparse_attention_triton(
         ``out [B, Hq, S, D]`` in ``q.dtype`` (memory laid out ``[B, S, Hq, D]``), and ``lse`` when asked.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = torch.ops.seer_adapter.block_sparse_attention_fwd(
-        q, k, v, block_mask, block_size, scale, key_padding_mask, None if softcap is None else float(softcap)
-    )
+    softcap = None if softcap is None else float(softcap)
+    if isinstance(block_mask, BlockLists):
+        out, lse = torch.ops.seer_adapter.block_sparse_attention_indexed_fwd(
+            q, k, v, block_mask.indices, block_mask.counts, block_mask.n_k_blocks, block_size, scale,
+            key_padding_mask, softcap,
+        )  # fmt: skip
+    else:
+        out, lse = torch.ops.seer_adapter.block_sparse_attention_fwd(
+            q, k, v, block_mask, block_size, scale, key_padding_mask, softcap
+        )
     if return_lse:
         return out, lse
     return out
 
 
+block_sparse_attention_triton.accepts_block_lists = True
 register_backend("triton", block_sparse_attention_triton, device_types=("cuda",))

@@ -25,13 +25,13 @@ SeerAttention never need a gradient (distillation detaches Q and K).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..gate import pool_blocks
 from ..rope import ROPE_STYLES, apply_rope
-from . import select_backend
+from . import _OPS, backend_for, register_backend
 
 try:
     import triton
@@ -393,11 +393,11 @@ def pool_pre_rope_blocks_triton(
     return torch.ops.seer_adapter.pool_pre_rope_blocks(x, cos, sin, rope_style, block_size, list(poolings), token_valid)
 
 
-# Gate pooling implementations by backend name; the name is chosen by `kernels.select_backend`, so the rules
-# (argument, then $SEER_ADAPTER_KERNEL, then Triton on CUDA / reference elsewhere) are those of the attention kernels.
-GATE_POOLING_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": pool_pre_rope_blocks_reference}
+# Registered under the kernel op "gate_pooling": backends are chosen by the rules of the attention kernels.
+register_backend("reference", pool_pre_rope_blocks_reference, device_types=(), op="gate_pooling")
 if triton is not None:
-    GATE_POOLING_BACKENDS["triton"] = pool_pre_rope_blocks_triton
+    register_backend("triton", pool_pre_rope_blocks_triton, device_types=("cuda",), op="gate_pooling")
+GATE_POOLING_BACKENDS = _OPS["gate_pooling"]
 
 
 def pool_pre_rope_blocks(
@@ -423,16 +423,6 @@ def pool_pre_rope_blocks(
     Returns:
         fp32 ``[B, H, ceil(S / block_size), len(poolings) * D]``.
     """
-    name = select_backend(x.device, backend)
-    if name not in GATE_POOLING_BACKENDS:
-        if backend is not None:
-            raise ValueError(
-                f"kernel backend {name!r} has no gate pooling kernel; available: {sorted(GATE_POOLING_BACKENDS)}"
-            )
-        # $SEER_ADAPTER_KERNEL names an attention-only backend (added with `register_backend`): it picks the attention
-        # kernel, and the gate inputs are pooled by the device's default implementation.
-        name = select_backend(x.device, "auto")
-        name = name if name in GATE_POOLING_BACKENDS else "reference"
-    return GATE_POOLING_BACKENDS[name](
+    return backend_for("gate_pooling", x.device, backend)(
         x, cos, sin, rope_style=rope_style, block_size=block_size, poolings=poolings, token_valid=token_valid
     )

@@ -8,23 +8,25 @@ query-block row is renormalised to sum to 1 (an all-zero row stays all zeros). B
 Three entry points with one signature:
 
 * `attention_with_block_ground_truth_reference`: pure PyTorch, fp32, chunked over query blocks (16k fits on CPU);
-* `attention_with_block_ground_truth_triton`: one Triton kernel, two passes over K per query tile (pass 1: row max
-  and sum of the online softmax; pass 2: normalised probabilities, the output, and the per-key-block maxima reduced
-  over rows and merged into the ``[.., nQ, nK]`` map with atomic max), so no ``[B, H, S, S / block]`` buffer exists;
+* `attention_with_block_ground_truth_triton`: one Triton kernel, one pass over K/V per query tile: the ordinary
+  online-softmax attention, which also stores each row's largest score per key tile into a small per-program record
+  (a persistent grid of a few programs per SM, so the records take ``programs * nK * 64`` floats, not
+  ``[B, H, S, S / block]``); when the tile's rows know their log-sum-exp, an epilogue turns the records into
+  probabilities, max-pools them over rows and merges them into the ``[.., nQ, nK]`` map with atomic max. A two-pass
+  variant without records (pass 1: row max and sum; pass 2: probabilities) is kept for comparison;
 * `attention_with_block_ground_truth`: picks one with the same rules as `kernels.block_sparse_attention`
   (Triton on CUDA, reference elsewhere, ``$SEER_ADAPTER_KERNEL`` or ``backend=`` to force).
 
 The model's own output is returned too (``out [B, Hq, S, D]`` in ``q.dtype``), since the frozen model continues with
-it: a distillation step costs about one dense forward plus one extra ``Q K^T``.
+it: a distillation step costs about one dense forward.
 """
 
 import math
 import os
-from collections.abc import Callable
 
 import torch
 
-from . import select_backend
+from . import _OPS, backend_for, register_backend
 from .reference import _MAX_SCORE_ELEMENTS, causal_token_mask, check_attention_inputs
 
 try:
@@ -330,6 +332,166 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _attend_and_record_tile(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_head_ptr,
+        v_head_ptr,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        start,
+        offs_n,
+        offs_d,
+        row_limit,
+        key_padding_ptr,
+        record_ptrs,
+        kv_len,
+        qk_scale,
+        softcap_in,
+        softcap_out,
+        d_mask,
+        CAUSAL: tl.constexpr,
+        HAS_KEY_PADDING: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        EVEN_D: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+    ):
+        """Online-softmax step over one key tile that also stores each row's largest score (log2 units) at
+        ``record_ptrs [BLOCK_M]``: the tile's largest probability is ``exp2(that - lse)`` once lse is known."""
+        scores = _key_tile_scores(
+            q, k_head_ptr, stride_ks, stride_kd, start, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
+            qk_scale, softcap_in, softcap_out, d_mask, CAUSAL, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+        )  # fmt: skip
+        tile_max = tl.max(scores, 1)
+        tl.store(record_ptrs, tile_max)
+        m_new = tl.maximum(m_i, tile_max)
+        if CAUSAL or HAS_KEY_PADDING:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no NaN for rows without a visible key yet
+        else:
+            m_shift = m_new
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_key_tile(v_head_ptr, start, offs_n, offs_d, stride_vs, stride_vd, kv_len, d_mask, CAUSAL, EVEN_D)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE_DOT)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _ground_truth_single_pass_kernel(
+        Q, K, V, Out, BlockMap, KeyPadding, Scratch,
+        stride_qb, stride_qh, stride_qs, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_oh, stride_os, stride_od,
+        stride_mb, stride_mh, stride_mq,
+        stride_pb,
+        stride_slot,
+        q_len, kv_len, n_row_tiles, n_work, hq, group, map_head_divisor,
+        qk_scale, softcap_in, softcap_out,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        EPILOGUE_TILES: tl.constexpr,
+        HAS_KEY_PADDING: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+    ):  # fmt: skip
+        """Persistent grid: (slots,). Each program takes work items (row tile, query head, batch) in turn, longest
+        rows first, and owns ``Scratch[slot]`` fp32 ``[n key tiles, BLOCK_M]``: the per-row maximum score of every key
+        tile, written during the single pass over K/V and read back by the epilogue once the rows' lse are known.
+        Extra memory is ``slots * nK * BLOCK_M`` floats, independent of the number of heads and linear in S."""
+        EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+        ROW_TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_M
+        slot = tl.program_id(0)
+        scratch = Scratch + slot.to(tl.int64) * stride_slot
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_e = tl.arange(0, EPILOGUE_TILES)
+        causal_offset = kv_len - q_len
+
+        for work in range(slot, n_work, tl.num_programs(0)):
+            heads_batches = n_work // n_row_tiles  # hq * B
+            row_tile = n_row_tiles - 1 - work // heads_batches
+            q_head = work % hq
+            batch = ((work % heads_batches) // hq).to(tl.int64)
+            kv_head = q_head // group
+            map_head = q_head // map_head_divisor
+            q_block = row_tile // ROW_TILES_PER_BLOCK
+            row_start = row_tile * BLOCK_M
+            pos = row_start + offs_m
+            row_valid = pos < q_len
+            q_ptrs = (
+                Q + batch * stride_qb + q_head.to(tl.int64) * stride_qh + row_start.to(tl.int64) * stride_qs
+                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+            )  # fmt: skip
+            q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+            k_head_ptr = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+            v_head_ptr = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+            key_padding_ptr = KeyPadding + batch * stride_pb
+            row_limit = pos + causal_offset
+            last_limit = tl.minimum(row_start + BLOCK_M, q_len) - 1 + causal_offset
+            n_tiles = last_limit // BLOCK_N + 1
+            n_full = (row_start + causal_offset + 1) // BLOCK_N
+            row_real = row_valid
+            if HAS_KEY_PADDING:
+                row_real = row_real & (tl.load(key_padding_ptr + row_limit, mask=row_valid, other=0) != 0)
+
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for tile in range(0, n_full):
+                acc, m_i, l_i = _attend_and_record_tile(
+                    acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd,
+                    tile * BLOCK_N, offs_n, offs_d, row_limit, key_padding_ptr, scratch + tile * BLOCK_M + offs_m,
+                    kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                    False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+                )  # fmt: skip
+            for tile in range(n_full, n_tiles):
+                acc, m_i, l_i = _attend_and_record_tile(
+                    acc, m_i, l_i, q, k_head_ptr, v_head_ptr, stride_ks, stride_kd, stride_vs, stride_vd,
+                    tile * BLOCK_N, offs_n, offs_d, row_limit, key_padding_ptr, scratch + tile * BLOCK_M + offs_m,
+                    kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                    True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+                )  # fmt: skip
+            seen_any = l_i > 0.0
+            l_safe = tl.where(seen_any, l_i, 1.0)
+            out_ptrs = (
+                Out + batch * stride_ob + q_head.to(tl.int64) * stride_oh + row_start.to(tl.int64) * stride_os
+                + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+            )  # fmt: skip
+            out_tile = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
+            tl.store(out_ptrs, out_tile, mask=row_valid[:, None] & d_mask[None, :])
+
+            # Epilogue: probability maxima exp2(max score - lse) per key tile, max over the real rows, into the map.
+            row_used = row_real & seen_any
+            lse = tl.where(row_used, m_i + tl.log2(l_safe), 0.0)  # [BLOCK_M], log2 units
+            tl.debug_barrier()  # the records were stored by other threads of this program
+            map_row_ptr = (
+                BlockMap + batch * stride_mb + map_head.to(tl.int64) * stride_mh + q_block.to(tl.int64) * stride_mq
+            )  # fmt: skip
+            for first in range(0, n_tiles, EPILOGUE_TILES):
+                tiles = first + offs_e  # [EPILOGUE_TILES]
+                in_row = tiles < n_tiles
+                recorded = tl.load(
+                    scratch + tiles[:, None] * BLOCK_M + offs_m[None, :], mask=in_row[:, None], other=float("-inf")
+                )  # [EPILOGUE_TILES, BLOCK_M]
+                probs = tl.where(row_used[None, :], tl.exp2(recorded - lse[None, :]), 0.0)
+                map_ptrs = map_row_ptr + (tiles * BLOCK_N) // BLOCK_SIZE
+                tl.atomic_max(map_ptrs, tl.max(probs, 1), mask=in_row, sem="relaxed")
+            tl.debug_barrier()  # the next work item overwrites the records
+
+
 def _ground_truth_launch_config(head_dim: int, block_size: int, dtype: torch.dtype) -> dict[str, int]:
     """Tile sizes of the ground-truth kernel (checked against sm_90 register use: no spills for fp16/bf16).
 
@@ -356,6 +518,13 @@ def _ground_truth_launch_config(head_dim: int, block_size: int, dtype: torch.dty
     if block_size % config["BLOCK_M"] or block_size % config["BLOCK_N"]:
         raise ValueError(f"${ENV_GT_CONFIG}: block_m and block_n must divide block_size={block_size}")
     return config
+
+
+def _ground_truth_slots(device: torch.device) -> int:
+    """Programs of the persistent single-pass kernel: enough to fill every SM a few times over."""
+    if device.type != "cuda":
+        return 4  # the interpreter runs programs one after another
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def attention_with_block_ground_truth_triton(
@@ -387,8 +556,13 @@ def _launch_ground_truth(
     softcap: float | None,
     group_max: bool,
     out: torch.Tensor | None = None,
+    single_pass: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the ground-truth kernel; ``out``: optional preallocated ``[B, Hq, S, D]`` result (tests poison it)."""
+    """Launch the ground-truth kernel; ``out``: optional preallocated ``[B, Hq, S, D]`` result (tests poison it).
+
+    ``single_pass`` (default): one pass over K/V with per-program records of the tile maxima (`_ground_truth_single
+    _pass_kernel`); otherwise the two-pass kernel that needs no scratch memory (1.5x the ``Q K^T`` work).
+    """
     if triton is None:
         raise RuntimeError("attention_with_block_ground_truth_triton needs triton; use the reference backend")
     _check_ground_truth_inputs(q, k, v, block_size, key_padding_mask)
@@ -409,6 +583,29 @@ def _launch_ground_truth(
     qk_scale, softcap_in, softcap_out = softcap_factors(scale, softcap)
     launch = _ground_truth_launch_config(head_dim, block_size, q.dtype)
     n_row_tiles = triton.cdiv(q_len, launch["BLOCK_M"])
+    if single_pass:
+        n_work = n_row_tiles * hq * batch
+        slots = min(n_work, _ground_truth_slots(q.device))
+        n_key_tiles = triton.cdiv(kv_len, launch["BLOCK_N"])
+        scratch = torch.empty(slots, n_key_tiles * launch["BLOCK_M"], dtype=torch.float32, device=q.device)
+        _ground_truth_single_pass_kernel[(slots,)](
+            q, k, v, out, block_map, key_padding, scratch,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            block_map.stride(0), block_map.stride(1), block_map.stride(2),
+            key_padding.stride(0),
+            scratch.stride(0),
+            q_len, kv_len, n_row_tiles, n_work, hq, group, group if group_max else 1,
+            qk_scale, softcap_in, softcap_out,
+            HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_SIZE=block_size,
+            EPILOGUE_TILES=16,
+            HAS_KEY_PADDING=has_key_padding,
+            HAS_SOFTCAP=softcap is not None,
+            IEEE_DOT=q.dtype == torch.float32,
+            **launch,
+        )  # fmt: skip
+        return out, normalize_block_map_rows(block_map)
     _ground_truth_fwd_kernel[(n_row_tiles, hq, batch)](
         q, k, v, out, block_map, key_padding,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -427,13 +624,11 @@ def _launch_ground_truth(
     return out, normalize_block_map_rows(block_map)
 
 
-# Ground-truth implementations by backend name; the name is chosen by `kernels.select_backend`, so the rules
-# (argument, then $SEER_ADAPTER_KERNEL, then Triton on CUDA / reference elsewhere) are those of the attention kernels.
-GROUND_TRUTH_BACKENDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "reference": attention_with_block_ground_truth_reference,
-}
+# Registered under the kernel op "ground_truth": backends are chosen by the rules of the attention kernels.
+register_backend("reference", attention_with_block_ground_truth_reference, device_types=(), op="ground_truth")
 if triton is not None:
-    GROUND_TRUTH_BACKENDS["triton"] = attention_with_block_ground_truth_triton
+    register_backend("triton", attention_with_block_ground_truth_triton, device_types=("cuda",), op="ground_truth")
+GROUND_TRUTH_BACKENDS = _OPS["ground_truth"]
 
 
 def attention_with_block_ground_truth(
@@ -458,12 +653,7 @@ def attention_with_block_ground_truth(
     Returns:
         ``out [B, Hq, S, D]`` in ``q.dtype`` and ``block_map`` fp32 ``[B, Hq or Hkv, nQ, nK]``.
     """
-    name = select_backend(q.device, backend)
-    if name not in GROUND_TRUTH_BACKENDS:
-        raise ValueError(
-            f"kernel backend {name!r} has no ground-truth kernel; available: {sorted(GROUND_TRUTH_BACKENDS)}"
-        )
-    return GROUND_TRUTH_BACKENDS[name](
+    return backend_for("ground_truth", q.device, backend)(
         q,
         k,
         v,

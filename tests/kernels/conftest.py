@@ -16,5 +16,6 @@ if not torch.cuda.is_available():
     _compiled = sys.modules.get("seer_adapter.kernels.block_sparse_triton")
     if _compiled is not None and not _compiled._KERNELS_INTERPRETED:
         importlib.reload(_compiled)
-        if "seer_adapter.kernels.ground_truth" in sys.modules:
-            importlib.reload(sys.modules["seer_adapter.kernels.ground_truth"])
+        for name in ("seer_adapter.kernels.ground_truth", "seer_adapter.kernels.block_select_triton"):
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])

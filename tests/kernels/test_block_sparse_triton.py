@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from seer_adapter.kernels import block_sparse_attention, block_sparse_triton, select_backend  # noqa: E402
+from seer_adapter.kernels import block_lists, block_sparse_attention, block_sparse_triton, select_backend  # noqa: E402
 from seer_adapter.kernels.block_sparse_triton import (  # noqa: E402
     ENV_KERNEL_CONFIG,
     KernelConfig,
@@ -261,7 +261,7 @@ def test_block_mask_to_indices_matches_loop(q_len, kv_len, block_size, with_leng
 def test_block_mask_to_indices_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     block_mask = random_block_mask(1, 2, 640, 640, 64, 0.5, seed=1, forced=False).cpu()
     whole = block_mask_to_indices(block_mask, block_size=64, q_len=640, kv_len=640)
-    monkeypatch.setattr(block_sparse_triton, "_INDEX_CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(block_lists, "_INDEX_CHUNK_ELEMENTS", 16)
     chunked = block_mask_to_indices(block_mask, block_size=64, q_len=640, kv_len=640)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 

@@ -170,10 +170,10 @@ def test_dispatch_uses_select_backend(monkeypatch):
 def test_attention_only_backend_leaves_pooling_to_the_default(monkeypatch):
     """A backend registered for attention only: forced by name it raises, chosen by the env var it is skipped."""
     name = "attention_only_test_backend"
-    monkeypatch.setitem(kernels._BACKENDS, name, kernels.block_sparse_attention_reference)
+    monkeypatch.setitem(kernels._OPS["attention"], name, kernels.block_sparse_attention_reference)
     x = make_x(1, 2, 40, 16, torch.float32)
     kwargs = {"rope_style": "half", "block_size": 16, "poolings": ["avg"]}
-    with pytest.raises(ValueError, match="no gate pooling kernel"):
+    with pytest.raises(ValueError, match="no gate_pooling implementation"):
         gate_pooling.pool_pre_rope_blocks(x, None, None, backend=name, **kwargs)
     monkeypatch.setenv(kernels.ENV_BACKEND, name)
     expected = gate_pooling.pool_pre_rope_blocks_reference(x, None, None, **kwargs)

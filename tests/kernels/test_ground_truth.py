@@ -137,10 +137,17 @@ TRITON_CASES = {
 }
 
 
+TWO_PASS_CASES = ["s100_gqa4", "s200_gqa4_left_pad", "softcap_fp32"]
+
+
 @requires_triton
 @pytest.mark.parametrize("group_max", [False, True], ids=["per_q_head", "group_max"])
-@pytest.mark.parametrize("case", list(TRITON_CASES), ids=list(TRITON_CASES))
-def test_triton_matches_reference(case: str, group_max: bool) -> None:
+@pytest.mark.parametrize(
+    "case,single_pass",
+    [(case, True) for case in TRITON_CASES] + [(case, False) for case in TWO_PASS_CASES],
+    ids=[f"{case}-single_pass" for case in TRITON_CASES] + [f"{case}-two_pass" for case in TWO_PASS_CASES],
+)
+def test_triton_matches_reference(case: str, single_pass: bool, group_max: bool) -> None:
     batch, hq, hkv, q_len, kv_len, head_dim, block_size, side, softcap, dtype = TRITON_CASES[case]
     q, k, v = make_qkv(batch, hq, hkv, q_len, kv_len, head_dim, dtype, seed=len(case))
     key_padding_mask = padding_mask(batch, kv_len, side, (37, 90))
@@ -152,7 +159,7 @@ def test_triton_matches_reference(case: str, group_max: bool) -> None:
     }
     poisoned = torch.full((batch, q_len, hq, head_dim), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
     out, block_map = ground_truth._launch_ground_truth(
-        q, k, v, block_size, None, key_padding_mask, softcap, group_max, out=poisoned
+        q, k, v, block_size, None, key_padding_mask, softcap, group_max, out=poisoned, single_pass=single_pass
     )
     expected_out, expected_map = attention_with_block_ground_truth_reference(q, k, v, **kwargs)
     assert not out.isnan().any() and not block_map.isnan().any()
@@ -169,9 +176,11 @@ def test_triton_query_blocks_split_over_programs(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ground_truth, "_ground_truth_launch_config", lambda *args: launch)
     q, k, v = make_qkv(2, 2, 1, 100, 120, 64, torch.float16, seed=9)
     key_padding_mask = padding_mask(2, 120, "right", (0, 50))
-    for group_max in (False, True):
+    for group_max, single_pass in ((False, True), (True, True), (True, False)):
         kwargs = {"block_size": 64, "key_padding_mask": key_padding_mask, "group_max": group_max}
-        out, block_map = ground_truth.attention_with_block_ground_truth_triton(q, k, v, **kwargs)
+        out, block_map = ground_truth._launch_ground_truth(
+            q, k, v, 64, None, key_padding_mask, None, group_max, single_pass=single_pass
+        )
         expected_out, expected_map = attention_with_block_ground_truth_reference(q, k, v, **kwargs)
         torch.testing.assert_close(out.float(), expected_out.float(), atol=4e-3, rtol=4e-3)
         torch.testing.assert_close(block_map, expected_map, atol=1e-5, rtol=1e-4)
