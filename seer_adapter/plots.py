@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,12 +54,14 @@ def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
 
 @dataclass
 class GateMaps:
-    """One layer's maps for one sequence: ``[H, nB, nB]`` each (H = query heads)."""
+    """One layer's maps for one sequence: ``[H, nB, nB]`` each (H = query heads), and the sparsity settings in force
+    for that layer when ``kept`` was selected."""
 
     layer: int
     gate_probs: torch.Tensor
     ground_truth: torch.Tensor
     kept: torch.Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class _RecordingHook(GateDistillationHook):
@@ -119,42 +121,55 @@ def capture_gate_maps(model: Any, input_ids: torch.Tensor, layer: int) -> GateMa
         force_local_block=config.force_local_block,
         dense_last_query_blocks=config.dense_last_query_blocks,
     )
-    return GateMaps(layer, probs[0].float().cpu(), target[0].float().cpu(), kept[0].cpu())
+    return GateMaps(layer, probs[0].float().cpu(), target[0].float().cpu(), kept[0].cpu(), dict(settings))
+
+
+def _describe_settings(settings: dict[str, Any]) -> str:
+    method = settings.get("sparsity_method")
+    if method in ("threshold", "nz_ratio", "token_budget"):
+        return f"{method} = {settings.get(method)}"
+    return str(method or "")
 
 
 def plot_gate_map(maps: GateMaps, head: int = 0, path: str | os.PathLike | None = None, log_scale: bool = True) -> Any:
-    """Gate probabilities (left) and the true pooled attention (right) of one head, kept blocks outlined."""
+    """Gate probabilities (left) and the true pooled attention (right) of one head, side by side on one colour
+    scale. The blocks the sparsity settings keep are drawn in full colour, dropped causal blocks faded; blocks above
+    the diagonal (never attended) are blank."""
     plt = _pyplot()
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    kept = maps.kept[head].numpy()
-    dropped = ~kept & ((maps.gate_probs[head] > 0) | (maps.ground_truth[head] > 0)).numpy()  # causal, not kept
+    n_heads = maps.gate_probs.shape[0]
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head {head} out of range: layer {maps.layer} has heads 0..{n_heads - 1}")
+    n_blocks = maps.gate_probs.shape[-1]
+    causal = np.tril(np.ones((n_blocks, n_blocks), dtype=bool))
+    kept = maps.kept[head].numpy() & causal
+    dropped = causal & ~kept
     vmax = max(maps.gate_probs[head].max().item(), maps.ground_truth[head].max().item())
+    norm = LogNorm(vmin=1e-4, vmax=vmax) if log_scale else Normalize(vmin=0, vmax=vmax)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, data, title in (
-        (axes[0], maps.gate_probs[head], "gate probability"),
+        (axes[0], maps.gate_probs[head], "gate probability (prediction)"),
         (axes[1], maps.ground_truth[head], "true pooled attention (distillation target)"),
     ):
-        values = data.numpy()
-        norm = LogNorm(vmin=1e-4, vmax=vmax) if log_scale else None
-        image = ax.imshow(
-            values.clip(min=1e-4) if log_scale else values, cmap="viridis", norm=norm, interpolation="nearest"
-        )
-        ax.imshow(
-            np.ma.masked_where(~dropped, np.ones_like(values)),
-            cmap="Greys",
-            vmin=0,
-            vmax=1,
-            alpha=0.6,
-            interpolation="nearest",
-        )
-        ax.set_title(f"layer {maps.layer}, head {head}: {title}", fontsize=10)
+        values = data.numpy().astype(np.float64)
+        values = values.clip(min=1e-4) if log_scale else values
+        image = ax.imshow(np.ma.masked_where(~causal, values), cmap=cmap, norm=norm, interpolation="nearest")
+        fade = np.ma.masked_where(~dropped, np.zeros_like(values))  # white (Greys at 0) over dropped blocks
+        ax.imshow(fade, cmap="Greys", vmin=0, vmax=1, alpha=0.7, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="probability per block")
-    density = kept.sum() / max(1, (maps.ground_truth[head] > 0).sum().item())
-    fig.suptitle(f"greyed: blocks the current settings drop (kept: {density:.2f} of the causal blocks)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row's attention per block")
+    density = kept.sum() / causal.sum()
+    setting = _describe_settings(maps.settings)
+    fig.suptitle(
+        f"Layer {maps.layer}, head {head}: kept blocks in full colour, dropped ones faded "
+        f"({setting + ': ' if setting else ''}{density:.2f} of the causal blocks kept)",
+        fontsize=11,
+    )
     return _finish(fig, path)
 
 
@@ -166,10 +181,15 @@ def plot_layer_density(stats: list[dict[str, Any]], path: str | os.PathLike | No
     density = [s.get("density", 1.0) for s in stats]
     colors = ["tab:blue" if s["mode"] == "sparse" else "lightgrey" for s in stats]
     ax.bar(layers, density, color=colors)
+    sparse = [s["density"] for s in stats if s["mode"] == "sparse"]
+    if sparse:
+        mean = sum(sparse) / len(sparse)
+        ax.axhline(mean, color="black", linestyle=":", linewidth=1, label=f"mean of sparse layers: {mean:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of causal blocks")
-    ax.set_title("density per layer (grey: dense)")
+    ax.set_title("Density per layer of the last forward (grey: layers that ran dense)", fontsize=10)
     return _finish(fig, path)
 
 
