@@ -280,7 +280,7 @@ def plot_kernel_speed(
     colors = {kernel: f"C{index % 10}" for index, kernel in enumerate(kernels)}
     columns = min(max_columns, len(shapes))
     n_rows = -(-len(shapes) // columns)
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 3.8 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(max(6.5, 4.6 * columns), 3.8 * n_rows), squeeze=False)
     shown: dict[str, Any] = {}
     for ax, shape in zip(axes.flat, shapes, strict=False):
         seq_len, head_dim, hq, hkv, batch = shape
@@ -312,10 +312,16 @@ def plot_kernel_speed(
     device = meta.get("gpu") or meta.get("device") or ""
     details = ", ".join(str(x) for x in (device, meta.get("dtype", "").replace("torch.", "")) if x)
     fig.suptitle(f"Attention time against density ({details}; dashed: dense baselines)", fontsize=11)
+    legend_columns = 2 if columns == 1 else 4
     fig.legend(
-        list(shown.values()), list(shown), loc="lower center", ncol=min(4, len(shown)), fontsize=8, frameon=False
+        list(shown.values()),
+        list(shown),
+        loc="lower center",
+        ncol=min(legend_columns, len(shown)),
+        fontsize=8,
+        frameon=False,
     )
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(shown) - 1) // 4), 1, 1))
+    fig.tight_layout(rect=(0, (0.06 + 0.03 * ((len(shown) - 1) // legend_columns)) / n_rows**0.5, 1, 1))
     if path is not None:
         fig.savefig(path, dpi=150)
     return fig
@@ -335,6 +341,8 @@ def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: 
     """Distillation loss (left) and learning rate (right axis) against the optimizer step, from `train_gates`'
     records, a ``log.jsonl`` file, or the output folder holding it. A resumed run's log continues the same curve."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     records = _load_records(log)
     if not records:
         raise ValueError("the distillation log is empty")
@@ -342,6 +350,14 @@ def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: 
     fig, ax = plt.subplots(figsize=(7, 4))
     (loss_line,) = ax.plot(steps, [r["loss"] for r in records], marker="o" if len(records) < 30 else None)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    losses = [r["loss"] for r in records]
+    if max(losses) > 10 * min(losses):  # several decades: label 1, 2, 5 x 10^k only
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (scaled KL, summed over layers)")
     ax.grid(True, alpha=0.3)
