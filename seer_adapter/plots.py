@@ -289,7 +289,13 @@ def plot_kernel_speed(
             dense = [r for r in selected if r.get("mask_heads") == "dense"]
             sparse = [r for r in selected if r.get("mask_heads", "q") == mask_heads]
             if dense:
-                line = ax.axhline(min(r["ms"] for r in dense), linestyle="--", linewidth=1.3, color=colors[kernel])
+                line = ax.axhline(
+                    min(r["ms"] for r in dense),
+                    linestyle="--",
+                    linewidth=1.3,
+                    color=colors[kernel],
+                    label=f"{kernel} (dense)",
+                )
                 shown.setdefault(f"{kernel} (dense)", line)
             if sparse:
                 best: dict[float, float] = {}
@@ -297,7 +303,7 @@ def plot_kernel_speed(
                     density = r.get("density_actual", r["density"])
                     best[r["density"]] = min(best.get(r["density"], (density, float("inf"))), (density, r["ms"]))
                 points = sorted(best.values())
-                (line,) = ax.plot(*zip(*points, strict=True), marker="o", color=colors[kernel])
+                (line,) = ax.plot(*zip(*points, strict=True), marker="o", color=colors[kernel], label=kernel)
                 shown.setdefault(kernel, line)
         title = f"S = {format_seq_len(seq_len)}, D = {head_dim}, Hq/Hkv = {hq}/{hkv}"
         ax.set_title(title + (f", B = {batch}" if batch != 1 else ""), fontsize=10)
