@@ -16,6 +16,7 @@ a script without a display that only writes files should call ``matplotlib.use("
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,7 +237,11 @@ def plot_ppl_vs_density(
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:+g} %" if y else "0 %"))
         ax.set_ylabel("perplexity increase over dense")
         low, high = min([0.0, *plotted]), max([0.0, *plotted])
-        ax.set_ylim(min(-0.3, 2 * low), max(1.0, 2 * high))  # headroom on the log part for the legend
+
+        def decade(value: float) -> float:  # the power of ten above 2 x value: headroom for the legend
+            return 10 ** math.ceil(math.log10(2 * value)) if value > 0.5 else 1.0
+
+        ax.set_ylim(-decade(-low) if low < -0.15 else -0.3, decade(high))
     else:
         ax.axhline(dense, color="black", linestyle=":", linewidth=1, label=f"dense ({dense:.2f})")
         ax.set_yscale("log")
@@ -247,6 +252,7 @@ def plot_ppl_vs_density(
     ax.grid(True, which="major", alpha=0.3)
     meta = data.get("meta", {})
     model_name = str(meta.get("model", "")).split(" (")[0]
+    model_name = os.path.basename(model_name.rstrip("/")) if os.path.isabs(model_name) else model_name  # a folder
     details = [model_name, f"context {meta['context']}" if "context" in meta else "", str(meta.get("device", ""))]
     ax.set_title(", ".join(d for d in details if d), fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
