@@ -29,6 +29,20 @@ NOTEBOOKS = ("distillation.ipynb", "kernel_speed.ipynb", "quickstart.ipynb", "sa
 REPORT_MARKER = "NOTEBOOK-REPORT "
 
 
+@pytest.fixture(scope="module", autouse=True)
+def python3_kernel_is_this_python(tmp_path_factory):
+    """Kernel name ``python3`` resolves to a spec written for this interpreter (``sys.executable -m
+    ipykernel_launcher``), found first through ``JUPYTER_PATH``: a ``python3`` spec of another Python in the user's
+    or the system's Jupyter folders cannot take its place."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    root = tmp_path_factory.mktemp("jupyter")
+    write_kernel_spec(root / "kernels" / "python3", overrides={"display_name": "Python 3 (the tests' Python)"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), *filter(None, [os.environ.get("JUPYTER_PATH")])]))
+        yield
+
+
 def kernel_env(tmp_path: Path, **overrides: str | None) -> dict[str, str]:
     """The kernel's environment: this checkout first on the path, an empty Hugging Face home, the inline plot
     backend (``MPLBACKEND`` unset); ``overrides`` set variables, ``None`` removes one."""
@@ -127,6 +141,9 @@ def test_committed_notebooks_have_no_outputs(name):
 
 
 def test_the_kernel_is_this_python_and_this_checkout(tmp_path):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    assert KernelSpecManager().get_kernel_spec("python3").argv[:3] == [sys.executable, "-m", "ipykernel_launcher"]
     nb = new_notebook(cells=[new_code_cell("import sys\n\nimport seer_adapter\n\nprint(sys.executable)\n"
                                            "print(seer_adapter.__file__)")])  # fmt: skip
     execute(nb, tmp_path)
