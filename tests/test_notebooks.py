@@ -45,8 +45,11 @@ def python3_kernel_is_this_python(tmp_path_factory):
 
 def kernel_env(tmp_path: Path, **overrides: str | None) -> dict[str, str]:
     """The kernel's environment: this checkout first on the path, an empty Hugging Face home, the inline plot
-    backend (``MPLBACKEND`` unset); ``overrides`` set variables, ``None`` removes one."""
+    backend (``MPLBACKEND`` unset), one intra-op thread unless ``OMP_NUM_THREADS`` says otherwise (the notebooks'
+    tiny forwards gain little from more, and on a CPU shared with other jobs two spinning OpenMP threads made them
+    5-7x slower); ``overrides`` set variables, ``None`` removes one."""
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env["HF_HOME"] = str(tmp_path / "hf_home")
     env.pop("MPLBACKEND", None)
