@@ -22,9 +22,20 @@ setup(
         "gguf": ["gguf>=0.10", "accelerate"],  # loading the demo models from their GGUF (transformers needs both)
         "triton": ["triton>=3.0"],
         "train": ["datasets", "accelerate"],
-        "peft": ["peft>=0.21"],
-        "plots": ["matplotlib"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
-        "dev": ["pytest>=8", "ruff", "gguf>=0.10", "triton>=3.0", "peft>=0.21", "datasets", "matplotlib"],
+        "peft": ["peft>=0.21"],  # PeftModel / AutoPeftModelForCausalLM load seer adapters (register_peft_method)
+        "plots": ["matplotlib"],  # seer_adapter.plots, the notebooks and the CLI's --plot
+        "dev": [
+            "pytest>=8",
+            "ruff",
+            "gguf>=0.10",
+            "triton>=3.0",
+            "peft>=0.21",
+            "datasets",
+            "matplotlib",
+            "nbclient",  # tests/test_notebooks.py runs examples/*.ipynb in a real Jupyter kernel
+            "nbformat",
+            "ipykernel",
+        ],
     },
     entry_points={"console_scripts": ["seer-adapter=seer_adapter.cli:main"]},
 )

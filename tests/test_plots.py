@@ -13,6 +13,7 @@ from tiny_models import tiny_model  # noqa: E402
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.plots import (  # noqa: E402
     capture_gate_maps,
+    plot_distillation_loss,
     plot_gate_map,
     plot_kernel_speed,
     plot_layer_density,
@@ -50,3 +51,61 @@ def test_results_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
     rows = json.loads(evaluation.read_text())["rows"]
     assert any(r["selector"] == "dense" for r in rows)
+
+
+def test_gate_map_records_the_settings_and_checks_the_head(tmp_path):
+    model = get_seer_model(
+        tiny_model("llama"),
+        SeerAttentionConfig(block_size=16, sparsity_method="threshold", threshold=0.05, dense_below_length=0),
+    )
+    maps = capture_gate_maps(model, torch.randint(3, 128, (1, 100)), layer=0)
+    assert maps.settings["sparsity_method"] == "threshold" and maps.settings["threshold"] == 0.05
+    figure = plot_gate_map(maps, head=3)
+    assert "threshold = 0.05" in figure._suptitle.get_text()
+    with pytest.raises(ValueError, match="head 4 out of range: layer 0 has heads 0..3"):
+        plot_gate_map(maps, head=4)
+
+
+def test_ppl_vs_density_relative_and_absolute(tmp_path):
+    evaluation = next(RESULTS.glob("eval_*.json"))
+    rows = json.loads(evaluation.read_text())["rows"]
+    relative = plot_ppl_vs_density(evaluation, path=tmp_path / "relative.png")
+    absolute = plot_ppl_vs_density(evaluation, path=tmp_path / "absolute.png", relative=False)
+    dense = next(r["ppl"] for r in rows if r["selector"] == "dense")
+    gate = sorted((r["density"], r["ppl"]) for r in rows if r["selector"] == "gate" and "nz_ratio" in r)
+    line = next(ln for ln in relative.axes[0].lines if ln.get_label() == "gate (nz_ratio)")
+    assert list(line.get_ydata()) == pytest.approx([100 * (ppl / dense - 1) for _, ppl in gate])
+    line = next(ln for ln in absolute.axes[0].lines if ln.get_label() == "gate (nz_ratio)")
+    assert list(line.get_ydata()) == pytest.approx([ppl for _, ppl in gate])
+    with pytest.raises(ValueError, match="no dense row"):
+        plot_ppl_vs_density({"rows": [r for r in rows if r["selector"] != "dense"]})
+
+
+def test_kernel_speed_from_a_cli_benchmark(tmp_path):
+    from seer_adapter.benchmarking import run_kernel_benchmark
+
+    results = run_kernel_benchmark([128, 192], [0.3, 1.0], hq=2, hkv=1, head_dim=16, progress=False)
+    figure = plot_kernel_speed(results, path=tmp_path / "speed.png")
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["S = 128, D = 16, Hq/Hkv = 2/1", "S = 192, D = 16, Hq/Hkv = 2/1"]
+    for ax, seq_len in zip(panels, (128, 192), strict=True):
+        sparse = next(ln for ln in ax.lines if ln.get_label() == "seer_reference")
+        rows = [r for r in results["rows"] if r["S"] == seq_len and r["kernel"] == "seer_reference"]
+        assert list(sparse.get_ydata()) == [r["ms"] for r in rows]
+        assert [ln.get_label() for ln in ax.lines] == ["sdpa_dense (dense)", "seer_reference"]
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
+    skipped = {"rows": [{**results["rows"][0], "status": "skipped", "ms": None}]}
+    with pytest.raises(ValueError, match="no timed rows"):
+        plot_kernel_speed(skipped)
+
+
+def test_distillation_loss_from_records_or_log(tmp_path):
+    records = [{"step": i, "loss": 100.0 / i, "lr": 1e-3, "tokens_per_s": 50.0} for i in range(1, 6)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for source in (records, tmp_path, tmp_path / "log.jsonl"):
+        figure = plot_distillation_loss(source, path=tmp_path / "loss.png")
+        assert list(figure.axes[0].lines[0].get_ydata()) == [r["loss"] for r in records]
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert "5 steps, 50 tokens/s" in figure.axes[0].get_title()
+    with pytest.raises(ValueError, match="empty"):
+        plot_distillation_loss([])
