@@ -134,7 +134,9 @@ def distillation_loss(
         runtime.distillation = None
     if not hook.losses:
         raise RuntimeError("no gated layer ran during the distillation forward; does the model carry gates?")
-    total = torch.stack(list(hook.losses.values())).sum() * loss_scale
+    losses = list(hook.losses.values())
+    # Layers spread over GPUs (device_map) leave their losses on their own devices.
+    total = torch.stack([loss.to(losses[0].device) for loss in losses]).sum() * loss_scale
     return total, {idx: loss.item() for idx, loss in sorted(hook.losses.items())}
 
 

@@ -14,6 +14,7 @@ never falls back silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -56,6 +57,15 @@ def register_backend(
         order = _AUTO_ORDER.setdefault(device_type, [])
         if name not in order:
             order.insert(0, name)
+
+
+def on_tensor_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s CUDA device the current one for a kernel launch.
+
+    Triton launches on the *current* device, not on the device of the tensors it is given; with a model spread over
+    GPUs (``device_map``) a layer on ``cuda:1`` would otherwise launch on ``cuda:0`` with ``cuda:1`` pointers.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _check_op(op: str) -> str:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import register_backend
+from . import on_tensor_device, register_backend
 from .block_lists import SELECTION_METHODS, BlockLists, selection_top_k
 
 __all__ = ["select_block_lists_triton"]
@@ -161,22 +161,23 @@ def select_block_lists_triton(
     )
     sink = sink_block.to(torch.int64).contiguous() if sink_block is not None else valid.new_zeros(1, dtype=torch.int64)
     nk_pad = max(16, triton.next_power_of_2(n_k_blocks))
-    _select_block_lists_kernel[(n_q_blocks, heads, batch)](
-        scores, valid, sink, indices, counts, allowed_counts,
-        *scores.stride(),
-        valid.stride(0),
-        indices.stride(0), indices.stride(1), indices.stride(2),
-        counts.stride(0), counts.stride(1),
-        n_q_blocks, n_k_blocks, q_len, kv_len, float(threshold), top_k, dense_last_query_blocks,
-        BLOCK_SIZE=block_size,
-        NK_PAD=nk_pad,
-        METHOD=_METHOD_CODES[method],
-        APPLY_SOFTMAX=apply_softmax,
-        HAS_BLOCK_VALID=block_valid is not None,
-        HAS_SINK=sink_block is not None,
-        FORCE_LOCAL=force_local_block,
-        num_warps=_select_num_warps(nk_pad),
-    )  # fmt: skip
+    with on_tensor_device(scores):
+        _select_block_lists_kernel[(n_q_blocks, heads, batch)](
+            scores, valid, sink, indices, counts, allowed_counts,
+            *scores.stride(),
+            valid.stride(0),
+            indices.stride(0), indices.stride(1), indices.stride(2),
+            counts.stride(0), counts.stride(1),
+            n_q_blocks, n_k_blocks, q_len, kv_len, float(threshold), top_k, dense_last_query_blocks,
+            BLOCK_SIZE=block_size,
+            NK_PAD=nk_pad,
+            METHOD=_METHOD_CODES[method],
+            APPLY_SOFTMAX=apply_softmax,
+            HAS_BLOCK_VALID=block_valid is not None,
+            HAS_SINK=sink_block is not None,
+            FORCE_LOCAL=force_local_block,
+            num_warps=_select_num_warps(nk_pad),
+        )  # fmt: skip
     return BlockLists(indices, counts, n_k_blocks), allowed_counts
 
 

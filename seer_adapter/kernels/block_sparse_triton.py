@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import register_backend
+from . import on_tensor_device, register_backend
 from .block_lists import BlockLists, block_mask_to_indices, key_block_has_tokens
 from .reference import check_attention_inputs
 
@@ -518,28 +518,29 @@ def _launch_block_sparse_forward(
     head_tiles_per_kv_head = group // config.heads if mask_per_kv_head else 1
     head_programs = hkv * head_tiles_per_kv_head if mask_per_kv_head else hq
     grid = (n_row_tiles, head_programs, batch)
-    _block_sparse_attention_fwd_kernel[grid](
-        q, k, v, out, lse, kv_block_indices, kv_block_counts, key_padding,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        lse.stride(0), lse.stride(1),
-        kv_block_indices.stride(0), kv_block_indices.stride(1), kv_block_indices.stride(2),
-        kv_block_counts.stride(0), kv_block_counts.stride(1),
-        key_padding.stride(0),
-        q_len, kv_len, n_row_tiles, group, head_tiles_per_kv_head,
-        qk_scale, softcap_in, softcap_out,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        HEADS=config.heads,
-        MASK_PER_KV_HEAD=mask_per_kv_head,
-        HAS_KEY_PADDING=has_key_padding,
-        HAS_SOFTCAP=softcap is not None,
-        IEEE_DOT=q.dtype == torch.float32,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )  # fmt: skip
+    with on_tensor_device(q):
+        _block_sparse_attention_fwd_kernel[grid](
+            q, k, v, out, lse, kv_block_indices, kv_block_counts, key_padding,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            lse.stride(0), lse.stride(1),
+            kv_block_indices.stride(0), kv_block_indices.stride(1), kv_block_indices.stride(2),
+            kv_block_counts.stride(0), kv_block_counts.stride(1),
+            key_padding.stride(0),
+            q_len, kv_len, n_row_tiles, group, head_tiles_per_kv_head,
+            qk_scale, softcap_in, softcap_out,
+            HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_SIZE=block_size,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            HEADS=config.heads,
+            MASK_PER_KV_HEAD=mask_per_kv_head,
+            HAS_KEY_PADDING=has_key_padding,
+            HAS_SOFTCAP=softcap is not None,
+            IEEE_DOT=q.dtype == torch.float32,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
     return out, lse
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ..gate import pool_blocks
 from ..rope import ROPE_STYLES, apply_rope
-from . import _OPS, backend_for, register_backend
+from . import _OPS, backend_for, on_tensor_device, register_backend
 
 try:
     import triton
@@ -293,19 +293,20 @@ def _launch_pool_pre_rope_blocks(
         valid, has_valid = torch.ones(1, 1, dtype=torch.int8, device=x.device), False
     else:
         valid, has_valid = token_valid.view(torch.int8), True
-    _pool_pre_rope_blocks_kernel[(heads, n_blocks, batch)](
-        x, cos, sin, valid, out,
-        *x.stride(), *cos_strides, *sin_strides, *valid.stride(), *out.stride(),
-        length, rot_dim,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        ROPE=_ROPE_CODES[rope_style] if rot_dim else 0,
-        HAS_VALID=has_valid,
-        AVG_SLOT=slots["avg"],
-        MAX_SLOT=slots["max"],
-        MIN_SLOT=slots["min"],
-        **_launch_config(head_dim, block_size),
-    )  # fmt: skip
+    with on_tensor_device(x):
+        _pool_pre_rope_blocks_kernel[(heads, n_blocks, batch)](
+            x, cos, sin, valid, out,
+            *x.stride(), *cos_strides, *sin_strides, *valid.stride(), *out.stride(),
+            length, rot_dim,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            ROPE=_ROPE_CODES[rope_style] if rot_dim else 0,
+            HAS_VALID=has_valid,
+            AVG_SLOT=slots["avg"],
+            MAX_SLOT=slots["max"],
+            MIN_SLOT=slots["min"],
+            **_launch_config(head_dim, block_size),
+        )  # fmt: skip
     for slot, kind in enumerate(poolings):
         first = slots[kind]
         if first != slot:

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from . import _OPS, backend_for, register_backend
+from . import _OPS, backend_for, on_tensor_device, register_backend
 from .reference import _MAX_SCORE_ELEMENTS, causal_token_mask, check_attention_inputs
 
 try:
@@ -588,39 +588,41 @@ def _launch_ground_truth(
         slots = min(n_work, _ground_truth_slots(q.device))
         n_key_tiles = triton.cdiv(kv_len, launch["BLOCK_N"])
         scratch = torch.empty(slots, n_key_tiles * launch["BLOCK_M"], dtype=torch.float32, device=q.device)
-        _ground_truth_single_pass_kernel[(slots,)](
-            q, k, v, out, block_map, key_padding, scratch,
+        with on_tensor_device(q):
+            _ground_truth_single_pass_kernel[(slots,)](
+                q, k, v, out, block_map, key_padding, scratch,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                block_map.stride(0), block_map.stride(1), block_map.stride(2),
+                key_padding.stride(0),
+                scratch.stride(0),
+                q_len, kv_len, n_row_tiles, n_work, hq, group, group if group_max else 1,
+                qk_scale, softcap_in, softcap_out,
+                HEAD_DIM=head_dim,
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=block_size,
+                EPILOGUE_TILES=16,
+                HAS_KEY_PADDING=has_key_padding,
+                HAS_SOFTCAP=softcap is not None,
+                IEEE_DOT=q.dtype == torch.float32,
+                **launch,
+            )  # fmt: skip
+        return out, normalize_block_map_rows(block_map)
+    with on_tensor_device(q):
+        _ground_truth_fwd_kernel[(n_row_tiles, hq, batch)](
+            q, k, v, out, block_map, key_padding,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             block_map.stride(0), block_map.stride(1), block_map.stride(2),
             key_padding.stride(0),
-            scratch.stride(0),
-            q_len, kv_len, n_row_tiles, n_work, hq, group, group if group_max else 1,
+            q_len, kv_len, n_row_tiles, group, group if group_max else 1,
             qk_scale, softcap_in, softcap_out,
             HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
             BLOCK_SIZE=block_size,
-            EPILOGUE_TILES=16,
             HAS_KEY_PADDING=has_key_padding,
             HAS_SOFTCAP=softcap is not None,
             IEEE_DOT=q.dtype == torch.float32,
             **launch,
         )  # fmt: skip
-        return out, normalize_block_map_rows(block_map)
-    _ground_truth_fwd_kernel[(n_row_tiles, hq, batch)](
-        q, k, v, out, block_map, key_padding,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        block_map.stride(0), block_map.stride(1), block_map.stride(2),
-        key_padding.stride(0),
-        q_len, kv_len, n_row_tiles, group, group if group_max else 1,
-        qk_scale, softcap_in, softcap_out,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        HAS_KEY_PADDING=has_key_padding,
-        HAS_SOFTCAP=softcap is not None,
-        IEEE_DOT=q.dtype == torch.float32,
-        **launch,
-    )  # fmt: skip
     return out, normalize_block_map_rows(block_map)
 
 
