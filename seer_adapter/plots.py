@@ -4,7 +4,8 @@
   the kept blocks outlined;
 * `plot_layer_density`: per-layer density of the last forward;
 * `plot_ppl_vs_density`: perplexity against measured density for every selector of an evaluation results file;
-* `plot_kernel_speed`: kernel time against density from a kernel benchmark results file.
+* `plot_kernel_speed`: kernel time against density from a kernel benchmark results file;
+* `plot_task_accuracy`: task-suite accuracy against length and against density per selector (`seer_adapter.tasks`).
 
 Every function returns the matplotlib ``Figure`` and, given ``path``, also writes it (PNG at 150 dpi).
 """
@@ -225,4 +226,102 @@ def plot_kernel_speed(results: dict[str, Any] | str | os.PathLike, path: str | o
         ax.set_ylabel("ms (median)")
         ax.legend(fontsize=7)
     fig.suptitle(f"{data.get('meta', {}).get('gpu', '')}: attention time against density (dashed: dense)")
+    return _finish(fig, path)
+
+
+_SELECTOR_COLORS = {
+    "dense": "black",
+    "gate": "tab:blue",
+    "untrained": "tab:purple",
+    "moba": "tab:orange",
+    "oracle": "tab:green",
+    "random": "tab:gray",
+}
+
+
+def _task_setting(row: dict[str, Any]) -> str:
+    method = row["sparsity_method"]
+    if method == "dense":
+        return "dense"
+    return f"{row['selector']} {'nz' if method == 'nz_ratio' else 'thr'}={row[method]:g}"
+
+
+def _length_label(length: float) -> str:
+    return f"{length / 1024:g}k" if length >= 1024 else f"{length:g}"
+
+
+def plot_task_accuracy(
+    results: dict[str, Any] | str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    tasks: list[str] | None = None,
+) -> Any:
+    """Task-suite accuracy from an `evaluate_tasks` results file (``seer-adapter eval --tasks ... --out``).
+
+    Left: score (mean recall over ``tasks``, default all tasks of the file) against length, one line per selector
+    setting (colour = selector, line style = density setting). Right: score (mean over tasks and lengths) against
+    the measured prefill density, one line per selector through its settings; dense is the dashed line at 1.0.
+    """
+    plt = _pyplot()
+    data = _load(results)
+    rows = [r for r in data["rows"] if tasks is None or r["task"] in tasks]
+    if not rows:
+        raise ValueError(f"no rows for tasks {tasks}" if tasks else "the results have no rows")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    lengths = sorted({r["length"] for r in rows})
+    task_names = sorted({r["task"] for r in rows})
+
+    def mean(group: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in group) / len(group)
+
+    settings: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        settings.setdefault(_task_setting(r), []).append(r)
+    values = sorted({r[r["sparsity_method"]] for r in rows if r["sparsity_method"] != "dense"}, reverse=True)
+    styles = ["-", "--", ":", "-."]
+    for label, group in settings.items():
+        selector = group[0]["selector"]
+        points = [(n, mean([r for r in group if r["length"] == n], "score")) for n in lengths]
+        points = [(n, s) for n, s in points if any(r["length"] == n for r in group)]
+        if selector == "dense":
+            style, width = "-", 2.5
+        else:
+            style, width = styles[values.index(group[0][group[0]["sparsity_method"]]) % len(styles)], 1.5
+        xs, ys = zip(*points, strict=True)
+        left.plot(xs, ys, style, marker="o", linewidth=width, color=_SELECTOR_COLORS.get(selector), label=label)
+    left.set_xscale("log", base=2)
+    left.set_xticks(lengths, [_length_label(n) for n in lengths])
+    left.minorticks_off()
+    left.set_xlabel("length (tokens: prompt + answer budget)")
+    left.set_ylabel(f"score (recall %, mean over {len(task_names)} task{'s' * (len(task_names) > 1)})")
+    left.set_ylim(-3, 103)
+    left.grid(alpha=0.3)
+    left.set_title("accuracy against length")
+    left.legend(fontsize=7, ncol=2)
+
+    by_selector: dict[str, list[tuple[float, float]]] = {}
+    for group in settings.values():
+        by_selector.setdefault(group[0]["selector"], []).append((mean(group, "density"), mean(group, "score")))
+    for selector, points in by_selector.items():
+        points.sort()
+        xs, ys = zip(*points, strict=True)
+        color = _SELECTOR_COLORS.get(selector)
+        if selector == "dense":
+            right.axhline(ys[0], color=color, linestyle="--", linewidth=1.2, label=f"dense ({ys[0]:.1f})")
+            continue
+        right.plot(xs, ys, marker="o", color=color, label=selector)
+    right.set_xlim(0, 1.05)
+    right.set_ylim(-3, 103)
+    right.set_xlabel("measured prefill density (kept fraction of causal blocks)")
+    right.set_ylabel("score (recall %, mean over tasks and lengths)")
+    right.grid(alpha=0.3)
+    right.set_title("accuracy against density")
+    right.legend(fontsize=8)
+    meta = data.get("meta", {})
+    model_name = str(meta.get("model", "")).split(" (")[0]
+    samples = rows[0].get("num_samples", "?")
+    fig.suptitle(
+        f"{model_name} {meta.get('adapter') or ''} on {meta.get('device', '?')}: "
+        f"{', '.join(task_names) if len(task_names) <= 4 else f'{len(task_names)} tasks'}, {samples} samples each",
+        fontsize=9,
+    )
     return _finish(fig, path)
