@@ -239,13 +239,6 @@ _SELECTOR_COLORS = {
 }
 
 
-def _task_setting(row: dict[str, Any]) -> str:
-    method = row["sparsity_method"]
-    if method == "dense":
-        return "dense"
-    return f"{row['selector']} {'nz' if method == 'nz_ratio' else 'thr'}={row[method]:g}"
-
-
 def _length_label(length: float) -> str:
     return f"{length / 1024:g}k" if length >= 1024 else f"{length:g}"
 
@@ -257,71 +250,90 @@ def plot_task_accuracy(
 ) -> Any:
     """Task-suite accuracy from an `evaluate_tasks` results file (``seer-adapter eval --tasks ... --out``).
 
-    Left: score (mean recall over ``tasks``, default all tasks of the file) against length, one line per selector
-    setting (colour = selector, line style = density setting). Right: score (mean over tasks and lengths) against
-    the measured prefill density, one line per selector through its settings; dense is the dashed line at 1.0.
+    One panel per density setting (``nz_ratio``; gate ``threshold`` runs share one more panel): score (mean recall
+    over ``tasks``, default every task of the file) against length, one line per selector, dense in black in every
+    panel. Last panel: score (mean over tasks and lengths) against the measured prefill density, one line per
+    selector through its settings; dense is the dashed line.
     """
     plt = _pyplot()
     data = _load(results)
     rows = [r for r in data["rows"] if tasks is None or r["task"] in tasks]
     if not rows:
         raise ValueError(f"no rows for tasks {tasks}" if tasks else "the results have no rows")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     lengths = sorted({r["length"] for r in rows})
     task_names = sorted({r["task"] for r in rows})
+    dense = [r for r in rows if r["sparsity_method"] == "dense"]
+    panels = [
+        (f"nz_ratio = {v:g}", [r for r in rows if r.get("sparsity_method") == "nz_ratio" and r["nz_ratio"] == v])
+        for v in sorted({r["nz_ratio"] for r in rows if r["sparsity_method"] == "nz_ratio"}, reverse=True)
+    ]
+    if any(r["sparsity_method"] == "threshold" for r in rows):
+        panels.append(("gate thresholds", [r for r in rows if r["sparsity_method"] == "threshold"]))
+    if not panels:
+        panels = [("dense only", [])]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4.4), squeeze=False)
+    axes = axes[0]
 
     def mean(group: list[dict[str, Any]], key: str) -> float:
         return sum(r[key] for r in group) / len(group)
 
-    settings: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        settings.setdefault(_task_setting(r), []).append(r)
-    values = sorted({r[r["sparsity_method"]] for r in rows if r["sparsity_method"] != "dense"}, reverse=True)
-    styles = ["-", "--", ":", "-."]
-    for label, group in settings.items():
-        selector = group[0]["selector"]
-        points = [(n, mean([r for r in group if r["length"] == n], "score")) for n in lengths]
-        points = [(n, s) for n, s in points if any(r["length"] == n for r in group)]
-        if selector == "dense":
-            style, width = "-", 2.5
-        else:
-            style, width = styles[values.index(group[0][group[0]["sparsity_method"]]) % len(styles)], 1.5
-        xs, ys = zip(*points, strict=True)
-        left.plot(xs, ys, style, marker="o", linewidth=width, color=_SELECTOR_COLORS.get(selector), label=label)
-    left.set_xscale("log", base=2)
-    left.set_xticks(lengths, [_length_label(n) for n in lengths])
-    left.minorticks_off()
-    left.set_xlabel("length (tokens: prompt + answer budget)")
-    left.set_ylabel(f"score (recall %, mean over {len(task_names)} task{'s' * (len(task_names) > 1)})")
-    left.set_ylim(-3, 103)
-    left.grid(alpha=0.3)
-    left.set_title("accuracy against length")
-    left.legend(fontsize=7, ncol=2)
+    def by_length(group: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+        xs = [n for n in lengths if any(r["length"] == n for r in group)]
+        return xs, [mean([r for r in group if r["length"] == n], "score") for n in xs]
 
-    by_selector: dict[str, list[tuple[float, float]]] = {}
-    for group in settings.values():
-        by_selector.setdefault(group[0]["selector"], []).append((mean(group, "density"), mean(group, "score")))
-    for selector, points in by_selector.items():
-        points.sort()
-        xs, ys = zip(*points, strict=True)
-        color = _SELECTOR_COLORS.get(selector)
-        if selector == "dense":
-            right.axhline(ys[0], color=color, linestyle="--", linewidth=1.2, label=f"dense ({ys[0]:.1f})")
-            continue
-        right.plot(xs, ys, marker="o", color=color, label=selector)
-    right.set_xlim(0, 1.05)
+    subject = f"mean over {len(task_names)} task{'s' * (len(task_names) > 1)}"
+    for ax, (title, group) in zip(axes, panels, strict=False):
+        if dense:
+            ax.plot(*by_length(dense), "-", marker="o", linewidth=2.5, color="black", label="dense", zorder=3)
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for r in group:
+            label = r["selector"] if r["sparsity_method"] == "nz_ratio" else f"gate thr={r['threshold']:g}"
+            lines.setdefault(label, []).append(r)
+        for index, (label, line) in enumerate(lines.items()):
+            color = _SELECTOR_COLORS.get(label, f"C{index}")
+            ax.plot(*by_length(line), marker="o", linewidth=1.5, color=color, label=label, alpha=0.85)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        ax.minorticks_off()
+        if len(lengths) == 1:
+            ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("length (tokens, prompt + answer)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel(f"score (recall %, {subject})")
+
+    right = axes[-1]
+    settings: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["sparsity_method"] != "dense":
+            key = (r["selector"], r["sparsity_method"], r[r["sparsity_method"]])
+            settings.setdefault(key, []).append(r)
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (selector, method, _), group in settings.items():
+        label = selector if method == "nz_ratio" else f"{selector} (threshold)"
+        curves.setdefault(label, []).append((mean(group, "density"), mean(group, "score")))
+    for index, (label, points) in enumerate(curves.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        right.plot(xs, ys, marker="o", color=_SELECTOR_COLORS.get(label, f"C{index}"), label=label, alpha=0.85)
+    if dense:
+        score = mean(dense, "score")
+        right.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"dense ({score:.1f})")
+    right.set_xlim(0, 1.02)
     right.set_ylim(-3, 103)
-    right.set_xlabel("measured prefill density (kept fraction of causal blocks)")
-    right.set_ylabel("score (recall %, mean over tasks and lengths)")
     right.grid(alpha=0.3)
-    right.set_title("accuracy against density")
-    right.legend(fontsize=8)
+    right.set_xlabel("measured prefill density")
+    right.set_ylabel("score (recall %, mean over tasks and lengths)")
+    right.set_title("accuracy against density", fontsize=10)
+    right.legend(fontsize=7, loc="best")
     meta = data.get("meta", {})
     model_name = str(meta.get("model", "")).split(" (")[0]
-    samples = rows[0].get("num_samples", "?")
+    adapter = meta.get("adapter") or "untrained gates"
+    names = ", ".join(task_names) if len(task_names) <= 4 else f"{len(task_names)} tasks"
     fig.suptitle(
-        f"{model_name} {meta.get('adapter') or ''} on {meta.get('device', '?')}: "
-        f"{', '.join(task_names) if len(task_names) <= 4 else f'{len(task_names)} tasks'}, {samples} samples each",
+        f"{model_name} + {adapter} ({meta.get('device', '?')}): {names}, {rows[0].get('num_samples', '?')} "
+        "sample(s) per task and length; sparse prefill, dense decode",
         fontsize=9,
     )
     return _finish(fig, path)

@@ -604,29 +604,39 @@ class TaskGenerator:
     def _fit(
         self, build: Callable[[int], str], size: int, target: int, tokens_per_unit: float, min_size: int
     ) -> tuple[int, str, list[int]] | None:
-        """The largest ``size >= min_size`` whose prompt ``build(size)`` fits in ``target`` tokens, found by secant
-        steps from ``size``. Returns ``(size, prompt, ids)``, or None when ``min_size`` does not fit."""
-        best, seen = None, {}
-        size = max(min_size, size)
-        for _ in range(24):
+        """The ``size >= min_size`` whose prompt ``build(size)`` comes closest to ``target`` tokens without passing
+        it: secant steps from ``size``, then (the token count need not grow monotonically with the size: list
+        tasks reshuffle) a scan of the next sizes above the best one. Returns ``(size, prompt, ids)``, or None when
+        ``min_size`` does not fit."""
+        best: tuple[int, str, list[int]] | None = None
+        seen: dict[int, int] = {}
+
+        def attempt(size: int) -> int:
+            nonlocal best
             prompt = build(size)
             ids = self._encode(prompt)
             seen[size] = len(ids)
-            if len(ids) <= target and (best is None or size > best[0]):
+            if len(ids) <= target and (best is None or (len(ids), size) > (len(best[2]), best[0])):
                 best = (size, prompt, ids)
-            if len(ids) == target:
-                break
-            step = math.floor((target - len(ids)) / tokens_per_unit) or (1 if len(ids) < target else -1)
+            return len(ids)
+
+        size = max(min_size, size)
+        for _ in range(16):
+            n = attempt(size)
+            if n == target:
+                return best
+            step = math.floor((target - n) / tokens_per_unit) or (1 if n < target else -1)
             size = max(min_size, size + step)
             if size in seen:
-                # Tried before: probe the gap between the largest size that fits and the smallest that does not.
-                fits = [s for s, n in seen.items() if n <= target]
-                over = [s for s, n in seen.items() if n > target]
-                if not fits:
-                    break
-                size = max(fits) + 1
-                if size in seen or (over and size >= min(over)):
-                    break
+                break
+        if best is None:
+            return None if min_size in seen else self._fit(build, min_size, target, tokens_per_unit, min_size)
+        scan = best[0]
+        for candidate in range(scan + 1, scan + 1 + max(4, math.ceil(8 / tokens_per_unit))):
+            if len(best[2]) == target:
+                break
+            if candidate not in seen:
+                attempt(candidate)
         return best
 
     def _too_short(self, name: str, length: int, needed_prompt: int, max_new_tokens: int, what: str) -> TaskError:
@@ -710,7 +720,9 @@ class TaskGenerator:
             fit = self._fit(render, int((target - fixed) / per_unit), target, per_unit, minimum)
         if fit is None:
             unit = "list entries" if spec.family == "common_words" else "code words"
-            raise self._too_short(spec.name, length, needed, max_new_tokens, f"it needs at least {minimum} {unit}")
+            raise self._too_short(
+                spec.name, length, needed, max_new_tokens, f"{minimum} {unit} (the minimum) do not fit"
+            )
         size, prompt, ids = fit
         info.update(content.list_builder(size)[1])
         return TaskSample(spec.name, length, index, prompt, ids, list(content.answers), max_new_tokens, info)
