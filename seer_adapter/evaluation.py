@@ -262,8 +262,15 @@ def evaluate_selectors(
             if selector == "dense":
                 rows.append({"selector": "dense", "sparsity_method": "dense", "density": 1.0, "ppl": ppl})
             else:
-                rows.append({"selector": selector, "sparsity_method": method, method: value,
-                             "density": mean_density(model), "ppl": ppl})
+                rows.append(
+                    {
+                        "selector": selector,
+                        "sparsity_method": method,
+                        method: value,
+                        "density": mean_density(model),
+                        "ppl": ppl,
+                    }
+                )
     return rows
 
 

@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import re
+import warnings
 from collections import Counter
 
 import pytest
@@ -33,6 +34,7 @@ from seer_adapter.tasks import (
     greedy_generate,
     normalize_answer,
     resolve_tasks,
+    selector_free_blocks,
 )
 
 CHAT_TEMPLATE = (
@@ -305,32 +307,55 @@ def test_bad_input_gives_clear_errors(tokenizer, generator):
         evaluate_tasks(model, tokenizer, "niah_single", [1024], selectors=("dense", "mobaa"), progress=False)
     with pytest.raises(ValueError, match=r"densities are nz_ratio values in \(0, 1\]"):
         evaluate_tasks(model, tokenizer, "niah_single", [1024], densities=(30,), progress=False)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        evaluate_tasks(model, tokenizer, "niah_single", [1024], decode="sparse", progress=False)
+    # 64-token blocks: at 2k, nz_ratio 0.1 keeps 2 blocks per row, the forced sink and local ones; at 4k, 4.
+    config = model.peft_config[model.active_adapter]
+    assert selector_free_blocks(config, 2048, 0.1) == 0 and selector_free_blocks(config, 4096, 0.1) == 2
+    with pytest.warns(UserWarning, match="nz_ratio=0.1 keeps only the forced sink and local blocks"):
+        evaluate_tasks(
+            model,
+            tokenizer,
+            "niah_single",
+            [600],
+            selectors=("gate",),
+            densities=(0.1,),
+            num_samples=1,
+            max_new_tokens=12,
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_seer_model():
-    model = get_seer_model(tiny_model("llama", vocab_size=VOCAB), SeerAttentionConfig())
-    return model
+    # 16-token blocks: a 600-token prompt has 38 blocks, so top-k at nz_ratio 0.3 picks 5 blocks per row beyond the
+    # forced sink and local ones and the selectors really differ.
+    return get_seer_model(tiny_model("llama", vocab_size=VOCAB), SeerAttentionConfig(block_size=16))
 
 
 def test_greedy_generation_equals_generate(tiny_seer_model):
     """The hand-written greedy loop (prefill, then cached decode) gives generate()'s tokens, dense and sparse."""
     model = tiny_seer_model
-    ids = torch.randint(3, VOCAB, (1, 520), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, VOCAB, (1, 384), generator=torch.Generator().manual_seed(0))
     with model.disable_adapter():
-        want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 520:].tolist()
-        got, stats, _ = greedy_generate(model, ids, 12)
-    assert got == want and stats == []  # the dense base model records no block statistics
+        want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 384:].tolist()
+        got, stats, _ = greedy_generate(model, ids, 8)
+        assert got == want and stats == []  # the dense base model records no block statistics
+        assert greedy_generate(model, ids, 5, decode="recompute")[0] == want[:5]  # dense: recomputing changes nothing
     saved = model.peft_config[model.active_adapter]
     model.set_sparsity(sparsity_method="nz_ratio", nz_ratio=0.3, dense_below_length=0)
     try:
-        want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 520:].tolist()
-        got, stats, _ = greedy_generate(model, ids, 12)
+        want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 384:].tolist()
+        got, stats, _ = greedy_generate(model, ids, 8)
         assert got == want
-        assert [s["mode"] for s in stats] == ["sparse", "sparse"] and all(s["q_len"] == 520 for s in stats)
-        got, _, _ = greedy_generate(model, ids, 12, eos_token_ids={want[3]})
-        assert got == want[:4]  # stops after the first EOS
+        assert [s["mode"] for s in stats] == ["sparse", "sparse"] and all(s["q_len"] == 384 for s in stats)
+        got, _, _ = greedy_generate(model, ids, 8, eos_token_ids={want[3]})
+        assert got == want[: want.index(want[3]) + 1]  # stops after the first EOS
+        # decode="recompute": every token from a fresh sparse prefill; the first token is the same prefill's.
+        strict, stats, _ = greedy_generate(model, ids, 5, decode="recompute")
+        assert strict[0] == want[0] and all(s["q_len"] == 384 for s in stats)
+        assert model.sparsity_stats()[0]["q_len"] == 384 + 4 and model.sparsity_stats()[0]["mode"] == "sparse"
     finally:
         model.peft_config[model.active_adapter] = saved
 
@@ -339,17 +364,20 @@ def test_evaluate_tasks_end_to_end_on_a_tiny_model(tiny_seer_model, chat_tokeniz
     model = tiny_seer_model
     adapters, config = dict(model.peft_config), model.peft_config[model.active_adapter]
     selectors = ("dense", "gate", "untrained", "moba", "oracle", "random")
-    rows = evaluate_tasks(
-        model,
-        chat_tokenizer,
-        "niah_single,fwe",
-        [600],
-        selectors=selectors,
-        densities=(0.3,),
-        num_samples=1,
-        max_new_tokens=20,
-        progress=False,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = evaluate_tasks(
+            model,
+            chat_tokenizer,
+            "niah_single,fwe",
+            [600],
+            selectors=selectors,
+            densities=(0.3,),
+            num_samples=1,
+            max_new_tokens=20,
+            progress=False,
+        )
+    assert not [w for w in caught if "same mask" in str(w.message)]
     assert [(r["task"], r["selector"]) for r in rows] == [
         (t, s) for t in ("niah_single", "frequent_words") for s in selectors
     ]
@@ -375,6 +403,9 @@ def test_evaluate_tasks_end_to_end_on_a_tiny_model(tiny_seer_model, chat_tokeniz
     assert any(
         r["samples"][0]["prediction"] != dense[r["task"], r["length"]] for r in rows if r["selector"] == "random"
     )
+    for task in ("niah_single", "frequent_words"):  # the selectors keep different blocks
+        predictions = {r["selector"]: r["samples"][0]["prediction"] for r in rows if r["task"] == task}
+        assert predictions["oracle"] != predictions["random"]
     # The model is left as it was: same adapters, same settings.
     assert dict(model.peft_config) == adapters and model.peft_config[model.active_adapter] == config
     table = format_task_table(rows)
@@ -384,9 +415,9 @@ def test_evaluate_tasks_end_to_end_on_a_tiny_model(tiny_seer_model, chat_tokeniz
 def test_evaluate_selectors_still_restores_the_model(tiny_seer_model):
     model = tiny_seer_model
     adapters = dict(model.peft_config)
-    ids = torch.randint(3, VOCAB, (520,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, VOCAB, (400,), generator=torch.Generator().manual_seed(1))
     rows = evaluate_selectors(
-        model, ids, 520, nz_ratios=(0.3,), selectors=("gate", "untrained", "random"), progress=False
+        model, ids, 400, nz_ratios=(0.3,), selectors=("gate", "untrained", "random"), progress=False
     )
     assert [r["selector"] for r in rows] == ["dense", "gate", "untrained", "random"]
     assert all(0.25 < r["density"] < 0.6 for r in rows[1:]) and rows[0]["density"] == 1.0
@@ -403,7 +434,8 @@ def test_cli_runs_the_task_suite_and_plots(tmp_path, tokenizer, capsys):
         f"eval --model {folder} --device cpu --tasks fwe --lengths 512 768 --selectors dense gate moba "
         f"--densities 0.3 0.1 --num-samples 1 --max-new-tokens 20 --out {out} --plot {plot}"
     ).split()
-    assert cli_main(argv) == 0
+    with pytest.warns(UserWarning, match="every selector gives the same mask"):  # 64-token blocks at 512 tokens
+        assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "frequent_words" in printed and "moba" in printed
     data = json.loads(out.read_text())

@@ -11,7 +11,15 @@ exact match, run under every block selector at equal density.
 * `seer_adapter.tasks.evaluate`: `evaluate_tasks`, `greedy_generate`, `format_task_table`.
 """
 
-from .evaluate import build_task_samples, evaluate_tasks, format_task_table, greedy_generate, max_positions
+from .evaluate import (
+    DECODE_MODES,
+    build_task_samples,
+    evaluate_tasks,
+    format_task_table,
+    greedy_generate,
+    max_positions,
+    selector_free_blocks,
+)
 from .generation import (
     DEFAULT_TASKS,
     TASK_ALIASES,
@@ -27,6 +35,7 @@ from .generation import (
 from .scoring import answer_exact_match, answer_recall, normalize_answer, score_answer
 
 __all__ = [
+    "DECODE_MODES",
     "DEFAULT_TASKS",
     "TASKS",
     "TASK_ALIASES",
@@ -46,4 +55,5 @@ __all__ = [
     "normalize_answer",
     "resolve_tasks",
     "score_answer",
+    "selector_free_blocks",
 ]

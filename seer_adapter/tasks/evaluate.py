@@ -2,21 +2,30 @@
 
 Generation is greedy and written out here (prefill, then one token at a time with the KV cache) rather than
 through ``generate()``: the prefill's block statistics are read between the two phases, and no generation config
-of the model (sampling, repetition penalties) can change the answers. Sparsity applies to the **prefill only**:
-decode steps run dense in this package today (sparse decode is a planned feature), so a task's score measures
-how well the selector kept what the prompt's processing needed, and ``density`` is the prefill's.
+of the model (sampling, repetition penalties) can change the answers. ``density`` is the prefill's.
+
+Sparsity applies to the **prefill only**: decode steps run dense in this package today (sparse decode is a planned
+feature). With the default ``decode="dense"`` a task therefore measures the package end to end as it runs today,
+and retrieval can partly bypass the prefill's block selection: the first answer token comes from the sparse
+prefill, but every later one attends densely to the whole KV cache, where the needle's own keys and values (built
+from its local block, which is always kept) are intact. ``decode="recompute"`` is the strict alternative: every
+answer token is produced by a fresh sparse prefill of prompt + answer so far (no KV cache), so every token sees
+only the blocks the selector keeps; it costs one prefill per answer token.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..evaluation import SELECTORS, check_selectors, selector_session, stats_density
+from ..masks import nz_ratio_to_topk
 from .generation import DEFAULT_TASKS, TaskError, TaskGenerator, TaskSample, resolve_tasks
 from .scoring import score_answer
 
@@ -50,20 +59,33 @@ def _forward_parameters(model: Any) -> set[str]:
     return set(inspect.signature(hf_model.forward).parameters)
 
 
+DECODE_MODES = ("dense", "recompute")
+
+
 @torch.no_grad()
 def greedy_generate(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] | None = None
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    decode: str = "dense",
 ) -> tuple[list[int], list[dict[str, Any]], float]:
     """Greedy continuation of one prompt ``input_ids [1, S]`` (at most ``max_new_tokens`` tokens).
 
+    ``decode="dense"`` (default): one prefill, then single-token steps on the KV cache (dense attention).
+    ``decode="recompute"``: every token from a full forward of prompt + tokens so far without cache, so each one
+    goes through the (sparse) prefill path.
+
     Returns ``(new_ids, prefill_stats, prefill_seconds)``: the generated ids (the first EOS included, then stop),
-    the model's ``sparsity_stats()`` right after the prefill (``[]`` for a model without them; stale entries of
-    earlier calls are cleared first), and the prefill's wall time.
+    the model's ``sparsity_stats()`` right after the prompt's prefill (``[]`` for a model without them; stale
+    entries of earlier calls are cleared first), and that prefill's wall time.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"greedy_generate takes one prompt [1, S], got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     eos_token_ids = eos_token_ids or set()
     parameters = _forward_parameters(model)
     cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in recent transformers 5.x
@@ -72,7 +94,7 @@ def greedy_generate(
         runtime.stats.clear()
     extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, **extra)
+    out = model(input_ids=input_ids, use_cache=decode == "dense", **extra)
     if input_ids.device.type == "cuda":
         torch.cuda.synchronize(input_ids.device)
     prefill_s = time.perf_counter() - start
@@ -83,9 +105,22 @@ def greedy_generate(
         new_ids.append(int(next_id))
         if new_ids[-1] in eos_token_ids or len(new_ids) == max_new_tokens:
             break
-        out = model(input_ids=next_id[:, None], use_cache=True, **{cache_name: getattr(out, cache_name)})
+        if decode == "dense":
+            out = model(input_ids=next_id[:, None], use_cache=True, **{cache_name: getattr(out, cache_name)})
+        else:
+            ids = torch.cat([input_ids, torch.tensor([new_ids], device=input_ids.device)], dim=1)
+            out = model(input_ids=ids, use_cache=False, **extra)
         next_id = out.logits[:, -1].argmax(dim=-1)
     return new_ids, stats, prefill_s
+
+
+def selector_free_blocks(config: Any, prompt_tokens: int, nz_ratio: float) -> int:
+    """Blocks per query-block row a top-k selector chooses itself at ``nz_ratio`` (the kept ``k`` minus the forced
+    sink and local blocks) in the last row of a ``prompt_tokens`` prefill; 0 or less means every selector keeps
+    the same blocks."""
+    n_blocks = math.ceil(prompt_tokens / config.block_size)
+    forced = int(bool(config.force_local_block)) + int(bool(config.force_sink_block) and n_blocks > 1)
+    return nz_ratio_to_topk(nz_ratio, n_blocks) - forced
 
 
 def build_task_samples(
@@ -140,6 +175,7 @@ def evaluate_tasks(
     max_new_tokens: int | None = None,
     depths: Sequence[float] | None = None,
     use_chat_template: bool | None = None,
+    decode: str = "dense",
     keep_predictions: bool = True,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -160,6 +196,8 @@ def evaluate_tasks(
         max_new_tokens: answer budget for every task (default: per task, longest answer + 16 tokens).
         depths: needle depths (0-1) for ``niah_single*`` (default: evenly spaced over the samples).
         use_chat_template: default: when the tokenizer has one.
+        decode: ``"dense"`` (default; cached dense decode, as the package runs today) or ``"recompute"`` (every
+            answer token from a fresh sparse prefill: strict, one prefill per token). See the module docstring.
         keep_predictions: keep each sample's prediction in the row's ``samples`` list (default True).
         progress: show a progress bar (tqdm).
 
@@ -185,6 +223,8 @@ def evaluate_tasks(
         raise ValueError(f"selectors {sparse_selectors} need at least one density (or a threshold for 'gate')")
     if thresholds and "gate" not in selectors:
         raise ValueError("thresholds are gate settings; add 'gate' to the selectors")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     all_samples = build_task_samples(
         tokenizer,
         tasks,
@@ -199,6 +239,18 @@ def evaluate_tasks(
     jobs: list[tuple[str, str, float | None]] = [("dense", "dense", None)] if "dense" in selectors else []
     jobs += [(s, "nz_ratio", d) for s in sparse_selectors for d in densities]
     jobs += [("gate", "threshold", t) for t in thresholds]
+    config = model.peft_config[model.active_adapter]
+    if sparse_selectors:
+        for (task, length), samples in all_samples.items():
+            for value in densities:
+                free = selector_free_blocks(config, min(s.prompt_tokens for s in samples), value)
+                if free <= 0:
+                    warnings.warn(
+                        f"{task} at length {length}: nz_ratio={value} keeps only the forced sink and local blocks "
+                        "per row, so every selector gives the same mask there; use a longer length or a larger "
+                        "density to compare selectors",
+                        stacklevel=2,
+                    )
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     total = len(jobs) * sum(len(s) for s in all_samples.values())
@@ -211,7 +263,7 @@ def evaluate_tasks(
                 with use(selector, method, value):
                     for sample in samples:
                         ids = torch.tensor([sample.input_ids], device=device)
-                        new_ids, stats, prefill_s = greedy_generate(model, ids, sample.max_new_tokens, eos)
+                        new_ids, stats, prefill_s = greedy_generate(model, ids, sample.max_new_tokens, eos, decode)
                         prediction = tokenizer.decode(new_ids, skip_special_tokens=True)
                         density = 1.0 if selector == "dense" else stats_density(stats)
                         records.append(
@@ -226,7 +278,13 @@ def evaluate_tasks(
                         )
                         bar.update(1)
                 n = len(records)
-                row = {"task": task, "length": length, "selector": selector, "sparsity_method": method}
+                row = {
+                    "task": task,
+                    "length": length,
+                    "selector": selector,
+                    "sparsity_method": method,
+                    "decode": decode,
+                }
                 if value is not None:
                     row[method] = value
                 row.update(
