@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,9 +332,10 @@ def plot_task_accuracy(
     model_name = str(meta.get("model", "")).split(" (")[0]
     adapter = meta.get("adapter") or "untrained gates"
     names = ", ".join(task_names) if len(task_names) <= 4 else f"{len(task_names)} tasks"
-    fig.suptitle(
-        f"{model_name} + {adapter} ({meta.get('device', '?')}): {names}, {rows[0].get('num_samples', '?')} "
-        "sample(s) per task and length; sparse prefill, dense decode",
-        fontsize=9,
+    title = (
+        f"{model_name} + {adapter} ({meta.get('device', '?')}): {names}; {rows[0].get('num_samples', '?')} "
+        "sample(s) per task and length; sparse prefill, "
+        f"{'recomputed' if rows[0].get('decode') == 'recompute' else 'dense'} decode"
     )
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 12)), fontsize=9)
     return _finish(fig, path)
