@@ -9,6 +9,7 @@ converted model is in the cache.
 import argparse
 import copy
 import json
+import random
 import re
 import warnings
 from collections import Counter
@@ -36,6 +37,7 @@ from seer_adapter.tasks import (
     resolve_tasks,
     selector_free_blocks,
 )
+from seer_adapter.tasks.generation import _common_words_content, _frequent_words_content, word_pool
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -203,6 +205,19 @@ def test_common_and_frequent_words_answers_are_the_most_frequent(tokenizer, gene
         counts = Counter(words).most_common()
         assert {w for w, _ in counts[:10]} == set(sample.answers)
         assert counts[9][1] > counts[10][1]
+    # Far longer lists (up to ≈4M tokens) keep exact sizes and a strict top 10 / top 3.
+    content = _common_words_content(random.Random(0), word_pool(), "seed")
+    for entries in (120, 30_000, 1_000_000):
+        words = content.list_builder(entries)[0].split()[1::2]  # "1. word 2. word ..."
+        counts = Counter(words).most_common(11)
+        assert len(words) == entries and {w for w, _ in counts[:10]} == set(content.answers)
+        assert counts[9][1] >= counts[10][1] + 2
+    content = _frequent_words_content(random.Random(0), "seed")
+    for num_words in (60, 500_000):
+        words = content.list_builder(num_words)[0].split()
+        counts = Counter(words).most_common(4)
+        assert len(words) == num_words
+        assert [w for w, _ in counts[:3]] == content.answers and counts[2][1] > counts[3][1]
     for sample in generator.samples("frequent_words", 2048, num_samples=2):
         decoded = tokenizer.decode(sample.input_ids)
         body = decoded.split("\n\n")[1]

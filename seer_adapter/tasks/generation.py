@@ -410,14 +410,19 @@ def _common_words_content(rng: random.Random, pool: Sequence[str], entry_seed: s
     common, uncommon = words[:num_common], words[num_common:]
 
     def build(num_entries: int) -> tuple[str, dict[str, Any]]:
-        common_freq = min(30, num_entries // (2 * num_common))
+        # Common words: 30 times each (RULER's choice), more when the list is so long that the uncommon words must
+        # repeat more than 3 times each, but never more than half the list.
+        low = max(3, math.ceil(num_entries / 2 / len(uncommon)))
+        common_freq = min(max(30, 3 * low), num_entries // (2 * num_common))
         rest = num_entries - common_freq * num_common
         uncommon_freq = max(3, math.ceil(rest / len(uncommon)))
         if common_freq < uncommon_freq + 3:
             raise TaskError(f"common_words: {num_entries} list entries are too few")
         entries = [w for w in common for _ in range(common_freq)]
         types, leftover = divmod(rest, uncommon_freq)
-        entries += [w for w in uncommon[:types] for _ in range(uncommon_freq)] + uncommon[types : types + leftover]
+        extra = uncommon[types : types + leftover]  # the remainder: fresh words once each while the pool lasts,
+        short = leftover - len(extra)  # then one more occurrence of the first uncommon words
+        entries += [w for i, w in enumerate(uncommon[:types]) for _ in range(uncommon_freq + (i < short))] + extra
         random.Random(f"{entry_seed}/{num_entries}").shuffle(entries)
         context = " ".join(f"{i}. {w}" for i, w in enumerate(entries, start=1))
         return context, {"entries": num_entries, "common_freq": common_freq, "uncommon_freq": uncommon_freq}
