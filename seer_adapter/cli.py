@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --tasks: perplexity of every selector at every --nz-ratios value on --data. "
         "With --tasks: the long-context task suite (needle-in-a-haystack, variable tracking, common / frequent "
         "words; generated offline over held-out Shakespeare) at every --lengths, greedy answers scored by recall. "
-        "Sparsity applies to the prefill; decode runs dense (--decode recompute: every answer token from a fresh sparse "
-        "prefill).",
+        "Sparsity applies to the prefill; decode runs dense (--decode recompute: every answer token from a fresh "
+        "sparse prefill).",
         epilog="examples:\n"
         "  seer-adapter eval --adapter gates/ --window 4096 --out benchmarks/results/eval.json\n"
         "  seer-adapter eval --adapter gates/ --tasks niah_single,niah_multikey,vt --lengths 4k 8k \\\n"

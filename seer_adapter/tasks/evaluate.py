@@ -202,8 +202,9 @@ def evaluate_tasks(
         progress: show a progress bar (tqdm).
 
     Returns:
-        One row per task, length and selector setting: ``{task, length, selector, sparsity_method, nz_ratio |
-        threshold, density, score, exact, num_samples, prompt_tokens, max_new_tokens, prefill_s, samples}`` where
+        One row per task, length and selector setting: ``{task, length, selector, sparsity_method, decode,
+        nz_ratio | threshold, density, score, exact, num_samples, prompt_tokens, max_new_tokens, prefill_s,
+        samples}`` where
         ``score`` is the mean recall and ``exact`` the mean exact match, both in percent (0-100), ``density`` the
         mean measured prefill density (1.0 for dense) and ``prefill_s`` the mean prefill time in seconds.
     """
@@ -239,24 +240,22 @@ def evaluate_tasks(
     jobs: list[tuple[str, str, float | None]] = [("dense", "dense", None)] if "dense" in selectors else []
     jobs += [(s, "nz_ratio", d) for s in sparse_selectors for d in densities]
     jobs += [("gate", "threshold", t) for t in thresholds]
-    config = model.peft_config[model.active_adapter]
-    if sparse_selectors:
-        for (task, length), samples in all_samples.items():
-            for value in densities:
-                free = selector_free_blocks(config, min(s.prompt_tokens for s in samples), value)
-                if free <= 0:
-                    warnings.warn(
-                        f"{task} at length {length}: nz_ratio={value} keeps only the forced sink and local blocks "
-                        "per row, so every selector gives the same mask there; use a longer length or a larger "
-                        "density to compare selectors",
-                        stacklevel=2,
-                    )
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     total = len(jobs) * sum(len(s) for s in all_samples.values())
     bar = tqdm(total=total, disable=not progress, desc="tasks", unit="prompt")
     rows = []
     with selector_session(model, selectors) as use:
+        config = model.peft_config[model.active_adapter]
+        for (task, length), samples in all_samples.items():
+            for value in densities if sparse_selectors else ():
+                if selector_free_blocks(config, min(s.prompt_tokens for s in samples), value) <= 0:
+                    warnings.warn(
+                        f"{task} at length {length}: nz_ratio={value} keeps only the forced sink and local blocks "
+                        "per row, so every selector gives the same mask there; use a longer length or a larger "
+                        "density to compare selectors",
+                        stacklevel=2,
+                    )
         for (task, length), samples in all_samples.items():
             for selector, method, value in jobs:
                 records = []
