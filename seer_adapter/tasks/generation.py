@@ -8,9 +8,9 @@ task and length, the longest answer of the samples in tokens plus `ANSWER_SLACK_
 Haystack tasks (the ``niah_*`` family and ``variable_tracking``) fill the context with the works of
 `HELDOUT_WORKS` (never used for gate training), cut into sentence pieces; inserted sentences (needles,
 assignments) go to the piece boundary nearest their depth (a fraction of the haystack's tokens). The list tasks
-(``common_words``, ``frequent_words``) have no haystack: the whole context is the list. Prompts hit their token
-count exactly for haystack tasks (the haystack is cut at a token); list tasks stop at the last whole entry that
-fits, i.e. at most one entry (a few tokens) short.
+(``common_words``, ``frequent_words``) have no haystack: the whole context is the list. Haystack prompts hit
+their token count exactly or fall a token or two short (the haystack is cut at a token, but text re-tokenised at the
+cuts need not give the same count); list tasks stop at the last whole entry that fits (a few tokens short).
 
 With a chat template the prompt is the template's rendering of one user turn (instruction, context, question) with
 the generation prompt, followed by an *answer prefix* (``"The secret number for X is"``) that starts the
