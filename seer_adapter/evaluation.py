@@ -13,9 +13,11 @@ their densities match by construction):
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -146,11 +148,87 @@ def block_scorer(model: Any, name: str | None) -> Iterator[None]:
         model.runtime.block_scorer = previous
 
 
+def stats_density(stats: list[dict[str, Any]]) -> float:
+    """Kept fraction of the causal blocks summed over the ``"sparse"`` layers of ``sparsity_stats()`` rows (1.0 if
+    none ran sparse)."""
+    sparse = [s for s in stats if s["mode"] == "sparse"]
+    causal = sum(s["causal_blocks"] for s in sparse)
+    return sum(s["kept_blocks"] for s in sparse) / causal if causal else 1.0
+
+
 def mean_density(model: Any) -> float:
-    stats = [s for s in model.sparsity_stats() if s["mode"] == "sparse"]
-    kept = sum(s["kept_blocks"] for s in stats)
-    causal = sum(s["causal_blocks"] for s in stats)
-    return kept / causal if causal else 1.0
+    """`stats_density` of the model's last forward."""
+    return stats_density(model.sparsity_stats())
+
+
+SELECTORS = ("dense", "gate", "untrained", "moba", "oracle", "random")
+_UNTRAINED_ADAPTER = "untrained"
+
+
+def check_selectors(selectors: Sequence[str]) -> tuple[str, ...]:
+    """``selectors`` as a tuple; raises ``ValueError`` naming the valid ones when one is unknown."""
+    unknown = [s for s in selectors if s not in SELECTORS]
+    if unknown:
+        raise ValueError(f"unknown selector(s) {unknown}; choose from {', '.join(SELECTORS)}")
+    return tuple(selectors)
+
+
+@contextmanager
+def selector_session(model: Any, selectors: Sequence[str]) -> Iterator[Callable[..., AbstractContextManager[None]]]:
+    """Prepare a `SeerModel` to run under each of ``selectors`` (see `SELECTORS`) in turn.
+
+    Yields ``use(selector, sparsity_method="nz_ratio", value=None)``, a context manager inside which the model's
+    prefill picks blocks with ``selector``: ``"dense"`` runs the base model (adapter disabled; ``sparsity_method``
+    and ``value`` are ignored), every other selector runs the gated prefill with ``sparsity_method`` set to
+    ``value`` (an ``nz_ratio`` or a ``threshold``) and ``dense_below_length=0``, so prompts of any length are gated.
+    Top-k (``nz_ratio``) selection keeps the same number of blocks per row whatever the selector, so selectors are
+    compared at equal density. ``"untrained"`` uses fresh gates added for the session (the mean-pooling prior).
+
+    On exit the active adapter and its settings are restored and the untrained gates removed.
+    """
+    from .config import SeerAttentionConfig
+
+    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
+        raise TypeError(
+            f"selectors run on a SeerModel (get_seer_model / SeerModel.from_pretrained), got {type(model).__name__}"
+        )
+    check_selectors(selectors)
+    trained = model.active_adapter
+    saved = model.peft_config[trained]
+    added = None
+    if "untrained" in selectors:
+        added = _UNTRAINED_ADAPTER
+        while added in model.peft_config:
+            added = "_" + added
+        fields = {k: v for k, v in saved.to_dict().items() if k not in ("gated_layers", "inference_mode")}
+        model.add_adapter(added, SeerAttentionConfig(**fields))
+
+    @contextmanager
+    def use(selector: str, sparsity_method: str = "nz_ratio", value: float | None = None) -> Iterator[None]:
+        check_selectors([selector])
+        if selector == "dense":
+            with model.disable_adapter():
+                yield
+            return
+        if sparsity_method not in ("nz_ratio", "threshold") or value is None:
+            raise ValueError(f"selector {selector!r} needs sparsity_method 'nz_ratio' or 'threshold' and a value")
+        if selector == "untrained" and added is None:
+            raise ValueError("'untrained' was not among the session's selectors")
+        model.set_adapter(added if selector == "untrained" else trained)
+        try:
+            model.set_sparsity(sparsity_method=sparsity_method, dense_below_length=0, **{sparsity_method: value})
+            with block_scorer(model, selector if selector in SCORERS else None):
+                yield
+        finally:
+            model.set_adapter(trained)
+
+    try:
+        yield use
+    finally:
+        model.set_adapter(trained)
+        model.peft_config[trained] = saved
+        if added is not None:
+            model.delete_adapter(added)
 
 
 def evaluate_selectors(
@@ -167,41 +245,32 @@ def evaluate_selectors(
     """Perplexity of every selector at every ``nz_ratio`` (plus gate ``threshold`` sweeps) and of dense.
 
     ``model`` is a `SeerModel` whose active adapter holds the gates under test. Returns rows
-    ``{selector, sparsity_method, nz_ratio | threshold, density (measured), ppl}``.
+    ``{selector, sparsity_method, nz_ratio | threshold, density (measured), ppl}``; the dense row always comes
+    first (``"dense"`` in ``selectors`` is allowed and changes nothing).
     """
     from tqdm.auto import tqdm
 
-    from .config import SeerAttentionConfig
-
+    selectors = tuple(s for s in check_selectors(selectors) if s != "dense")
     jobs: list[tuple[str, str, float]] = [("dense", "dense", 1.0)]
     jobs += [(sel, "nz_ratio", nz) for sel in selectors for nz in nz_ratios]
     jobs += [("gate", "threshold", t) for t in thresholds]
-    trained = model.active_adapter
-    saved = model.peft_config[trained]
-    if "untrained" in selectors and "untrained" not in model.peft_config:
-        model.add_adapter("untrained", SeerAttentionConfig(**{
-            k: v for k, v in saved.to_dict().items() if k not in ("gated_layers", "inference_mode")
-        }))
     rows = []
-    try:
+    with selector_session(model, selectors) as use:
         for selector, method, value in tqdm(jobs, disable=not progress, desc="evaluate", unit="run"):
-            if selector == "dense":
-                with model.disable_adapter():
-                    ppl = perplexity(model, token_ids, window, max_windows)
-                rows.append({"selector": "dense", "sparsity_method": "dense", "density": 1.0, "ppl": ppl})
-                continue
-            model.set_adapter("untrained" if selector == "untrained" else trained)
-            setting = {"nz_ratio": value} if method == "nz_ratio" else {"threshold": value}
-            model.set_sparsity(sparsity_method=method, dense_below_length=0, **setting)
-            with block_scorer(model, selector if selector in SCORERS else None):
+            with use(selector, method, value):
                 ppl = perplexity(model, token_ids, window, max_windows)
-            rows.append({"selector": selector, "sparsity_method": method, **setting,
-                         "density": mean_density(model), "ppl": ppl})
-    finally:
-        model.set_adapter(trained)
-        model.peft_config[trained] = saved
-        if "untrained" in model.peft_config and trained != "untrained":
-            model.delete_adapter("untrained")
+            if selector == "dense":
+                rows.append({"selector": "dense", "sparsity_method": "dense", "density": 1.0, "ppl": ppl})
+            else:
+                rows.append(
+                    {
+                        "selector": selector,
+                        "sparsity_method": method,
+                        method: value,
+                        "density": mean_density(model),
+                        "ppl": ppl,
+                    }
+                )
     return rows
 
 
@@ -218,6 +287,15 @@ def environment_meta(device: torch.device, **fields: Any) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def write_results(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Write ``{"meta": meta, "rows": rows}`` as JSON to ``path`` (folders created). Returns the path written."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return path
 
 
 def format_selector_table(rows: list[dict[str, Any]]) -> str:

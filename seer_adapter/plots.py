@@ -6,7 +6,8 @@
 * `plot_ppl_vs_density`: perplexity against measured density for every selector of an evaluation results file;
 * `plot_kernel_speed`: kernel time against density from a kernel benchmark results file (``benchmarks/`` scripts,
   ``seer-adapter bench``);
-* `plot_distillation_loss`: the loss curve of a distillation run (``log.jsonl`` or `train_gates`' records).
+* `plot_distillation_loss`: the loss curve of a distillation run (``log.jsonl`` or `train_gates`' records);
+* `plot_task_accuracy`: task-suite accuracy against length and against density per selector (`seer_adapter.tasks`).
 
 Every function returns the matplotlib ``Figure`` and, given ``path``, also writes it (PNG at 150 dpi). Figures are
 made with ``pyplot`` in whatever backend is active (inline in Jupyter); these functions never switch backends:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -384,4 +386,115 @@ def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: 
     tokens_per_s = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     speed = f", {sum(tokens_per_s) / len(tokens_per_s):,.0f} tokens/s" if tokens_per_s else ""
     ax.set_title(f"Gate distillation: {len(records)} steps{speed}", fontsize=10)
+    return _finish(fig, path)
+
+
+_SELECTOR_COLORS = {
+    "dense": "black",
+    "gate": "tab:blue",
+    "untrained": "tab:purple",
+    "moba": "tab:orange",
+    "oracle": "tab:green",
+    "random": "tab:gray",
+}
+
+
+def _length_label(length: float) -> str:
+    return f"{length / 1024:g}k" if length >= 1024 else f"{length:g}"
+
+
+def plot_task_accuracy(
+    results: dict[str, Any] | str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    tasks: list[str] | None = None,
+) -> Any:
+    """Task-suite accuracy from an `evaluate_tasks` results file (``seer-adapter eval --tasks ... --out``).
+
+    One panel per density setting (``nz_ratio``; gate ``threshold`` runs share one more panel): score (mean recall
+    over ``tasks``, default every task of the file) against length, one line per selector, dense in black in every
+    panel. Last panel: score (mean over tasks and lengths) against the measured prefill density, one line per
+    selector through its settings; dense is the dashed line.
+    """
+    plt = _pyplot()
+    data = _load(results)
+    rows = [r for r in data["rows"] if tasks is None or r["task"] in tasks]
+    if not rows:
+        raise ValueError(f"no rows for tasks {tasks}" if tasks else "the results have no rows")
+    lengths = sorted({r["length"] for r in rows})
+    task_names = sorted({r["task"] for r in rows})
+    dense = [r for r in rows if r["sparsity_method"] == "dense"]
+    panels = [
+        (f"nz_ratio = {v:g}", [r for r in rows if r.get("sparsity_method") == "nz_ratio" and r["nz_ratio"] == v])
+        for v in sorted({r["nz_ratio"] for r in rows if r["sparsity_method"] == "nz_ratio"}, reverse=True)
+    ]
+    if any(r["sparsity_method"] == "threshold" for r in rows):
+        panels.append(("gate thresholds", [r for r in rows if r["sparsity_method"] == "threshold"]))
+    if not panels:
+        panels = [("dense only", [])]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4.4), squeeze=False)
+    axes = axes[0]
+
+    def mean(group: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in group) / len(group)
+
+    def by_length(group: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+        xs = [n for n in lengths if any(r["length"] == n for r in group)]
+        return xs, [mean([r for r in group if r["length"] == n], "score") for n in xs]
+
+    subject = f"mean over {len(task_names)} task{'s' * (len(task_names) > 1)}"
+    for ax, (title, group) in zip(axes, panels, strict=False):
+        if dense:
+            ax.plot(*by_length(dense), "-", marker="o", linewidth=2.5, color="black", label="dense", zorder=3)
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for r in group:
+            label = r["selector"] if r["sparsity_method"] == "nz_ratio" else f"gate thr={r['threshold']:g}"
+            lines.setdefault(label, []).append(r)
+        for index, (label, line) in enumerate(lines.items()):
+            color = _SELECTOR_COLORS.get(label, f"C{index}")
+            ax.plot(*by_length(line), marker="o", linewidth=1.5, color=color, label=label, alpha=0.85)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        ax.minorticks_off()
+        if len(lengths) == 1:
+            ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("length (tokens, prompt + answer)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    axes[0].set_ylabel(f"score (recall %, {subject})")
+
+    right = axes[-1]
+    settings: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["sparsity_method"] != "dense":
+            key = (r["selector"], r["sparsity_method"], r[r["sparsity_method"]])
+            settings.setdefault(key, []).append(r)
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (selector, method, _), group in settings.items():
+        label = selector if method == "nz_ratio" else f"{selector} (threshold)"
+        curves.setdefault(label, []).append((mean(group, "density"), mean(group, "score")))
+    for index, (label, points) in enumerate(curves.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        right.plot(xs, ys, marker="o", color=_SELECTOR_COLORS.get(label, f"C{index}"), label=label, alpha=0.85)
+    if dense:
+        score = mean(dense, "score")
+        right.axhline(score, color="black", linestyle="--", linewidth=1.2, label=f"dense ({score:.1f})")
+    right.set_xlim(0, 1.02)
+    right.set_ylim(-3, 103)
+    right.grid(alpha=0.3)
+    right.set_xlabel("measured prefill density")
+    right.set_ylabel("score (recall %, mean over tasks and lengths)")
+    right.set_title("accuracy against density", fontsize=10)
+    right.legend(fontsize=7, loc="best")
+    meta = data.get("meta", {})
+    model_name = str(meta.get("model", "")).split(" (")[0]
+    adapter = meta.get("adapter") or "untrained gates"
+    names = ", ".join(task_names) if len(task_names) <= 4 else f"{len(task_names)} tasks"
+    title = (
+        f"{model_name} + {adapter} ({meta.get('device', '?')}): {names}; {rows[0].get('num_samples', '?')} "
+        "sample(s) per task and length; sparse prefill, "
+        f"{'recomputed' if rows[0].get('decode') == 'recompute' else 'dense'} decode"
+    )
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 12)), fontsize=9)
     return _finish(fig, path)
