@@ -53,7 +53,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("batch,heads,q_len,kv_len,block_size", CASES)
+@pytest.mark.parametrize(
+    "batch,heads,q_len,kv_len,block_size,padded",
+    [(*case, False) for case in CASES] + [(*CASES[1], True), (*CASES[3], True)],
+)
 @pytest.mark.parametrize(
     "method,params",
     [
@@ -64,7 +67,6 @@ CASES = [
         ("token_budget", {"token_budget": 96}),
     ],
 )
-@pytest.mark.parametrize("padded", [False, True])
 def test_select_block_lists_matches_reference(batch, heads, q_len, kv_len, block_size, method, params, padded) -> None:
     scores, block_valid, sink = make_case(batch, heads, q_len, kv_len, block_size, padded, seed=q_len + heads)
     kwargs = dict(
