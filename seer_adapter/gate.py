@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from .kernels.block_lists import key_block_has_tokens
 from .rope import apply_rope
 
 
@@ -82,13 +83,7 @@ def pool_blocks(x: torch.Tensor, block_size: int, poolings: list[str], valid: to
 
 def block_has_tokens(token_valid: torch.Tensor | None, block_size: int) -> torch.Tensor | None:
     """bool ``[B, ceil(S / block_size)]``: which blocks of ``token_valid [B, S]`` hold a real token (None -> None)."""
-    if token_valid is None:
-        return None
-    batch, length = token_valid.shape
-    n_blocks = math.ceil(length / block_size)
-    pad = n_blocks * block_size - length
-    valid = nn.functional.pad(token_valid, (0, pad), value=False) if pad else token_valid
-    return valid.reshape(batch, n_blocks, block_size).any(-1)
+    return None if token_valid is None else key_block_has_tokens(token_valid, block_size)
 
 
 class AttnGate(nn.Module):
