@@ -200,7 +200,12 @@ def save_checkpoint(
     model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, sequences_seen: int,
     args: DistillationArguments,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place) and prune old ones."""
+    """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place) and prune old ones.
+
+    A checkpoint holds the training state (gates, optimizer, scheduler, RNG, data position) and is also a loadable
+    adapter (``SeerModel.from_pretrained(base, "out/checkpoint-100")``), as PEFT checkpoints of transformers'
+    Trainer are.
+    """
     output = Path(args.output_dir)
     final = output / f"{CHECKPOINT_PREFIX}{step}"
     partial = output / f".{CHECKPOINT_PREFIX}{step}.partial"
@@ -208,6 +213,7 @@ def save_checkpoint(
     partial.mkdir(parents=True)
     gates = {name: p.detach().cpu().contiguous() for name, p in _gate_parameters(model).items()}
     save_file(gates, partial / "gates.safetensors")
+    model.save_pretrained(partial)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         partial / "trainer_state.pt",

@@ -82,6 +82,13 @@ def test_training_lowers_the_loss(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 31))
     assert {"loss", "lr", "tokens_per_s", "grad_norm", "layer_loss"} <= set(lines[0])
+    # The final checkpoint is a loadable adapter too, with the same gates as the final adapter.
+    from seer_adapter import SeerModel
+
+    final = SeerModel.from_pretrained(tiny_model("llama", seed=0), tmp_path)
+    checkpoint = SeerModel.from_pretrained(tiny_model("llama", seed=0), tmp_path / "checkpoint-30")
+    for a, b in zip(final.gates().values(), checkpoint.gates().values(), strict=True):
+        assert torch.equal(a.k_proj.weight, b.k_proj.weight)
 
 
 class _Killed(Exception):
