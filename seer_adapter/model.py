@@ -36,7 +36,7 @@ from .config import (
     SeerAttentionConfig,
     SeerConfigError,
 )
-from .gate import AttnGate
+from .gate import AttnGate, DecodeGate
 from .rope import detect_rope_style
 
 GATE_ATTR = "seer_gate"
@@ -250,6 +250,16 @@ def _attach_gates(
             use_q_proj=config.use_q_proj,
             dtype=dtype,
         ).to(reference.device)
+        if config.decode_gate:
+            gate.decode = DecodeGate(
+                info["num_attention_heads"],
+                info["num_key_value_heads"],
+                head_dim,
+                gate_dim,
+                config.block_size,
+                config.k_pooling,
+                dtype=dtype,
+            ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
         gated_layers.append(module.layer_idx)
     return gated_layers
@@ -377,6 +387,7 @@ class SeerAdapterMixin:
             "k_pooling",
             "use_q_proj",
             "gate_dtype",
+            "decode_gate",
             "target_modules",
             *BASE_MODEL_FIELDS,
             "gated_layers",
