@@ -333,9 +333,7 @@ class DecodeGate(nn.Module):
         """
         width = len(self.k_pooling) * self.head_dim
         if k_pooled.dim() != 4 or k_pooled.shape[1] != self.num_kv_heads or k_pooled.shape[-1] != width:
-            raise ValueError(
-                f"k_pooled must be [B, Hkv={self.num_kv_heads}, nB, {width}], got {tuple(k_pooled.shape)}"
-            )
+            raise ValueError(f"k_pooled must be [B, Hkv={self.num_kv_heads}, nB, {width}], got {tuple(k_pooled.shape)}")
         projected = self.k_proj(k_pooled.to(self.k_proj.weight.dtype))
         return projected if block_cos is None else apply_rope(projected, block_cos, block_sin, rope_style)
 

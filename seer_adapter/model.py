@@ -43,6 +43,8 @@ GATE_ATTR = "seer_gate"
 STATE_ATTR = "seer_state"
 HOOKS_ATTR = "_seer_hook_handles"
 KEY_PREFIX = "base_model.model."
+# Names under which attention modules of transformers receive the KV cache.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 # Families whose attention runs through transformers' AttentionInterface and that the test suite covers
 # with a tiny random model (kept true by tests/test_families.py).
@@ -186,10 +188,20 @@ def _capture_position_embeddings(module: nn.Module, args: tuple, kwargs: dict) -
             index = parameters.index("position_embeddings")
             embeddings = args[index] if index < len(args) else None
     state.position_embeddings = embeddings if isinstance(embeddings, (tuple, list)) else None
+    # The KV cache (for the decode gate's K-compression cache); named ``cache`` in recent transformers.
+    cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+    if cache is None and len(args) > 1:
+        parameters = list(inspect.signature(module.forward).parameters)
+        for name in CACHE_ARGUMENT_NAMES:
+            if name in parameters and parameters.index(name) < len(args):
+                cache = args[parameters.index(name)]
+                break
+    state.cache = cache
 
 
 def _release_position_embeddings(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    getattr(module, STATE_ATTR).position_embeddings = None
+    state = getattr(module, STATE_ATTR)
+    state.position_embeddings = state.cache = state.compressed_keys = None
 
 
 def _attach_gates(
