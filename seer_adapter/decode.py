@@ -23,8 +23,6 @@ tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -37,42 +35,100 @@ class DecodeCacheError(RuntimeError):
     """The K-compression cache cannot follow the KV cache (wrong cache type, or a cache changed behind its back)."""
 
 
-@dataclass
-class CompressedKeys:
-    """K-compression cache of one layer.
+def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """``buffer`` with at least ``needed`` entries along ``dim`` (capacity doubles: amortised O(1) appends)."""
+    capacity = buffer.shape[dim]
+    if needed <= capacity:
+        return buffer
+    shape = list(buffer.shape)
+    shape[dim] = max(needed, 2 * capacity, 16)
+    grown = buffer.new_zeros(shape)
+    grown.narrow(dim, 0, capacity).copy_(buffer)
+    return grown
 
-    Attributes:
+
+class CompressedKeys:
+    """K-compression cache of one layer, in growable buffers (appending a slot never copies the history).
+
+    Attributes (views of the buffers):
         keys: ``[B, Hkv, nC, gate_dim]`` compressed keys of the ``nC = n_slots // block_size`` completed blocks
             (gate dtype).
         block_valid: bool ``[B, nC]``: the block holds at least one real token.
         cos, sin: RoPE tables of every slot ``[B, n_slots, r]`` (``None`` for models without RoPE).
-        n_slots: cache slots seen so far (== the KV cache length).
+        n_slots: cache slots seen so far (== the KV cache length); n_blocks: ``nC``.
     """
 
-    keys: torch.Tensor
-    block_valid: torch.Tensor
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
-    n_slots: int
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        gate_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rope_width: int | None,
+        table_dtype: torch.dtype | None,
+    ):
+        self._keys = torch.zeros(batch, num_kv_heads, 0, gate_dim, dtype=dtype, device=device)
+        self._valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self._cos = self._sin = None
+        if rope_width is not None:
+            self._cos = torch.zeros(batch, 0, rope_width, dtype=table_dtype, device=device)
+            self._sin = torch.zeros_like(self._cos)
+        self.n_slots = 0
+        self.n_blocks = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._keys.shape[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self.n_blocks]
+
+    @property
+    def block_valid(self) -> torch.Tensor:
+        return self._valid[:, : self.n_blocks]
+
+    @property
+    def cos(self) -> torch.Tensor | None:
+        return None if self._cos is None else self._cos[:, : self.n_slots]
+
+    @property
+    def sin(self) -> torch.Tensor | None:
+        return None if self._sin is None else self._sin[:, : self.n_slots]
+
+    def append_slots(self, count: int, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+        """Record ``count`` new slots with their RoPE tables ``[B or 1, count, r]``."""
+        if (cos is None) != (self._cos is None):
+            raise DecodeCacheError("RoPE tables appeared or vanished between calls of one layer")
+        end = self.n_slots + count
+        if cos is not None:
+            self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
+            self._cos[:, self.n_slots : end] = cos
+            self._sin[:, self.n_slots : end] = sin
+        self.n_slots = end
+
+    def append_blocks(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
+        """Record compressed blocks ``keys [B, Hkv, n, G]`` and their validity ``[B, n]``."""
+        end = self.n_blocks + keys.shape[2]
+        self._keys, self._valid = _grown(self._keys, 2, end), _grown(self._valid, 1, end)
+        self._keys[:, :, self.n_blocks : end] = keys
+        self._valid[:, self.n_blocks : end] = valid
+        self.n_blocks = end
 
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection."""
-        indices = indices.to(self.keys.device)
-        self.keys = self.keys.index_select(0, indices)
-        self.block_valid = self.block_valid.index_select(0, indices)
-        if self.cos is not None:
-            self.cos = self.cos.index_select(0, indices)
-            self.sin = self.sin.index_select(0, indices)
+        indices = indices.to(self._keys.device)
+        self._keys = self._keys.index_select(0, indices)
+        self._valid = self._valid.index_select(0, indices)
+        if self._cos is not None:
+            self._cos = self._cos.index_select(0, indices)
+            self._sin = self._sin.index_select(0, indices)
 
     def crop(self, n_slots: int, block_size: int) -> None:
         """Forget slots from ``n_slots`` on (blocks no longer complete are recompressed when they complete again)."""
-        n_slots = max(0, min(n_slots, self.n_slots))
-        kept_blocks = n_slots // block_size
-        self.keys = self.keys[:, :, :kept_blocks]
-        self.block_valid = self.block_valid[:, :kept_blocks]
-        if self.cos is not None:
-            self.cos, self.sin = self.cos[:, :n_slots], self.sin[:, :n_slots]
-        self.n_slots = n_slots
+        self.n_slots = max(0, min(n_slots, self.n_slots))
+        self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
 
 
 class SeerDynamicCache(DynamicCache):
@@ -97,7 +153,7 @@ class SeerDynamicCache(DynamicCache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         for layer in self.seer_keys.values():
-            rows = torch.arange(layer.keys.shape[0], device=layer.keys.device).repeat_interleave(repeats)
+            rows = torch.arange(layer.batch_size, device=layer.keys.device).repeat_interleave(repeats)
             layer.select_batch(rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -161,24 +217,24 @@ def update_compressed_keys(
                 f"layer {layer_idx}: the KV cache already held {kv_len - new_tokens} tokens when the decode gate first "
                 "saw it; start generation from an empty cache (or a SeerDynamicCache filled with the adapter on)."
             )
-        dtype = gate.k_proj.weight.dtype
-        empty_keys = key.new_zeros(batch, gate.num_kv_heads, 0, gate.gate_dim, dtype=dtype)
-        tables = None if cos is None else key.new_zeros(batch, 0, cos.shape[-1], dtype=cos.dtype)
-        layer = CompressedKeys(empty_keys, key.new_zeros(batch, 0, dtype=torch.bool), tables, tables, 0)
+        layer = CompressedKeys(
+            batch,
+            gate.num_kv_heads,
+            gate.gate_dim,
+            gate.k_proj.weight.dtype,
+            key.device,
+            None if cos is None else cos.shape[-1],
+            None if cos is None else cos.dtype,
+        )
         cache.seer_keys[layer_idx] = layer
-    if layer.n_slots + new_tokens != kv_len or layer.keys.shape[0] != batch:
+    if layer.n_slots + new_tokens != kv_len or layer.batch_size != batch:
         raise DecodeCacheError(
-            f"layer {layer_idx}: the K-compression cache holds {layer.n_slots} slots x {layer.keys.shape[0]} rows but "
+            f"layer {layer_idx}: the K-compression cache holds {layer.n_slots} slots x {layer.batch_size} rows but "
             f"the KV cache now has {kv_len} slots (after {new_tokens} new) x {batch} rows; the KV cache was changed "
             "without going through SeerDynamicCache (crop / reorder_cache / batch_select_indices)."
         )
-    if (cos is None) != (layer.cos is None):
-        raise DecodeCacheError(f"layer {layer_idx}: RoPE tables appeared or vanished between calls")
-    if cos is not None:
-        layer.cos = torch.cat((layer.cos, cos.to(layer.cos.dtype).expand(batch, -1, -1)), dim=1)
-        layer.sin = torch.cat((layer.sin, sin.to(layer.sin.dtype).expand(batch, -1, -1)), dim=1)
-    layer.n_slots = kv_len
-    done, complete = layer.keys.shape[2], kv_len // block_size
+    layer.append_slots(new_tokens, cos, sin)
+    done, complete = layer.n_blocks, kv_len // block_size
     if complete > done:
         start, stop = done * block_size, complete * block_size
         valid = None if token_valid is None else token_valid[:, start:stop]
@@ -199,8 +255,7 @@ def update_compressed_keys(
             if valid is None
             else key_block_has_tokens(valid, block_size)
         )
-        layer.keys = torch.cat((layer.keys, new_keys), dim=2)
-        layer.block_valid = torch.cat((layer.block_valid, new_valid), dim=1)
+        layer.append_blocks(new_keys, new_valid)
     return layer
 
 
