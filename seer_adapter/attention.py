@@ -315,6 +315,57 @@ def compute_gate_logits(
     )
 
 
+def compute_decode_gate_logits(
+    state: SeerLayerState,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Decode-gate logits of every token of a prefill against its strictly earlier key blocks (for distillation).
+
+    Same computation as a decoding step (`_decode_attention` with `seer_adapter.decode`): each token's pre-RoPE query
+    heads merged per KV head and rotated at the token's position; keys pooled per block of slots, projected and
+    rotated at the block's first slot.
+
+    Args:
+        query: post-RoPE ``[B, Hq, S, D]``; key: post-RoPE ``[B, Hkv, S, D]`` (prefill without a past).
+        key_padding_mask: optional bool ``[B, S]``.
+
+    Returns:
+        ``[B, Hkv, S, nK]`` in the gate dtype, ``-inf`` on blocks not strictly earlier than the token's block and on
+        blocks without a real token; differentiable in the decode gate's weights.
+    """
+    gate = module.seer_gate[state.runtime.active_adapter].decode
+    if gate is None:
+        raise RuntimeError(f"layer {state.layer_idx}: the active adapter has no decode gate (decode_gate=False)")
+    block_size = gate.block_size
+    cos = sin = block_cos = block_sin = None
+    style = state.rope_style or "half"
+    q_pre = query.float()
+    if state.position_embeddings is not None:
+        if state.rope_style is None:
+            raise RuntimeError(
+                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
+                "the decode gate needs pre-RoPE Q/K. Please report the model family."
+            )
+        cos, sin = state.position_embeddings
+        block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
+        q_pre = apply_rope(q_pre, cos, sin, style, inverse=True)
+    k_pooled = pool_pre_rope_blocks(
+        key, cos, sin, rope_style=style, block_size=block_size, poolings=gate.k_pooling, token_valid=key_padding_mask
+    )  # [B, Hkv, nK, Pk·D] fp32
+    q_gate = gate.query(q_pre, cos, sin, style)  # [B, Hkv, S, G]
+    k_gate = gate.keys(k_pooled, block_cos, block_sin, style)  # [B, Hkv, nK, G]
+    logits = gate.logits(q_gate, k_gate)  # [B, Hkv, S, nK]
+    length, n_blocks = query.shape[2], k_gate.shape[2]
+    token_block = torch.arange(length, device=query.device) // block_size
+    allowed = torch.arange(n_blocks, device=query.device)[None, :] < token_block[:, None]  # [S, nK]
+    valid = block_has_tokens(key_padding_mask, block_size)
+    allowed = allowed[None] if valid is None else allowed[None] & valid[:, None, :]  # [B or 1, S, nK]
+    return logits.masked_fill(~allowed[:, None], float("-inf"))
+
+
 def _sparse_prefill(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -296,3 +296,104 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
     assert all(gate.decode is None for gate in reloaded.gates().values())
     with pytest.raises(Exception, match="unexpected"):  # decode weights onto a config without a decode gate
         SeerModel.from_pretrained(reloaded.unload(), tmp_path / "both", decode_gate=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# decode-gate distillation
+# ------------------------------------------------------------------------------------------------------
+def _naive_decode_target(q, k, block_size, padding):
+    """Loop-by-loop statement of the target (independent of the vectorised reference)."""
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group, n_blocks = hq // hkv, -(-length // block_size)
+    out = torch.zeros(batch, hkv, length, n_blocks)
+    for b in range(batch):
+        for t in range(length):
+            if not padding[b, t]:
+                continue
+            keys = [j for j in range(t + 1) if padding[b, j]]
+            for h in range(hkv):
+                best = torch.zeros(n_blocks)
+                for head in range(h * group, (h + 1) * group):
+                    scores = torch.stack([q[b, head, t] @ k[b, h, j] / dim**0.5 for j in keys])
+                    probs = scores.softmax(0)
+                    for p, j in zip(probs, keys, strict=True):
+                        best[j // block_size] = max(best[j // block_size], p)
+                best[t // block_size :] = 0
+                if best.sum() > 0:
+                    out[b, h, t] = best / best.sum()
+    return out
+
+
+def test_decode_target_reference_matches_the_definition(monkeypatch):
+    from seer_adapter.kernels import decode_ground_truth
+
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 4, 21, 8, generator=gen), torch.randn(2, 2, 21, 8, generator=gen)
+    padding = torch.ones(2, 21, dtype=torch.bool)
+    padding[1, :6] = False
+    want = _naive_decode_target(q, k, 4, padding)
+    got = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got[:, :, :4], torch.zeros(2, 2, 4, 6))  # first block: nothing earlier
+    monkeypatch.setattr(decode_ground_truth, "_MAX_SCORE_ELEMENTS", 50)  # chunks of one row
+    chunked = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
+    torch.testing.assert_close(chunked, got)
+
+
+def test_training_logits_equal_decoding_logits():
+    """The decode gate sees the same positions in training (every token of a prefill) and in decoding. The budget
+    covers the context so that the layers' inputs are the same in both runs."""
+    from seer_adapter.attention import compute_decode_gate_logits
+    from seer_adapter.kernels import block_sparse_attention_reference
+
+    model = get_seer_model(tiny_model("qwen3"), _config(decode_token_budget=128))
+    _randomise_decode_gates(model, seed=9)
+    ids, mask = _inputs(batch=2, length=60, pad_left=(0, 11), seed=9)
+    captured = {}
+
+    def hook(module, layer, query, key, value, attn_mask, scaling, **kwargs):
+        padding = attn_mask.key_padding_mask
+        captured[layer.layer_idx] = compute_decode_gate_logits(layer, module, query, key, padding)
+        n = -(-query.shape[2] // BLOCK)
+        every = torch.ones(query.shape[0], key.shape[1], n, n, dtype=torch.bool)
+        return block_sparse_attention_reference(
+            query, key, value, every, block_size=BLOCK, scale=scaling, key_padding_mask=padding
+        )
+
+    model.runtime.distillation = hook
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    model.runtime.distillation = None
+    model.runtime.record_gate_outputs = True
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], cache=cache, use_cache=True)
+    states = {m.seer_state.layer_idx: m.seer_state for m in model.base_model.modules() if hasattr(m, "seer_state")}
+    for t in range(20, 60):
+        _feed(model, ids, mask, cache, t, t + 1)
+        earlier = t // BLOCK
+        for layer, logits in captured.items():
+            want = torch.softmax(logits[:, :, t, :earlier].float(), dim=-1).nan_to_num(0.0)
+            torch.testing.assert_close(states[layer].last_gate_probs, want, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_trains_the_decode_gate():
+    from seer_adapter.distill import distillation_loss
+
+    model = get_seer_model(tiny_model("llama"), _config())
+    ids, mask = _inputs(batch=2, length=64, pad_left=(0, 9), seed=10)
+    params = [p for gate in model.gates().values() for p in gate.decode.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss, _ = distillation_loss(model, ids, mask, skip_first_fraction=0.0, decode_loss_weight=1.0)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        losses.append(loss.item())
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    # weight 0 trains the prefill gates alone: no gradient reaches the decode gates
+    optimizer.zero_grad()
+    distillation_loss(model, ids, mask, decode_loss_weight=0.0)[0].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)

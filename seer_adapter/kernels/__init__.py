@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .block_lists import BlockLists, select_block_lists_reference
+from .decode_ground_truth import decode_block_ground_truth_reference
 from .reference import (
     block_sparse_attention_reference,
     causal_token_mask,
@@ -32,11 +33,13 @@ from .sparse_decode import sparse_decode_reference
 
 ENV_BACKEND = "SEER_ADAPTER_KERNEL"
 # Operation -> backend name -> implementation. "attention": `block_sparse_attention`; "select": `select_block_lists`;
-# "decode": `sparse_decode_attention`; "gate_pooling" and "ground_truth" register themselves from their modules.
+# "decode": `sparse_decode_attention`; "decode_ground_truth": `decode_block_ground_truth`; "gate_pooling" and
+# "ground_truth" register themselves from their modules.
 _OPS: dict[str, dict[str, Callable[..., object]]] = {
     "attention": {"reference": block_sparse_attention_reference},
     "select": {"reference": select_block_lists_reference},
     "decode": {"reference": sparse_decode_reference},
+    "decode_ground_truth": {"reference": decode_block_ground_truth_reference},
     "gate_pooling": {},
     "ground_truth": {},
 }
@@ -201,6 +204,24 @@ def sparse_decode_attention(
     )
 
 
+def decode_block_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode-gate distillation target ``[B, Hkv, S, nK]`` (see `decode_ground_truth`): the single entry point.
+
+    Only the PyTorch reference exists so far; on CUDA it runs chunked in fp32 (one extra pass over Q·Kᵀ).
+    """
+    fn = backend_for("decode_ground_truth", q.device, backend)
+    return fn(q, k, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, softcap=softcap)
+
+
 def select_block_lists(
     scores: torch.Tensor,
     *,
@@ -249,6 +270,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "causal_token_mask",
+    "decode_block_ground_truth",
     "check_attention_inputs",
     "expand_block_mask",
     "register_backend",
