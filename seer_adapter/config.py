@@ -149,6 +149,13 @@ class SeerAttentionConfig:
             "before."
         },
     )
+    decode_k_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "RMS-normalise the decode gate's projected block keys (learned scale per KV head); fixed once "
+            "trained."
+        },
+    )
     decode_method: str = field(
         default="token_budget",
         metadata={
@@ -267,8 +274,9 @@ class SeerAttentionConfig:
                     f"{where}token_budget={budget} is below one block ({self.block_size} tokens); "
                     "use at least block_size."
                 )
-        if not isinstance(self.decode_gate, bool):
-            raise SeerConfigError(f"decode_gate must be a bool, got {self.decode_gate!r}.")
+        for name in ("decode_gate", "decode_k_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise SeerConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.decode_method not in DECODE_METHODS:
             raise SeerConfigError(f"decode_method must be one of {DECODE_METHODS}, got {self.decode_method!r}.")
         _check_int("decode_token_budget", self.decode_token_budget, minimum=1)

@@ -246,7 +246,8 @@ class DecodeGate(nn.Module):
       (``[g·D]``, head-major) and merged by one bias-free linear per KV head, ``g·D -> gate_dim``; the result is
       rotated with the model's RoPE at the token's own position.
     * **Keys**: pre-RoPE K is pooled over blocks of ``block_size`` slots (``k_pooling``, as the prefill gate),
-      projected per KV head ``len(k_pooling)·D -> gate_dim`` and rotated at the position of the block's first slot
+      projected per KV head ``len(k_pooling)·D -> gate_dim``, optionally RMS-normalised (``k_norm``: a learned
+      scale per KV head and channel, initialised to 1) and rotated at the position of the block's first slot
       (the prefill gate's block-RoPE convention). These compressed keys are what `seer_adapter.decode` caches.
     * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head.
 
@@ -266,16 +267,20 @@ class DecodeGate(nn.Module):
         gate_dim: int,
         block_size: int,
         k_pooling: list[str],
+        k_norm: bool = False,
         dtype: torch.dtype = torch.float32,
+        eps: float = 1e-6,
     ):
         super().__init__()
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.group = num_q_heads // num_kv_heads
+        self.group, self.eps = num_q_heads // num_kv_heads, eps
         self.gate_dim, self.block_size, self.k_pooling = gate_dim, block_size, list(k_pooling)
         self.q_proj = HeadwiseLinear(num_kv_heads, self.group * head_dim, gate_dim, dtype)
         self.k_proj = HeadwiseLinear(num_kv_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
+        # RMSNorm scale of the projected keys, [Hkv, gate_dim]; None without k_norm
+        self.k_norm = nn.Parameter(torch.ones(num_kv_heads, gate_dim, dtype=dtype)) if k_norm else None
         self.init_mean_prior()
 
     @torch.no_grad()
@@ -334,7 +339,10 @@ class DecodeGate(nn.Module):
         width = len(self.k_pooling) * self.head_dim
         if k_pooled.dim() != 4 or k_pooled.shape[1] != self.num_kv_heads or k_pooled.shape[-1] != width:
             raise ValueError(f"k_pooled must be [B, Hkv={self.num_kv_heads}, nB, {width}], got {tuple(k_pooled.shape)}")
-        projected = self.k_proj(k_pooled.to(self.k_proj.weight.dtype))
+        projected = self.k_proj(k_pooled.to(self.k_proj.weight.dtype))  # [B, Hkv, nB, G]
+        if self.k_norm is not None:
+            rms = projected.pow(2).mean(dim=-1, keepdim=True).add(self.eps).rsqrt()
+            projected = projected * rms * self.k_norm[None, :, None, :]
         return projected if block_cos is None else apply_rope(projected, block_cos, block_sin, rope_style)
 
     def logits(self, q_gate: torch.Tensor, k_gate: torch.Tensor) -> torch.Tensor:
@@ -342,4 +350,7 @@ class DecodeGate(nn.Module):
         return torch.einsum("bhng,bhkg->bhnk", q_gate, k_gate) / math.sqrt(self.gate_dim)
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, gate_dim={self.gate_dim}, group={self.group}, k_pooling={self.k_pooling}"
+        return (
+            f"block_size={self.block_size}, gate_dim={self.gate_dim}, group={self.group}, k_pooling={self.k_pooling}, "
+            f"k_norm={self.k_norm is not None}"
+        )

@@ -270,6 +270,7 @@ def _attach_gates(
                 gate_dim,
                 config.block_size,
                 config.k_pooling,
+                k_norm=config.decode_k_norm,
                 dtype=dtype,
             ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
@@ -400,6 +401,7 @@ class SeerAdapterMixin:
             "use_q_proj",
             "gate_dtype",
             "decode_gate",
+            "decode_k_norm",
             "target_modules",
             *BASE_MODEL_FIELDS,
             "gated_layers",

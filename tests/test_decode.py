@@ -72,6 +72,12 @@ def test_decode_gate_prior_merges_the_group_by_its_mean():
     k = torch.randn(2, 2, 12, 8)
     pooled = pool_blocks(k, 4, ["max", "avg"], None)
     torch.testing.assert_close(gate.keys(pooled), pool_blocks(k, 4, ["avg"], None))
+    normed = DecodeGate(6, 2, 8, 8, 4, ["max", "avg"], k_norm=True)
+    with torch.no_grad():
+        normed.k_norm.copy_(torch.arange(16.0).view(2, 8))
+    projected = gate.keys(pooled)
+    want = projected / projected.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * torch.arange(16.0).view(1, 2, 1, 8)
+    torch.testing.assert_close(normed.keys(pooled), want)
     with pytest.raises(ValueError, match="Hq=6"):
         gate.query(torch.randn(2, 4, 1, 8))
     with pytest.raises(ValueError, match="k_pooled"):
@@ -116,11 +122,11 @@ def test_select_decode_blocks_budget_threshold_and_forced_blocks():
 # ------------------------------------------------------------------------------------------------------
 # K-compression cache
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "phi", "gpt_neox"])
-def test_incremental_compression_equals_full_recomputation(family):
+@pytest.mark.parametrize("family,k_norm", [("llama", False), ("phi", True), ("gpt_neox", False)])
+def test_incremental_compression_equals_full_recomputation(family, k_norm):
     """Compressed keys of a sequence prefilled at once == prefilled in part and decoded token by token (left padding,
     a prompt shorter than one block on the padded row), so block RoPE uses the same positions in both."""
-    model = get_seer_model(tiny_model(family), _config())
+    model = get_seer_model(tiny_model(family), _config(decode_k_norm=k_norm))
     _randomise_decode_gates(model)
     ids, mask = _inputs(batch=2, length=70, pad_left=(0, 13), seed=1)
     full = DynamicCache()
@@ -264,7 +270,7 @@ def test_sparse_or_dense_prefill_with_sparse_decode():
 # save / load
 # ------------------------------------------------------------------------------------------------------
 def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
-    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=32))
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=32, decode_k_norm=True))
     _randomise_decode_gates(model, seed=7)
     ids, mask = _inputs(batch=2, length=40, pad_left=(0, 4), seed=7)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -275,6 +281,7 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
 
     keys = load_file(tmp_path / "both" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.seer_gate.decode.q_proj.weight" in keys
+    assert keys["base_model.model.model.layers.0.self_attn.seer_gate.decode.k_norm"].shape == (2, 16)
     loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "both")
     for a, b in zip(model.gates().values(), loaded.gates().values(), strict=True):
         assert b.decode is not None and torch.equal(a.decode.q_proj.weight, b.decode.q_proj.weight)
@@ -288,7 +295,7 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
     path = os.path.join(tmp_path, "old", "adapter_config.json")
     with open(path) as f:
         data = json.load(f)
-    for name in ("decode_gate", "decode_method", "decode_token_budget", "decode_threshold"):
+    for name in ("decode_gate", "decode_k_norm", "decode_method", "decode_token_budget", "decode_threshold"):
         del data[name]
     with open(path, "w") as f:
         json.dump(data, f)
