@@ -23,7 +23,7 @@ from seer_adapter.decode import select_decode_blocks
 from seer_adapter.gate import pool_blocks
 
 BLOCK = 16
-FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma"]
+FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gemma2"]
 
 
 def _config(**kw) -> SeerAttentionConfig:
@@ -206,7 +206,7 @@ def test_full_budget_sparse_decode_equals_dense(family):
     model = get_seer_model(base, _config(decode_token_budget=128))
     _randomise_decode_gates(model)
     got_seq, got = _generate_logits(model, ids, mask, max_new_tokens=25, do_sample=False)
-    stats = model.sparsity_stats()
+    stats = [row for row in model.sparsity_stats() if row["layer"] in model.gates()]  # gemma2: sliding layers ungated
     assert {row.get("phase") for row in stats} == {"decode"} and all(row["density"] == 1.0 for row in stats)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_seq, want_seq)
@@ -404,3 +404,19 @@ def test_distillation_trains_the_decode_gate():
     optimizer.zero_grad()
     distillation_loss(model, ids, mask, decode_loss_weight=0.0)[0].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
+def test_peft_route_decodes_sparsely_and_round_trips(tmp_path):
+    """get_peft_model / PeftModel.from_pretrained carry the decode gate too (generate() through peft)."""
+    from peft import PeftModel, get_peft_model
+
+    base = tiny_model("llama")
+    ids, mask = _inputs(batch=2, length=40, pad_left=(0, 6), seed=11)
+    want = base.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    peft_model = get_peft_model(base, _config(decode_token_budget=64))
+    got = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert {row.get("phase") for row in peft_model.base_model.sparsity_stats()} == {"decode"}
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(peft_model.unload(), tmp_path)
+    assert all(gate.decode is not None for gate in reloaded.base_model.gates().values())
