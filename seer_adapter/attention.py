@@ -464,17 +464,19 @@ def _track_compressed_keys(
                 "the decode gate needs pre-RoPE keys. Please report the model family."
             )
         cos, sin = state.position_embeddings
-    state.compressed_keys = update_compressed_keys(
-        cache,
-        state.layer_idx,
-        decode_gate,
-        key,
-        query.shape[2],
-        mask.key_padding_mask,
-        cos,
-        sin,
-        state.rope_style or "half",
-    )
+    with torch.no_grad():
+        state.compressed_keys = update_compressed_keys(
+            cache,
+            state.layer_idx,
+            decode_gate,
+            key,
+            query.shape[2],
+            mask.key_padding_mask,
+            cos,
+            sin,
+            state.rope_style or "half",
+            state.runtime.active_adapter,
+        )
 
 
 def _decode_attention(

@@ -56,6 +56,7 @@ class CompressedKeys:
         block_valid: bool ``[B, nC]``: the block holds at least one real token.
         cos, sin: RoPE tables of every slot ``[B, n_slots, r]`` (``None`` for models without RoPE).
         n_slots: cache slots seen so far (== the KV cache length); n_blocks: ``nC``.
+        adapter_name: the adapter whose decode gate made the compressed keys.
     """
 
     def __init__(
@@ -67,7 +68,9 @@ class CompressedKeys:
         device: torch.device,
         rope_width: int | None,
         table_dtype: torch.dtype | None,
+        adapter_name: str = "default",
     ):
+        self.adapter_name = adapter_name  # the adapter whose decode gate compressed these keys
         self._keys = torch.zeros(batch, num_kv_heads, 0, gate_dim, dtype=dtype, device=device)
         self._valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self._cos = self._sin = None
@@ -193,6 +196,7 @@ def update_compressed_keys(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     rope_style: str,
+    adapter_name: str = "default",
 ) -> CompressedKeys:
     """Append ``new_tokens`` slots to the layer's K-compression cache and compress the blocks they complete.
 
@@ -201,6 +205,7 @@ def update_compressed_keys(
         new_tokens: slots added by this forward (the query length).
         token_valid: bool ``[B, Sk]`` (True = real token) or ``None`` when nothing is padded.
         cos, sin: RoPE tables of the new slots ``[B or 1, new_tokens, r]`` (``None``: no RoPE).
+        adapter_name: the active adapter (a cache filled by another adapter's decode gate is refused).
 
     Raises:
         DecodeCacheError: the compression cache is out of step with the KV cache.
@@ -225,8 +230,14 @@ def update_compressed_keys(
             key.device,
             None if cos is None else cos.shape[-1],
             None if cos is None else cos.dtype,
+            adapter_name,
         )
         cache.seer_keys[layer_idx] = layer
+    if layer.adapter_name != adapter_name:
+        raise DecodeCacheError(
+            f"layer {layer_idx}: this cache's compressed keys were made by adapter {layer.adapter_name!r}, but "
+            f"{adapter_name!r} is active; switch adapters between generations, not within one."
+        )
     if layer.n_slots + new_tokens != kv_len or layer.batch_size != batch:
         raise DecodeCacheError(
             f"layer {layer_idx}: the K-compression cache holds {layer.n_slots} slots x {layer.batch_size} rows but "

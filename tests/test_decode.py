@@ -23,7 +23,7 @@ from seer_adapter.decode import select_decode_blocks
 from seer_adapter.gate import pool_blocks
 
 BLOCK = 16
-FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gemma2"]
+FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gemma2", "gpt2", "opt"]
 
 
 def _config(**kw) -> SeerAttentionConfig:
@@ -185,6 +185,14 @@ def test_cache_changed_behind_its_back_or_unsupported_cache_is_a_clear_error():
 
     with pytest.raises(DecodeCacheError, match="OtherCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=OtherCache(), pad_token_id=0)
+
+    # switching adapters within one generation would mix two gates' compressed keys
+    model.add_adapter("other", _config(decode_token_budget=BLOCK))
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    model.set_adapter("other")
+    with pytest.raises(DecodeCacheError, match="adapter 'default'"):
+        model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=cache, use_cache=True)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ def _sparse_decode_split_kernel(
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    h = pid_bh % num_kv_heads
+    # int64 batch/head offsets: b * stride_kb exceeds int32 at batch 16 x 128k x Hkv 8 x D 128
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
     rows = tl.arange(0, BLOCK_H)  # query heads of the group
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < GROUP
