@@ -165,10 +165,11 @@ class SeerDynamicCache(DynamicCache):
             layer.select_batch(torch.as_tensor(indices, device=layer.keys.device).long())
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a non-positive count; ``crop(0)``
+        is a no-op) from the KV cache and the K-compression cache alike."""
+        super().crop(tokens_to_remove)  # refuses positive values
         for layer in self.seer_keys.values():
-            target = layer.n_slots - abs(tokens_to_remove) if tokens_to_remove < 0 else tokens_to_remove
-            layer.crop(target, self.seer_block_size or 1)
+            layer.crop(layer.n_slots - abs(tokens_to_remove), self.seer_block_size or 1)
 
     def reset(self) -> None:
         super().reset()

@@ -153,6 +153,8 @@ def test_crop_and_reorder_keep_the_compression_in_step():
     other = torch.randint(3, 128, (2, 20))
     wrong_ids, wrong_mask = torch.cat((ids[:, :30], other), 1), mask[:, :50]
     _feed(model, wrong_ids, wrong_mask, cache, 30, 50)  # 20 tokens that get cropped away (into block 1)
+    cache.crop(0)  # transformers' convention: a no-op
+    assert all(layer.n_slots == 50 and layer.keys.shape[2] == 3 for layer in cache.seer_keys.values())
     cache.crop(-27)  # back to 23 slots: block 1 (slots 16..31) is no longer complete
     assert all(layer.n_slots == 23 and layer.keys.shape[2] == 1 for layer in cache.seer_keys.values())
     _feed(model, ids, mask, cache, 23, 60)
@@ -232,6 +234,31 @@ def test_full_budget_sampling_and_beam_search_equal_dense():
     torch.manual_seed(0)
     assert torch.equal(model.generate(ids, do_sample=True, top_k=0, **kwargs), sampled)
     assert torch.equal(model.generate(ids, num_beams=3, num_return_sequences=2, do_sample=False, **kwargs), beams)
+
+
+def test_prompt_lookup_decoding_crops_and_equals_dense():
+    """Prompt-lookup (assisted) decoding verifies several tokens per forward and crops rejected ones."""
+    base = tiny_model("llama")
+    ids, _ = _inputs(batch=1, length=40, pad_left=(0,), seed=4)
+    ids = torch.cat((ids, ids[:, :20]), dim=1)  # a repetition, so the lookup proposes candidates
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    want = base.generate(ids, prompt_lookup_num_tokens=4, **kwargs)
+    model = get_seer_model(base, _config(decode_token_budget=256))
+    _randomise_decode_gates(model)
+    crops = []
+    original_crop = SeerDynamicCache.crop
+
+    def counting_crop(self, tokens_to_remove):
+        crops.append(tokens_to_remove)
+        return original_crop(self, tokens_to_remove)
+
+    SeerDynamicCache.crop = counting_crop
+    try:
+        got = model.generate(ids, prompt_lookup_num_tokens=4, **kwargs)
+    finally:
+        SeerDynamicCache.crop = original_crop
+    assert torch.equal(got, want)
+    assert any(n < 0 for n in crops)  # some candidates were rejected and cropped
 
 
 def test_small_budget_is_sparse_keeps_forced_blocks_and_handles_ragged_rows():

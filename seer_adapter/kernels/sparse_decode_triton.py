@@ -137,6 +137,11 @@ def sparse_decode_triton(
         raise ValueError(f"sparse_decode_triton needs q, k, v of one dtype in {_SUPPORTED_DTYPES}")
     batch, hq, head_dim = q.shape
     _, hkv, kv_len, _ = k.shape
+    if block_size < 16 or head_dim < 16:
+        raise ValueError(
+            f"sparse_decode_triton needs block_size >= 16 and head_dim >= 16 (tl.dot tiles), got {block_size} and "
+            f"{head_dim}; use backend='reference'"
+        )
     group = hq // hkv
     width = block_indices.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

@@ -170,3 +170,10 @@ def test_dispatch_reaches_both_backends():
     a = sparse_decode_attention(q, k, k, indices, counts, block_size=16, backend="reference")
     b = sparse_decode_attention(q, k, k, indices, counts, block_size=16, backend="triton")
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+def test_triton_refuses_tiles_below_its_minimum():
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 30, 16)
+    lists, counts = torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        sparse_decode_triton(q, k, k, lists, counts, block_size=8)
