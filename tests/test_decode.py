@@ -317,6 +317,11 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
     keys = load_file(tmp_path / "both" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.seer_gate.decode.q_proj.weight" in keys
     assert keys["base_model.model.model.layers.0.self_attn.seer_gate.decode.k_norm"].shape == (2, 16)
+    from seer_adapter.adapter_info import format_report, inspect_adapter
+
+    report = format_report(inspect_adapter(tmp_path / "both"))
+    assert "Decode gate: token_budget (token budget 32" in report and "K RMSNorm True" in report
+    assert "| decode_gate | " in (tmp_path / "both" / "README.md").read_text()
     loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "both")
     for a, b in zip(model.gates().values(), loaded.gates().values(), strict=True):
         assert b.decode is not None and torch.equal(a.decode.q_proj.weight, b.decode.q_proj.weight)
@@ -334,6 +339,7 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
         del data[name]
     with open(path, "w") as f:
         json.dump(data, f)
+    assert "Decode gate: none" in format_report(inspect_adapter(tmp_path / "old"))
     reloaded = SeerModel.from_pretrained(old.unload(), tmp_path / "old")
     assert all(gate.decode is None for gate in reloaded.gates().values())
     with pytest.raises(Exception, match="unexpected"):  # decode weights onto a config without a decode gate
