@@ -530,13 +530,15 @@ def _decode_attention(
             cos, sin = state.position_embeddings
             q_pre = apply_rope(q_pre, cos, sin, state.rope_style, inverse=True)
         q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
+        candidate_valid = compressed.block_valid[:, : n_blocks - 1]  # [B, nB - 1]
         logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
+        logits = logits.masked_fill(~candidate_valid[:, None, :], float("-inf"))  # blocks of padding only
         sink = torch.zeros(batch, dtype=torch.long, device=query.device)
         if padding is not None:
             sink = padding.to(torch.int8).argmax(dim=-1) // block_size
         indices, counts = select_decode_blocks(
             logits,
-            compressed.block_valid[:, : n_blocks - 1],
+            candidate_valid,
             sink,
             n_blocks,
             method=config.decode_method,

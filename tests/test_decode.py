@@ -222,6 +222,18 @@ def test_full_budget_sparse_decode_equals_dense(family):
     assert torch.equal(got_seq, want_seq)
 
 
+def test_bf16_model_decodes_sparsely():
+    """A bf16 model (fp32 gate) runs the whole decode path; logits stay close to the base model's."""
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 20), seed=12)
+    _, want = _generate_logits(base, ids, mask, max_new_tokens=6, do_sample=False)
+    model = get_seer_model(base, _config(decode_token_budget=128))
+    _, got = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert {row.get("phase") for row in model.sparsity_stats()} == {"decode"}
+    # steps 1.. are decode steps; bf16 rounding differs from the base model's SDPA, hence the tolerance
+    torch.testing.assert_close(got[:, 1:3].float(), want[:, 1:3].float(), atol=0.1, rtol=0.05)
+
+
 def test_full_budget_sampling_and_beam_search_equal_dense():
     base = tiny_model("qwen2")
     ids, mask = _inputs(batch=2, length=40, pad_left=(3, 0), seed=4)
