@@ -181,6 +181,10 @@ class DistillationArguments:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
     loss_scale: float = field(default=10.0, metadata={"help": "Multiplier of the summed layer losses."})
     skip_first_fraction: float = field(default=0.25, metadata={"help": "Leading query-block rows left out."})
+    decode_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the decode-gate loss in layers that have a decode gate (0: prefill gates only)."},
+    )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (and at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     seed: int = field(default=0, metadata={"help": "Seed of the data shuffle and of torch."})
@@ -355,7 +359,11 @@ def train_gates(
                 seen += len(batch)
                 local = torch.stack(batch[rank::world]).to(device)  # [batch_size, seq_len]
                 loss, per_layer = distillation_loss(
-                    model, local, skip_first_fraction=args.skip_first_fraction, loss_scale=args.loss_scale
+                    model,
+                    local,
+                    skip_first_fraction=args.skip_first_fraction,
+                    loss_scale=args.loss_scale,
+                    decode_loss_weight=args.decode_loss_weight,
                 )
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / args.gradient_accumulation_steps
@@ -363,7 +371,8 @@ def train_gates(
                     layer_losses[idx] = layer_losses.get(idx, 0.0) + value / args.gradient_accumulation_steps
             if world > 1:
                 for p in params.values():
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                    if p.grad is not None:  # decode gates get none with decode_loss_weight=0 (same on every rank)
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
                 reduced = torch.tensor(step_loss, device=device)
                 dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
                 step_loss = reduced.item()
