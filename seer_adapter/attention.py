@@ -464,19 +464,26 @@ def _track_compressed_keys(
                 "the decode gate needs pre-RoPE keys. Please report the model family."
             )
         cos, sin = state.position_embeddings
-    with torch.no_grad():
-        state.compressed_keys = update_compressed_keys(
-            cache,
-            state.layer_idx,
-            decode_gate,
-            key,
-            query.shape[2],
-            mask.key_padding_mask,
-            cos,
-            sin,
-            state.rope_style or "half",
-            state.runtime.active_adapter,
-        )
+    try:
+        with torch.no_grad():
+            state.compressed_keys = update_compressed_keys(
+                cache,
+                state.layer_idx,
+                decode_gate,
+                key,
+                query.shape[2],
+                mask.key_padding_mask,
+                cos,
+                sin,
+                state.rope_style or "half",
+                state.runtime.active_adapter,
+            )
+    except DecodeCacheError:
+        if state.runtime.config.decode_method != "dense":
+            raise
+        # Dense decoding does not need the compressed keys: forget them; switching to a sparse decode_method later
+        # in this generation raises then.
+        cache.seer_keys.pop(state.layer_idx, None)
 
 
 def _decode_attention(

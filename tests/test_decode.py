@@ -188,6 +188,15 @@ def test_cache_changed_behind_its_back_or_unsupported_cache_is_a_clear_error():
     with pytest.raises(DecodeCacheError, match="OtherCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=OtherCache(), pad_token_id=0)
 
+    # a cache filled before the decode gate saw it: dense decoding goes on, sparse decoding names the problem
+    base = model.unload()
+    early = DynamicCache()
+    base(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=early, use_cache=True)
+    model = get_seer_model(base, _config(decode_method="dense"))
+    model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=early, use_cache=True)
+    model.set_sparsity(decode_method="token_budget")
+    with pytest.raises(DecodeCacheError, match="already held 31 tokens"):
+        model(input_ids=ids[:, 31:32], attention_mask=mask[:, :32], cache=early, use_cache=True)
     # switching adapters within one generation would mix two gates' compressed keys
     model.add_adapter("other", _config(decode_token_budget=BLOCK))
     cache = SeerDynamicCache()
