@@ -7,7 +7,8 @@
 from .attention import ATTN_IMPLEMENTATION, register_attention
 from .auto import AutoSeerModelForCausalLM
 from .config import SeerAttentionConfig, SeerConfigError
-from .gate import AttnGate
+from .decode import DecodeCacheError, SeerDynamicCache
+from .gate import AttnGate, DecodeGate
 from .model import AdapterMismatchError, SeerModel, UnsupportedModelError, get_seer_model
 from .peft_integration import register_with_peft
 
@@ -20,9 +21,12 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "AdapterMismatchError",
     "AttnGate",
+    "DecodeCacheError",
+    "DecodeGate",
     "AutoSeerModelForCausalLM",
     "SeerAttentionConfig",
     "SeerConfigError",
+    "SeerDynamicCache",
     "SeerModel",
     "UnsupportedModelError",
     "get_seer_model",

@@ -25,6 +25,16 @@ def _layer_of(key: str) -> int | None:
     return numbers[-1] if numbers else None
 
 
+def _decode_line(config: dict[str, Any]) -> str:
+    """The decode-gate line of `format_report` (adapters saved before decode gates have no such keys)."""
+    if not config.get("decode_gate"):
+        return "Decode gate: none (decoding runs the base model's dense attention)"
+    return (
+        f"Decode gate: {config['decode_method']} (token budget {config['decode_token_budget']}, threshold "
+        f"{config['decode_threshold']}), K RMSNorm {config.get('decode_k_norm', False)}"
+    )
+
+
 def read_gate_tensors(weights_path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{key: (shape, dtype)}`` of a safetensors file, read from its header only (no tensor is loaded)."""
     from safetensors import safe_open
@@ -157,6 +167,7 @@ def format_report(info: dict[str, Any]) -> str:
         f"token_budget {config['token_budget']}); sink block {config['force_sink_block']}, local block "
         f"{config['force_local_block']}, dense below {config['dense_below_length']} tokens, last "
         f"{config['dense_last_query_blocks']} query-block rows dense",
+        _decode_line(config),
         "",
         f"{'layer':>5}  {'mode':<11} {'params':>10}  {'method':<12} setting",
     ]

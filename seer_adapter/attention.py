@@ -7,7 +7,9 @@ per call, between:
 
 * **sparse prefill** — ``S > 1``, no past (``Sk == S``), plain causal mask, ``S >= dense_below_length``:
   invert RoPE, run the layer's gate, select blocks, call the block-sparse kernel dispatch;
-* **decode** — ``S == 1``: dense for now (`_decode_attention` is where sparse decode plugs in);
+* **decode** — ``S == 1``: sparse when the layer has a decode gate and ``decode_method`` is not ``"dense"``
+  (`_decode_attention`, `seer_adapter.decode`), else dense. Every call of a layer with a decode gate and a
+  `DynamicCache` first updates the layer's K-compression cache, whatever path the call then takes;
 * **distillation** — when a `DistillationHook` is installed on the runtime, it computes the ground truth
   and the output (the distillation module provides it);
 * **dense** — everything else (dense layers, non-gated layers, sliding-window or other non-causal mask
@@ -36,9 +38,11 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .decode import CompressedKeys, DecodeCacheError, as_seer_cache, select_decode_blocks, update_compressed_keys
 from .gate import block_has_tokens
-from .kernels import block_sparse_attention, select_block_lists
+from .kernels import block_sparse_attention, select_block_lists, sparse_decode_attention
 from .kernels.gate_pooling import pool_pre_rope_blocks
+from .rope import apply_rope
 
 if TYPE_CHECKING:
     from .config import SeerAttentionConfig
@@ -163,6 +167,10 @@ class SeerLayerState:
     runtime: SeerRuntime
     rope_style: str | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the KV cache object the attention module received in this call (captured like position_embeddings)
+    cache: Any = None
+    # the layer's K-compression cache after this call's update (None without a decode gate or a DynamicCache)
+    compressed_keys: CompressedKeys | None = None
     # filled when runtime.record_gate_outputs: gate probabilities and kept blocks of the last sparse call
     last_gate_probs: torch.Tensor | None = None
     last_block_mask: torch.Tensor | None = None
@@ -214,6 +222,10 @@ def seer_attention_forward(
         return _dense_attention(
             module, query, key, value, attention_mask, scaling, dropout, state, "dense layer", **kwargs
         )
+    decode_gate = module.seer_gate[runtime.active_adapter].decode
+    state.compressed_keys = None
+    if decode_gate is not None and state.cache is not None:
+        _track_compressed_keys(module, state, decode_gate, query, key, attention_mask)
     if query.shape[2] == 1:
         return _decode_attention(module, query, key, value, attention_mask, scaling, dropout, state, **kwargs)
 
@@ -303,6 +315,57 @@ def compute_gate_logits(
     )
 
 
+def compute_decode_gate_logits(
+    state: SeerLayerState,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Decode-gate logits of every token of a prefill against its strictly earlier key blocks (for distillation).
+
+    Same computation as a decoding step (`_decode_attention` with `seer_adapter.decode`): each token's pre-RoPE query
+    heads merged per KV head and rotated at the token's position; keys pooled per block of slots, projected and
+    rotated at the block's first slot.
+
+    Args:
+        query: post-RoPE ``[B, Hq, S, D]``; key: post-RoPE ``[B, Hkv, S, D]`` (prefill without a past).
+        key_padding_mask: optional bool ``[B, S]``.
+
+    Returns:
+        ``[B, Hkv, S, nK]`` in the gate dtype, ``-inf`` on blocks not strictly earlier than the token's block and on
+        blocks without a real token; differentiable in the decode gate's weights.
+    """
+    gate = module.seer_gate[state.runtime.active_adapter].decode
+    if gate is None:
+        raise RuntimeError(f"layer {state.layer_idx}: the active adapter has no decode gate (decode_gate=False)")
+    block_size = gate.block_size
+    cos = sin = block_cos = block_sin = None
+    style = state.rope_style or "half"
+    q_pre = query.float()
+    if state.position_embeddings is not None:
+        if state.rope_style is None:
+            raise RuntimeError(
+                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
+                "the decode gate needs pre-RoPE Q/K. Please report the model family."
+            )
+        cos, sin = state.position_embeddings
+        block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
+        q_pre = apply_rope(q_pre, cos, sin, style, inverse=True)
+    k_pooled = pool_pre_rope_blocks(
+        key, cos, sin, rope_style=style, block_size=block_size, poolings=gate.k_pooling, token_valid=key_padding_mask
+    )  # [B, Hkv, nK, Pk·D] fp32
+    q_gate = gate.query(q_pre, cos, sin, style)  # [B, Hkv, S, G]
+    k_gate = gate.keys(k_pooled, block_cos, block_sin, style)  # [B, Hkv, nK, G]
+    logits = gate.logits(q_gate, k_gate)  # [B, Hkv, S, nK]
+    length, n_blocks = query.shape[2], k_gate.shape[2]
+    token_block = torch.arange(length, device=query.device) // block_size
+    allowed = torch.arange(n_blocks, device=query.device)[None, :] < token_block[:, None]  # [S, nK]
+    valid = block_has_tokens(key_padding_mask, block_size)
+    allowed = allowed[None] if valid is None else allowed[None] & valid[:, None, :]  # [B or 1, S, nK]
+    return logits.masked_fill(~allowed[:, None], float("-inf"))
+
+
 def _sparse_prefill(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -374,6 +437,55 @@ def _method_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _track_compressed_keys(
+    module: torch.nn.Module,
+    state: SeerLayerState,
+    decode_gate: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: Any,
+) -> None:
+    """Append this call's new slots to the layer's K-compression cache (`seer_adapter.decode`).
+
+    Needs a `DynamicCache` (converted in place to `SeerDynamicCache`) and a plain causal `SeerAttentionMask` (for the
+    padding); otherwise the layer's compression state is dropped, and a later sparse decoding step raises.
+    """
+    cache = as_seer_cache(state.cache)
+    if cache is None:
+        return
+    if not isinstance(mask, SeerAttentionMask) or not mask.is_plain_causal:
+        cache.seer_keys.pop(state.layer_idx, None)
+        return
+    cos = sin = None
+    if state.position_embeddings is not None:
+        if state.rope_style is None:
+            raise RuntimeError(
+                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
+                "the decode gate needs pre-RoPE keys. Please report the model family."
+            )
+        cos, sin = state.position_embeddings
+    try:
+        with torch.no_grad():
+            state.compressed_keys = update_compressed_keys(
+                cache,
+                state.layer_idx,
+                decode_gate,
+                key,
+                query.shape[2],
+                mask.key_padding_mask,
+                cos,
+                sin,
+                state.rope_style or "half",
+                state.runtime.active_adapter,
+            )
+    except DecodeCacheError:
+        if state.runtime.config.decode_method != "dense":
+            raise
+        # Dense decoding does not need the compressed keys: forget them; switching to a sparse decode_method later
+        # in this generation raises then.
+        cache.seer_keys.pop(state.layer_idx, None)
+
+
 def _decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -385,8 +497,87 @@ def _decode_attention(
     state: SeerLayerState,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One new token per sequence. Dense for now: sparse decode (decode gate + K-compression cache) plugs in here."""
-    return _dense_attention(module, query, key, value, attention_mask, scaling, dropout, state, "decode", **kwargs)
+    """One new token per sequence: sparse with the layer's decode gate, else the base model's dense attention.
+
+    Sparse decoding scores the strictly earlier blocks of the K-compression cache with the merged query of each GQA
+    group, selects blocks per KV head (`select_decode_blocks`; the new token's block and the sink block always) and
+    attends through `sparse_decode_attention`.
+    """
+    config = state.runtime.config
+    decode_gate = module.seer_gate[state.runtime.active_adapter].decode
+    args = (module, query, key, value, attention_mask, scaling, dropout, state)
+    if decode_gate is None:
+        return _dense_attention(*args, "decode", **kwargs)
+    if config.decode_method == "dense":
+        return _dense_attention(*args, "decode_method='dense'", **kwargs)
+    if not isinstance(attention_mask, SeerAttentionMask):
+        return _dense_attention(*args, "the model passed a mask of its own making", **kwargs)
+    if not attention_mask.is_plain_causal:
+        return _dense_attention(*args, "the mask is not plain causal (sliding window or custom pattern)", **kwargs)
+    if dropout > 0.0:
+        return _dense_attention(*args, "attention dropout is on (module in training mode)", **kwargs)
+    if kwargs.get("s_aux") is not None:
+        return _dense_attention(*args, "the layer uses attention sinks (s_aux)", **kwargs)
+    compressed = state.compressed_keys
+    if compressed is None:
+        raise DecodeCacheError(
+            f"layer {state.layer_idx}: sparse decoding needs the K-compression cache, which lives in a "
+            f"seer_adapter.SeerDynamicCache (a transformers DynamicCache is converted when first filled); got "
+            f"{type(state.cache).__name__}. Pass past_key_values=SeerDynamicCache(config=model.config), or set "
+            "decode_method='dense'."
+        )
+    block_size = decode_gate.block_size
+    padding = attention_mask.key_padding_mask  # [B, Sk] or None
+    batch, kv_len = query.shape[0], key.shape[2]
+    n_blocks = -(-kv_len // block_size)
+    with torch.no_grad():
+        q_pre = query.float()
+        cos = sin = None
+        if state.position_embeddings is not None:
+            cos, sin = state.position_embeddings
+            q_pre = apply_rope(q_pre, cos, sin, state.rope_style, inverse=True)
+        q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
+        candidate_valid = compressed.block_valid[:, : n_blocks - 1]  # [B, nB - 1]
+        logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
+        logits = logits.masked_fill(~candidate_valid[:, None, :], float("-inf"))  # blocks of padding only
+        sink = torch.zeros(batch, dtype=torch.long, device=query.device)
+        if padding is not None:
+            sink = padding.to(torch.int8).argmax(dim=-1) // block_size
+        indices, counts = select_decode_blocks(
+            logits,
+            candidate_valid,
+            sink,
+            n_blocks,
+            method=config.decode_method,
+            block_size=block_size,
+            token_budget=config.decode_token_budget,
+            threshold=config.decode_threshold,
+        )
+    out = sparse_decode_attention(
+        query[:, :, 0],
+        key,
+        value,
+        indices,
+        counts,
+        block_size=block_size,
+        scale=scaling,
+        key_padding_mask=padding,
+        softcap=kwargs.get("softcap"),
+    )  # [B, Hq, D]
+    state.runtime.stats[state.layer_idx] = {
+        "mode": "sparse",
+        "phase": "decode",
+        "q_len": 1,
+        "kept_blocks": counts.sum(),
+        # blocks holding a real token (the current one included): the density denominator
+        "causal_blocks": (compressed.block_valid[:, : n_blocks - 1].sum() + batch) * counts.shape[1],
+    }
+    if state.runtime.record_gate_outputs:
+        state.last_gate_probs = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
+        state.last_block_mask = torch.zeros(
+            *counts.shape, n_blocks + 1, dtype=torch.bool, device=query.device
+        ).scatter_(-1, indices.long(), True)[..., :n_blocks]
+    return out[:, None].contiguous(), None
 
 
 def _dense_attention(

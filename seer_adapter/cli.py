@@ -195,7 +195,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.init_adapter:
         model = SeerModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
-        model = get_seer_model(base, SeerAttentionConfig(block_size=args.block_size))
+        model = get_seer_model(base, SeerAttentionConfig(block_size=args.block_size, decode_gate=args.decode_gate))
     train_args = DistillationArguments(
         output_dir=args.output,
         max_steps=args.max_steps,
@@ -206,6 +206,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         warmup_steps=args.warmup_steps,
         save_steps=args.save_steps,
         seed=args.seed,
+        decode_loss_weight=args.decode_loss_weight,
     )
     dataset = load_text_dataset(args.data, streaming=args.streaming, shuffle_seed=args.seed)
     vocab = base.get_input_embeddings().num_embeddings
@@ -556,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--warmup-steps", type=int, default=20)
     distill.add_argument("--save-steps", type=int, default=100)
     distill.add_argument("--block-size", type=int, default=64)
+    distill.add_argument(
+        "--decode-gate", action="store_true", help="give fresh gates a decode gate too (sparse decoding) and train it"
+    )
+    distill.add_argument(
+        "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"
+    )
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--init-adapter", default=None, help="start from these gates instead of fresh ones")
     distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")

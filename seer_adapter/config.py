@@ -19,6 +19,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "SEER_ATTENTION"
 
 SPARSITY_METHODS = ("threshold", "nz_ratio", "token_budget", "dense")
+DECODE_METHODS = ("token_budget", "threshold", "dense")
 POOLING_TYPES = ("avg", "max", "min")
 # Fields a per-layer override may set; everything else is shared by all layers.
 LAYER_OVERRIDABLE_FIELDS = ("sparsity_method", "threshold", "nz_ratio", "token_budget")
@@ -138,6 +139,39 @@ class SeerAttentionConfig:
         },
     )
 
+    # --- decode gate (SeerAttention-R): architecture fixed once trained, selection may change ----------
+    decode_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Give every gated layer a decode gate (`seer_adapter.gate.DecodeGate`): the query heads of a GQA "
+            "group merged by a learned linear per KV head, scored against a K-compression cache, one block "
+            "selection per KV head at every decoding step. Fixed once trained; adapters saved without it load as "
+            "before."
+        },
+    )
+    decode_k_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "RMS-normalise the decode gate's projected block keys (learned scale per KV head); fixed once "
+            "trained."
+        },
+    )
+    decode_method: str = field(
+        default="token_budget",
+        metadata={
+            "help": "Block selection of the decode gate per step: 'token_budget' (top decode_token_budget/block_size "
+            "blocks, first and current block included), 'threshold' (keep blocks whose gate probability exceeds "
+            "decode_threshold) or 'dense' (decode with the base model's own attention). Unused without decode_gate."
+        },
+    )
+    decode_token_budget: int = field(
+        default=2048,
+        metadata={"help": "Tokens each decoding step may attend to (rounded down to whole blocks; >= block_size)."},
+    )
+    decode_threshold: float = field(
+        default=5e-3, metadata={"help": "Keep key blocks whose decode-gate probability exceeds this (0 < t < 1)."}
+    )
+
     # --- base model description (filled by get_seer_model; checked when loading) -------------------
     model_type: str | None = field(default=None, metadata={"help": "model_type of the base model's config."})
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Layer count of the base model."})
@@ -240,6 +274,20 @@ class SeerAttentionConfig:
                     f"{where}token_budget={budget} is below one block ({self.block_size} tokens); "
                     "use at least block_size."
                 )
+        for name in ("decode_gate", "decode_k_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise SeerConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.decode_method not in DECODE_METHODS:
+            raise SeerConfigError(f"decode_method must be one of {DECODE_METHODS}, got {self.decode_method!r}.")
+        _check_int("decode_token_budget", self.decode_token_budget, minimum=1)
+        if self.decode_token_budget < self.block_size:
+            raise SeerConfigError(
+                f"decode_token_budget={self.decode_token_budget} is below one block ({self.block_size} tokens); "
+                "use at least block_size (the current block alone takes one)."
+            )
+        t = self.decode_threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t < 1.0) or math.isnan(t):
+            raise SeerConfigError(f"decode_threshold must be a probability in (0, 1), got {t!r}.")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]

@@ -8,7 +8,10 @@ The gate's logits for the same layer are computed with gradients; the loss is
     loss = loss_scale · Σ_layers mean_rows KL(ground truth ‖ softmax(gate logits))
 
 over causal key blocks in fp32, leaving out the first ``skip_first_fraction`` of query-block rows (their rows
-hold few blocks, so they teach little). The base model runs under ``no_grad``: none of its activations are
+hold few blocks, so they teach little). Layers with a decode gate (``decode_gate=True``) add
+``decode_loss_weight · mean_tokens KL(decode target ‖ softmax(decode-gate logits))`` (per token and KV head, over
+strictly earlier key blocks; `seer_adapter.kernels.decode_ground_truth`), the same ``skip_first_fraction`` of tokens
+left out. The base model runs under ``no_grad``: none of its activations are
 kept, only the gates' small graphs (pooled tensors), so memory stays near inference memory.
 
 Entry points: `distillation_loss` (one step's loss, for notebooks and custom loops) and `train_gates` (the
@@ -33,7 +36,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .attention import SeerAttentionMask, SeerLayerState, compute_gate_logits
+from .attention import SeerAttentionMask, SeerLayerState, compute_decode_gate_logits, compute_gate_logits
+from .kernels import decode_block_ground_truth
 from .kernels.ground_truth import attention_with_block_ground_truth
 from .model import SeerModel
 
@@ -74,9 +78,13 @@ def block_kl_loss(target: torch.Tensor, logits: torch.Tensor, skip_first_fractio
 class GateDistillationHook:
     """The `DistillationHook` installed during a distillation forward: ground truth + gate loss per layer."""
 
-    def __init__(self, skip_first_fraction: float = 0.25):
+    def __init__(self, skip_first_fraction: float = 0.25, decode_loss_weight: float = 1.0):
         self.skip_first_fraction = skip_first_fraction
+        self.decode_loss_weight = decode_loss_weight
+        # layer -> prefill-gate loss (+ decode_loss_weight x decode-gate loss when the layer has a decode gate)
         self.losses: dict[int, torch.Tensor] = {}
+        # layer -> decode-gate loss alone (detached), for logging
+        self.decode_losses: dict[int, torch.Tensor] = {}
 
     def __call__(
         self,
@@ -98,7 +106,19 @@ class GateDistillationHook:
             )  # out [B, Hq, S, D], target [B, Hq, nQ, nK]
         with torch.enable_grad():
             logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
-            self.losses[layer.layer_idx] = block_kl_loss(target, logits, self.skip_first_fraction)
+            loss = block_kl_loss(target, logits, self.skip_first_fraction)
+        if module.seer_gate[layer.runtime.active_adapter].decode is not None and self.decode_loss_weight > 0:
+            with torch.no_grad():
+                decode_target = decode_block_ground_truth(
+                    query, key, block_size=config.block_size, scale=scaling, key_padding_mask=padding,
+                    softcap=kwargs.get("softcap"),
+                )  # [B, Hkv, S, nK]
+            with torch.enable_grad():
+                decode_logits = compute_decode_gate_logits(layer, module, query.detach(), key.detach(), padding)
+                decode_loss = block_kl_loss(decode_target, decode_logits, self.skip_first_fraction)
+                loss = loss + self.decode_loss_weight * decode_loss
+            self.decode_losses[layer.layer_idx] = decode_loss.detach()
+        self.losses[layer.layer_idx] = loss
         return out
 
 
@@ -109,6 +129,7 @@ def distillation_loss(
     *,
     skip_first_fraction: float = 0.25,
     loss_scale: float = 10.0,
+    decode_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """One distillation forward of the frozen model.
 
@@ -117,6 +138,8 @@ def distillation_loss(
         input_ids: ``[B, S]``; attention_mask: optional ``[B, S]`` padding mask.
         skip_first_fraction: see `block_kl_loss`.
         loss_scale: multiplies the summed layer losses (the released recipe uses 10).
+        decode_loss_weight: weight of the decode-gate loss in each layer's loss (layers with a decode gate only;
+            0 trains the prefill gates alone).
 
     Returns:
         ``(loss, per_layer)``: the scalar loss with gradients into the gates only, and ``{layer: loss}`` floats.
@@ -124,7 +147,7 @@ def distillation_loss(
     runtime = model.runtime
     if runtime.distillation is not None:
         raise RuntimeError("a distillation forward is already running on this model")
-    hook = GateDistillationHook(skip_first_fraction)
+    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight)
     runtime.distillation = hook
     try:
         with torch.no_grad():
@@ -158,6 +181,10 @@ class DistillationArguments:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
     loss_scale: float = field(default=10.0, metadata={"help": "Multiplier of the summed layer losses."})
     skip_first_fraction: float = field(default=0.25, metadata={"help": "Leading query-block rows left out."})
+    decode_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the decode-gate loss in layers that have a decode gate (0: prefill gates only)."},
+    )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (and at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     seed: int = field(default=0, metadata={"help": "Seed of the data shuffle and of torch."})
@@ -338,7 +365,11 @@ def train_gates(
                 seen += len(batch)
                 local = torch.stack(batch[rank::world]).to(device)  # [batch_size, seq_len]
                 loss, per_layer = distillation_loss(
-                    model, local, skip_first_fraction=args.skip_first_fraction, loss_scale=args.loss_scale
+                    model,
+                    local,
+                    skip_first_fraction=args.skip_first_fraction,
+                    loss_scale=args.loss_scale,
+                    decode_loss_weight=args.decode_loss_weight,
                 )
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / args.gradient_accumulation_steps
@@ -346,7 +377,8 @@ def train_gates(
                     layer_losses[idx] = layer_losses.get(idx, 0.0) + value / args.gradient_accumulation_steps
             if world > 1:
                 for p in params.values():
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                    if p.grad is not None:  # decode gates get none with decode_loss_weight=0 (same on every rank)
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
                 reduced = torch.tensor(step_loss, device=device)
                 dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
                 step_loss = reduced.item()

@@ -126,6 +126,9 @@ class AttnGate(nn.Module):
         self.q_proj = (
             HeadwiseLinear(num_q_heads, len(self.q_pooling) * head_dim, gate_dim, dtype) if use_q_proj else None
         )
+        # The decode gate of the same layer (SeerAttention-R), set by `seer_adapter.model` when
+        # ``SeerAttentionConfig.decode_gate``; its weights live under ``seer_gate.decode.*`` in the adapter file.
+        self.decode: DecodeGate | None = None
         self.init_mean_pooling_prior()
 
     @torch.no_grad()
@@ -233,4 +236,121 @@ class AttnGate(nn.Module):
         return (
             f"block_size={self.block_size}, gate_dim={self.gate_dim}, q_pooling={self.q_pooling}, "
             f"k_pooling={self.k_pooling}"
+        )
+
+
+class DecodeGate(nn.Module):
+    """The decode gate of one attention layer (SeerAttention-R): one block selection per KV head per new token.
+
+    * **Query**: the pre-RoPE queries of the ``g = Hq / Hkv`` heads of a GQA group are concatenated
+      (``[g·D]``, head-major) and merged by one bias-free linear per KV head, ``g·D -> gate_dim``; the result is
+      rotated with the model's RoPE at the token's own position.
+    * **Keys**: pre-RoPE K is pooled over blocks of ``block_size`` slots (``k_pooling``, as the prefill gate),
+      projected per KV head ``len(k_pooling)·D -> gate_dim``, optionally RMS-normalised (``k_norm``: a learned
+      scale per KV head and channel, initialised to 1) and rotated at the position of the block's first slot
+      (the prefill gate's block-RoPE convention). These compressed keys are what `seer_adapter.decode` caches.
+    * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head.
+
+    The same three functions serve decoding (one token, keys from the K-compression cache) and training (every token
+    of a prefill against its strictly earlier blocks), so the position convention is shared by construction.
+
+    Initialisation: the query merge averages the group's heads and the key projection is the identity on the
+    ``avg`` channels (when ``gate_dim == head_dim``), so an untrained gate scores a block by the dot product of the
+    group-mean query with the block's mean key; otherwise ``nn.Linear``'s uniform init.
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        gate_dim: int,
+        block_size: int,
+        k_pooling: list[str],
+        k_norm: bool = False,
+        dtype: torch.dtype = torch.float32,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.group, self.eps = num_q_heads // num_kv_heads, eps
+        self.gate_dim, self.block_size, self.k_pooling = gate_dim, block_size, list(k_pooling)
+        self.q_proj = HeadwiseLinear(num_kv_heads, self.group * head_dim, gate_dim, dtype)
+        self.k_proj = HeadwiseLinear(num_kv_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
+        # RMSNorm scale of the projected keys, [Hkv, gate_dim]; None without k_norm
+        self.k_norm = nn.Parameter(torch.ones(num_kv_heads, gate_dim, dtype=dtype)) if k_norm else None
+        self.init_mean_prior()
+
+    @torch.no_grad()
+    def init_mean_prior(self) -> None:
+        """Group-mean query merge and identity on the ``avg`` key channels (see class docstring)."""
+        if self.gate_dim != self.head_dim:
+            return
+        eye = torch.eye(self.head_dim, dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
+        self.q_proj.weight.copy_((eye / self.group).repeat(1, self.group)[None].expand_as(self.q_proj.weight))
+        if "avg" in self.k_pooling:
+            self.k_proj.weight.zero_()
+            start = self.k_pooling.index("avg") * self.head_dim
+            self.k_proj.weight[:, :, start : start + self.head_dim] = eye
+
+    def query(
+        self,
+        q: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        rope_style: str = "half",
+    ) -> torch.Tensor:
+        """Merged, rotated gate queries.
+
+        Args:
+            q: pre-RoPE queries ``[B, Hq, N, D]``.
+            cos, sin: RoPE tables at each token's position ``[B, N, r]`` or ``[N, r]`` (``None``: no RoPE).
+
+        Returns:
+            ``[B, Hkv, N, gate_dim]`` in the gate dtype.
+        """
+        batch, heads, length, dim = q.shape
+        if heads != self.num_q_heads or dim != self.head_dim:
+            raise ValueError(f"q must be [B, Hq={self.num_q_heads}, N, D={self.head_dim}], got {tuple(q.shape)}")
+        dtype = self.q_proj.weight.dtype
+        grouped = q.to(dtype).view(batch, self.num_kv_heads, self.group, length, dim)
+        grouped = grouped.permute(0, 1, 3, 2, 4).reshape(batch, self.num_kv_heads, length, self.group * dim)
+        merged = self.q_proj(grouped)  # [B, Hkv, N, G]
+        return merged if cos is None else apply_rope(merged, cos, sin, rope_style)
+
+    def keys(
+        self,
+        k_pooled: torch.Tensor,
+        block_cos: torch.Tensor | None = None,
+        block_sin: torch.Tensor | None = None,
+        rope_style: str = "half",
+    ) -> torch.Tensor:
+        """Compressed keys: projected pooled pre-RoPE K rotated at each block's first slot.
+
+        Args:
+            k_pooled: ``[B, Hkv, nB, len(k_pooling)·D]`` (`pool_blocks` / `pool_pre_rope_blocks` output).
+            block_cos, block_sin: RoPE tables at each block's first slot ``[B, nB, r]`` (``None``: no RoPE).
+
+        Returns:
+            ``[B, Hkv, nB, gate_dim]`` in the gate dtype.
+        """
+        width = len(self.k_pooling) * self.head_dim
+        if k_pooled.dim() != 4 or k_pooled.shape[1] != self.num_kv_heads or k_pooled.shape[-1] != width:
+            raise ValueError(f"k_pooled must be [B, Hkv={self.num_kv_heads}, nB, {width}], got {tuple(k_pooled.shape)}")
+        projected = self.k_proj(k_pooled.to(self.k_proj.weight.dtype))  # [B, Hkv, nB, G]
+        if self.k_norm is not None:
+            rms = projected.pow(2).mean(dim=-1, keepdim=True).add(self.eps).rsqrt()
+            projected = projected * rms * self.k_norm[None, :, None, :]
+        return projected if block_cos is None else apply_rope(projected, block_cos, block_sin, rope_style)
+
+    def logits(self, q_gate: torch.Tensor, k_gate: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, N, G] x [B, Hkv, nB, G] -> [B, Hkv, N, nB]`` scaled dot products (no masking)."""
+        return torch.einsum("bhng,bhkg->bhnk", q_gate, k_gate) / math.sqrt(self.gate_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"block_size={self.block_size}, gate_dim={self.gate_dim}, group={self.group}, k_pooling={self.k_pooling}, "
+            f"k_norm={self.k_norm is not None}"
         )

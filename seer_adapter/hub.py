@@ -237,6 +237,11 @@ CONFIG_TABLE_FIELDS = (
     "dense_layers",
     "dense_below_length",
     "layer_overrides",
+    "decode_gate",
+    "decode_k_norm",
+    "decode_method",
+    "decode_token_budget",
+    "decode_threshold",
 )
 
 

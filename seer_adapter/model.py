@@ -36,13 +36,15 @@ from .config import (
     SeerAttentionConfig,
     SeerConfigError,
 )
-from .gate import AttnGate
+from .gate import AttnGate, DecodeGate
 from .rope import detect_rope_style
 
 GATE_ATTR = "seer_gate"
 STATE_ATTR = "seer_state"
 HOOKS_ATTR = "_seer_hook_handles"
 KEY_PREFIX = "base_model.model."
+# Names under which attention modules of transformers receive the KV cache.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 # Families whose attention runs through transformers' AttentionInterface and that the test suite covers
 # with a tiny random model (kept true by tests/test_families.py).
@@ -186,10 +188,20 @@ def _capture_position_embeddings(module: nn.Module, args: tuple, kwargs: dict) -
             index = parameters.index("position_embeddings")
             embeddings = args[index] if index < len(args) else None
     state.position_embeddings = embeddings if isinstance(embeddings, (tuple, list)) else None
+    # The KV cache (for the decode gate's K-compression cache); named ``cache`` in recent transformers.
+    cache = next((kwargs[name] for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+    if cache is None and len(args) > 1:
+        parameters = list(inspect.signature(module.forward).parameters)
+        for name in CACHE_ARGUMENT_NAMES:
+            if name in parameters and parameters.index(name) < len(args):
+                cache = args[parameters.index(name)]
+                break
+    state.cache = cache
 
 
 def _release_position_embeddings(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    getattr(module, STATE_ATTR).position_embeddings = None
+    state = getattr(module, STATE_ATTR)
+    state.position_embeddings = state.cache = state.compressed_keys = None
 
 
 def _attach_gates(
@@ -250,6 +262,17 @@ def _attach_gates(
             use_q_proj=config.use_q_proj,
             dtype=dtype,
         ).to(reference.device)
+        if config.decode_gate:
+            gate.decode = DecodeGate(
+                info["num_attention_heads"],
+                info["num_key_value_heads"],
+                head_dim,
+                gate_dim,
+                config.block_size,
+                config.k_pooling,
+                k_norm=config.decode_k_norm,
+                dtype=dtype,
+            ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
         gated_layers.append(module.layer_idx)
     return gated_layers
@@ -377,6 +400,8 @@ class SeerAdapterMixin:
             "k_pooling",
             "use_q_proj",
             "gate_dtype",
+            "decode_gate",
+            "decode_k_norm",
             "target_modules",
             *BASE_MODEL_FIELDS,
             "gated_layers",

@@ -69,6 +69,20 @@ def test_distill_plot(tiny_folder, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_distill_with_decode_gate(tiny_folder, tmp_path):
+    """``--decode-gate`` trains prefill and decode gates together and saves both in one adapter."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "gates"
+    arguments = ["distill", "--model", str(tiny_folder / "model"), "--data", str(tiny_folder / "data")]
+    arguments += ["--output", str(output), "--seq-len", "128", "--max-steps", "2", "--warmup-steps", "1"]
+    arguments += ["--block-size", "16", "--device", "cpu", "--decode-gate"]
+    assert main(arguments) == 0
+    assert json.loads((output / "adapter_config.json").read_text())["decode_gate"] is True
+    keys = load_file(output / "adapter_model.safetensors")
+    assert any(".seer_gate.decode.q_proj." in key for key in keys) and any(".seer_gate.k_proj." in key for key in keys)
+
+
 @pytest.mark.parametrize("command", [["eval"], ["distill", "--output", "unused"], ["demo"], ["bench"]])
 def test_plot_without_matplotlib_names_the_plots_extra(command, tmp_path, monkeypatch):
     """The error comes first: here --model points nowhere, so any later step would fail differently."""

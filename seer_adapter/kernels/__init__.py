@@ -1,7 +1,8 @@
 """The kernel half of seer_adapter: one dispatch point for every attention kernel.
 
-Every caller reaches a kernel through `block_sparse_attention` (attention over kept blocks) or `select_block_lists`
-(gate scores -> kept-block lists); each picks a backend:
+Every caller reaches a kernel through `block_sparse_attention` (attention over kept blocks), `select_block_lists`
+(gate scores -> kept-block lists) or `sparse_decode_attention` (one new token over listed key blocks per KV head);
+each picks a backend:
 
 * ``"reference"`` — the pure-PyTorch oracle of `reference.py` (any device; the CPU path);
 * ``"triton"`` — Triton kernels, registered by `register_backend` when they are importable; the default on
@@ -21,19 +22,24 @@ from collections.abc import Callable
 import torch
 
 from .block_lists import BlockLists, select_block_lists_reference
+from .decode_ground_truth import decode_block_ground_truth_reference
 from .reference import (
     block_sparse_attention_reference,
     causal_token_mask,
     check_attention_inputs,
     expand_block_mask,
 )
+from .sparse_decode import sparse_decode_reference
 
 ENV_BACKEND = "SEER_ADAPTER_KERNEL"
 # Operation -> backend name -> implementation. "attention": `block_sparse_attention`; "select": `select_block_lists`;
-# "gate_pooling" and "ground_truth" register themselves from their modules.
+# "decode": `sparse_decode_attention`; "decode_ground_truth": `decode_block_ground_truth`; "gate_pooling" and
+# "ground_truth" register themselves from their modules.
 _OPS: dict[str, dict[str, Callable[..., object]]] = {
     "attention": {"reference": block_sparse_attention_reference},
     "select": {"reference": select_block_lists_reference},
+    "decode": {"reference": sparse_decode_reference},
+    "decode_ground_truth": {"reference": decode_block_ground_truth_reference},
     "gate_pooling": {},
     "ground_truth": {},
 }
@@ -49,8 +55,9 @@ def register_backend(
     An attention backend that reads `BlockLists` directly sets ``fn.accepts_block_lists = True``; others get the
     equivalent boolean mask.
 
-    ``op``: ``"attention"`` (`block_sparse_attention`), ``"select"`` (`select_block_lists`), ``"gate_pooling"`` or
-    ``"ground_truth"``. See `backend_for` for what happens when a backend lacks an op.
+    ``op``: ``"attention"`` (`block_sparse_attention`), ``"select"`` (`select_block_lists`), ``"decode"``
+    (`sparse_decode_attention`), ``"gate_pooling"`` or ``"ground_truth"``.
+    See `backend_for` for what happens when a backend lacks an op.
     """
     _OPS[_check_op(op)][name] = fn
     for device_type in device_types:
@@ -156,6 +163,65 @@ def block_sparse_attention(
     )
 
 
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse decode attention: the single entry point to the decode kernels.
+
+    Args:
+        q: ``[B, Hq, D]`` (one new token per sequence); k, v: ``[B, Hkv, Sk, D]`` (cache, new token appended).
+        block_indices: int ``[B, Hkv, W]`` key blocks per KV head (one list shared by the query group);
+            counts: int ``[B, Hkv]`` real entries of each list.
+        block_size, scale, key_padding_mask, softcap, return_lse: as `block_sparse_attention`.
+        backend: force a backend (see module docstring).
+
+    Returns:
+        ``out [B, Hq, D]`` in ``q.dtype`` (and ``lse [B, Hq]`` fp32 when asked).
+    """
+    fn = backend_for("decode", q.device, backend)
+    return fn(
+        q,
+        k,
+        v,
+        block_indices,
+        counts,
+        block_size=block_size,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        softcap=softcap,
+        return_lse=return_lse,
+    )
+
+
+def decode_block_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode-gate distillation target ``[B, Hkv, S, nK]`` (see `decode_ground_truth`): the single entry point.
+
+    Only the PyTorch reference exists so far; on CUDA it runs chunked in fp32 (one extra pass over Q·Kᵀ).
+    """
+    fn = backend_for("decode_ground_truth", q.device, backend)
+    return fn(q, k, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, softcap=softcap)
+
+
 def select_block_lists(
     scores: torch.Tensor,
     *,
@@ -204,15 +270,18 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "causal_token_mask",
+    "decode_block_ground_truth",
     "check_attention_inputs",
     "expand_block_mask",
     "register_backend",
     "select_backend",
     "select_block_lists",
+    "sparse_decode_attention",
+    "sparse_decode_reference",
 ]
 
 try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
-    from . import block_select_triton, block_sparse_triton  # noqa: E402, F401
+    from . import block_select_triton, block_sparse_triton, sparse_decode_triton  # noqa: E402, F401
 except ImportError as _triton_error:  # pragma: no cover - triton not installed
     if torch.cuda.is_available():
         import warnings

@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
     _compiled = sys.modules.get("seer_adapter.kernels.block_sparse_triton")
     if _compiled is not None and not _compiled._KERNELS_INTERPRETED:
         importlib.reload(_compiled)
-        for name in ("seer_adapter.kernels.ground_truth", "seer_adapter.kernels.block_select_triton"):
+        for name in (
+            "seer_adapter.kernels.ground_truth",
+            "seer_adapter.kernels.block_select_triton",
+            "seer_adapter.kernels.sparse_decode_triton",
+        ):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])

@@ -1,0 +1,329 @@
+"""Sparse decoding (SeerAttention-R): K-compression cache, per-step block selection, the decode step.
+
+At every decoding step each gated layer with a decode gate (`seer_adapter.gate.DecodeGate`):
+
+1. appends the new token to its **K-compression cache** (`CompressedKeys`, kept by `SeerDynamicCache` beside the
+   KV cache): when a block of ``block_size`` cache slots completes, its pre-RoPE keys are pooled, projected and
+   rotated at the block's first slot, once; the result is ``[B, Hkv, n_blocks, gate_dim]`` — about
+   ``1 / block_size`` of the K cache;
+2. scores the strictly earlier blocks with the merged query of each GQA group (one score row per KV head);
+3. selects blocks (`select_decode_blocks`): top ``decode_token_budget / block_size`` blocks or those whose
+   probability exceeds ``decode_threshold``; the block holding the new token (the trailing, possibly partial
+   block) and the first block holding a real token (the sink) are always attended;
+4. attends through `seer_adapter.kernels.sparse_decode_attention` (Triton split-KV kernel on CUDA).
+
+Blocks are cut along **cache slots**, as in the prefill gate: with left padding every row of a batch shares block
+boundaries, padding slots enter no pool and a block holding only padding is never selected. Block RoPE uses the
+RoPE table of the block's first slot, the prefill gate's convention, so the compressed keys of a prompt are the same
+whether it was prefilled at once or decoded token by token (tested).
+
+To compress a block that completes, and to rebuild the block a `crop` cuts into, the cache keeps each layer's RoPE
+tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the K cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .gate import DecodeGate
+from .kernels.block_lists import key_block_has_tokens
+from .kernels.gate_pooling import pool_pre_rope_blocks
+
+
+class DecodeCacheError(RuntimeError):
+    """The K-compression cache cannot follow the KV cache (wrong cache type, or a cache changed behind its back)."""
+
+
+def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """``buffer`` with at least ``needed`` entries along ``dim`` (capacity doubles: amortised O(1) appends)."""
+    capacity = buffer.shape[dim]
+    if needed <= capacity:
+        return buffer
+    shape = list(buffer.shape)
+    shape[dim] = max(needed, 2 * capacity, 16)
+    grown = buffer.new_zeros(shape)
+    grown.narrow(dim, 0, capacity).copy_(buffer)
+    return grown
+
+
+class CompressedKeys:
+    """K-compression cache of one layer, in growable buffers (appending a slot never copies the history).
+
+    Attributes (views of the buffers):
+        keys: ``[B, Hkv, nC, gate_dim]`` compressed keys of the ``nC = n_slots // block_size`` completed blocks
+            (gate dtype).
+        block_valid: bool ``[B, nC]``: the block holds at least one real token.
+        cos, sin: RoPE tables of every slot ``[B, n_slots, r]`` (``None`` for models without RoPE).
+        n_slots: cache slots seen so far (== the KV cache length); n_blocks: ``nC``.
+        adapter_name: the adapter whose decode gate made the compressed keys.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        gate_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rope_width: int | None,
+        table_dtype: torch.dtype | None,
+        adapter_name: str = "default",
+    ):
+        self.adapter_name = adapter_name  # the adapter whose decode gate compressed these keys
+        self._keys = torch.zeros(batch, num_kv_heads, 0, gate_dim, dtype=dtype, device=device)
+        self._valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self._cos = self._sin = None
+        if rope_width is not None:
+            self._cos = torch.zeros(batch, 0, rope_width, dtype=table_dtype, device=device)
+            self._sin = torch.zeros_like(self._cos)
+        self.n_slots = 0
+        self.n_blocks = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._keys.shape[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self.n_blocks]
+
+    @property
+    def block_valid(self) -> torch.Tensor:
+        return self._valid[:, : self.n_blocks]
+
+    @property
+    def cos(self) -> torch.Tensor | None:
+        return None if self._cos is None else self._cos[:, : self.n_slots]
+
+    @property
+    def sin(self) -> torch.Tensor | None:
+        return None if self._sin is None else self._sin[:, : self.n_slots]
+
+    def append_slots(self, count: int, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+        """Record ``count`` new slots with their RoPE tables ``[B or 1, count, r]``."""
+        if (cos is None) != (self._cos is None):
+            raise DecodeCacheError("RoPE tables appeared or vanished between calls of one layer")
+        end = self.n_slots + count
+        if cos is not None:
+            self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
+            self._cos[:, self.n_slots : end] = cos
+            self._sin[:, self.n_slots : end] = sin
+        self.n_slots = end
+
+    def append_blocks(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
+        """Record compressed blocks ``keys [B, Hkv, n, G]`` and their validity ``[B, n]``."""
+        end = self.n_blocks + keys.shape[2]
+        self._keys, self._valid = _grown(self._keys, 2, end), _grown(self._valid, 1, end)
+        self._keys[:, :, self.n_blocks : end] = keys
+        self._valid[:, self.n_blocks : end] = valid
+        self.n_blocks = end
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection."""
+        indices = indices.to(self._keys.device)
+        self._keys = self._keys.index_select(0, indices)
+        self._valid = self._valid.index_select(0, indices)
+        if self._cos is not None:
+            self._cos = self._cos.index_select(0, indices)
+            self._sin = self._sin.index_select(0, indices)
+
+    def crop(self, n_slots: int, block_size: int) -> None:
+        """Forget slots from ``n_slots`` on (blocks no longer complete are recompressed when they complete again)."""
+        self.n_slots = max(0, min(n_slots, self.n_slots))
+        self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
+
+
+class SeerDynamicCache(DynamicCache):
+    """transformers' `DynamicCache` plus the K-compression cache of every layer with a decode gate.
+
+    Beam-search reordering, batch repetition/selection, crop and reset apply to both. A plain `DynamicCache` met
+    empty by a layer with a decode gate (e.g. the one ``generate()`` creates) is turned into this class in place
+    (`as_seer_cache`), so ``generate()`` works unchanged; any other cache type is refused with a clear error at the
+    first sparse decoding step.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seer_keys: dict[int, CompressedKeys] = {}
+        self.seer_block_size: int | None = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer in self.seer_keys.values():
+            layer.select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer in self.seer_keys.values():
+            rows = torch.arange(layer.batch_size, device=layer.keys.device).repeat_interleave(repeats)
+            layer.select_batch(rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer in self.seer_keys.values():
+            layer.select_batch(torch.as_tensor(indices, device=layer.keys.device).long())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a non-positive count; ``crop(0)``
+        is a no-op) from the KV cache and the K-compression cache alike."""
+        super().crop(tokens_to_remove)  # refuses positive values
+        for layer in self.seer_keys.values():
+            layer.crop(layer.n_slots - abs(tokens_to_remove), self.seer_block_size or 1)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seer_keys.clear()
+
+
+def as_seer_cache(cache: object) -> SeerDynamicCache | None:
+    """``cache`` as a `SeerDynamicCache`: itself, a plain `DynamicCache` converted in place, or ``None`` for others."""
+    if isinstance(cache, SeerDynamicCache):
+        return cache
+    if type(cache) is DynamicCache:
+        cache.__class__ = SeerDynamicCache
+        cache.seer_keys, cache.seer_block_size = {}, None
+        return cache
+    return None
+
+
+def update_compressed_keys(
+    cache: SeerDynamicCache,
+    layer_idx: int,
+    gate: DecodeGate,
+    key: torch.Tensor,
+    new_tokens: int,
+    token_valid: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rope_style: str,
+    adapter_name: str = "default",
+) -> CompressedKeys:
+    """Append ``new_tokens`` slots to the layer's K-compression cache and compress the blocks they complete.
+
+    Args:
+        key: the layer's full post-RoPE key cache ``[B, Hkv, Sk, D]`` (new slots at the end).
+        new_tokens: slots added by this forward (the query length).
+        token_valid: bool ``[B, Sk]`` (True = real token) or ``None`` when nothing is padded.
+        cos, sin: RoPE tables of the new slots ``[B or 1, new_tokens, r]`` (``None``: no RoPE).
+        adapter_name: the active adapter (a cache filled by another adapter's decode gate is refused).
+
+    Raises:
+        DecodeCacheError: the compression cache is out of step with the KV cache.
+    """
+    batch, _, kv_len, _ = key.shape
+    block_size = gate.block_size
+    if cache.seer_block_size not in (None, block_size):
+        raise DecodeCacheError(f"this cache was filled with block_size={cache.seer_block_size}, not {block_size}")
+    cache.seer_block_size = block_size
+    layer = cache.seer_keys.get(layer_idx)
+    if layer is None:
+        if kv_len != new_tokens:
+            raise DecodeCacheError(
+                f"layer {layer_idx}: the KV cache already held {kv_len - new_tokens} tokens when the decode gate first "
+                "saw it; start generation from an empty cache (or a SeerDynamicCache filled with the adapter on)."
+            )
+        layer = CompressedKeys(
+            batch,
+            gate.num_kv_heads,
+            gate.gate_dim,
+            gate.k_proj.weight.dtype,
+            key.device,
+            None if cos is None else cos.shape[-1],
+            None if cos is None else cos.dtype,
+            adapter_name,
+        )
+        cache.seer_keys[layer_idx] = layer
+    if layer.adapter_name != adapter_name:
+        raise DecodeCacheError(
+            f"layer {layer_idx}: this cache's compressed keys were made by adapter {layer.adapter_name!r}, but "
+            f"{adapter_name!r} is active; switch adapters between generations, not within one."
+        )
+    if layer.n_slots + new_tokens != kv_len or layer.batch_size != batch:
+        raise DecodeCacheError(
+            f"layer {layer_idx}: the K-compression cache holds {layer.n_slots} slots x {layer.batch_size} rows but "
+            f"the KV cache now has {kv_len} slots (after {new_tokens} new) x {batch} rows; the KV cache was changed "
+            "without going through SeerDynamicCache (crop / reorder_cache / batch_select_indices)."
+        )
+    layer.append_slots(new_tokens, cos, sin)
+    done, complete = layer.n_blocks, kv_len // block_size
+    if complete > done:
+        start, stop = done * block_size, complete * block_size
+        valid = None if token_valid is None else token_valid[:, start:stop]
+        tables = (None, None) if cos is None else (layer.cos[:, start:stop], layer.sin[:, start:stop])
+        pooled = pool_pre_rope_blocks(
+            key[:, :, start:stop],
+            *tables,
+            rope_style=rope_style,
+            block_size=block_size,
+            poolings=gate.k_pooling,
+            token_valid=valid,
+        )  # [B, Hkv, n_new, Pk·D] fp32
+        block_tables = (None, None) if cos is None else (tables[0][:, ::block_size], tables[1][:, ::block_size])
+        with torch.no_grad():
+            new_keys = gate.keys(pooled, *block_tables, rope_style=rope_style)  # [B, Hkv, n_new, G]
+        new_valid = (
+            torch.ones(batch, complete - done, dtype=torch.bool, device=key.device)
+            if valid is None
+            else key_block_has_tokens(valid, block_size)
+        )
+        layer.append_blocks(new_keys, new_valid)
+    return layer
+
+
+def select_decode_blocks(
+    logits: torch.Tensor,
+    candidate_valid: torch.Tensor,
+    sink_block: torch.Tensor,
+    n_blocks: int,
+    *,
+    method: str,
+    block_size: int,
+    token_budget: int,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept key blocks of one decoding step, one list per KV head.
+
+    Args:
+        logits: decode-gate logits ``[B, Hkv, n_blocks - 1]`` of the strictly earlier blocks.
+        candidate_valid: bool ``[B, n_blocks - 1]``: the block holds a real token.
+        sink_block: long ``[B]``: first block with a real token (always kept).
+        n_blocks: key blocks of the cache, ``ceil(Sk / block_size)``; block ``n_blocks - 1`` holds the new token
+            and is always kept.
+        method: ``"token_budget"`` (``token_budget // block_size`` blocks in all, forced ones included) or
+            ``"threshold"`` (gate probability over the valid earlier blocks ``> threshold``).
+
+    Returns:
+        ``indices`` int32 ``[B, Hkv, W]`` (ascending; entries past ``counts`` are ``n_blocks``, past the end) and
+        ``counts`` int32 ``[B, Hkv]``.
+    """
+    batch, hkv, n_candidates = logits.shape
+    if n_candidates != n_blocks - 1 or tuple(candidate_valid.shape) != (batch, n_candidates):
+        raise ValueError(
+            f"logits [B, Hkv, n_blocks - 1] and candidate_valid [B, n_blocks - 1] expected for n_blocks={n_blocks}, "
+            f"got {tuple(logits.shape)} and {tuple(candidate_valid.shape)}"
+        )
+    device = logits.device
+    blocks = torch.arange(n_blocks, device=device)
+    keep = (blocks == n_blocks - 1).expand(batch, hkv, n_blocks).clone()  # [B, Hkv, nB]
+    keep |= (blocks[None, :] == sink_block[:, None])[:, None, :]
+    if n_candidates:
+        scores = logits.float().masked_fill(~candidate_valid[:, None, :], float("-inf"))
+        if method == "token_budget":
+            if token_budget < block_size:
+                raise ValueError(f"token_budget={token_budget} is below one block ({block_size} tokens)")
+            extra = min(max(token_budget // block_size - 2, 0), n_candidates)
+            if extra:
+                ranked = scores.masked_fill((blocks[:n_candidates] == sink_block[:, None])[:, None, :], float("-inf"))
+                values, picked = ranked.topk(extra, dim=-1)
+                chosen = torch.zeros_like(keep[..., :n_candidates]).scatter_(-1, picked, torch.isfinite(values))
+                keep[..., :n_candidates] |= chosen
+        elif method == "threshold":
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            keep[..., :n_candidates] |= probs > threshold
+        else:
+            raise ValueError(f"unknown decode selection method {method!r}; expected 'token_budget' or 'threshold'")
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    order = torch.where(keep, blocks, n_blocks).sort(dim=-1).values  # kept blocks first, ascending
+    width = n_blocks if method == "threshold" else min(n_blocks, max(token_budget // block_size, 2))
+    return order[..., :width].to(torch.int32), counts

@@ -1,0 +1,85 @@
+"""Ground truth of the decode gate (SeerAttention-R) for distillation, pure PyTorch (the reference and CPU path).
+
+For every query token ``t`` of a prefill and every KV head (GQA group):
+
+1. the frozen model's attention probabilities of each query head of the group over all causally visible keys
+   (row-normalised softmax, padding keys excluded);
+2. per key block, the largest probability inside the block;
+3. the maximum over the group's query heads (the decode gate makes one selection per KV head);
+4. only the blocks **strictly earlier** than the block holding ``t`` (those the decode gate chooses among; the
+   current block is always attended), renormalised to sum to 1.
+
+Rows without any earlier block with a real token (tokens of the first block, padding tokens) are all zero and are
+left out of the loss by `seer_adapter.distill.block_kl_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import causal_token_mask
+
+# Upper bound on fp32 score elements materialised at once (as in reference.py): 2**27 * 4 B = 512 MiB per chunk.
+_MAX_SCORE_ELEMENTS = 1 << 27
+
+
+def decode_block_ground_truth_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per-token decode-gate target, computed in fp32 one chunk of query rows at a time.
+
+    Args:
+        q: post-RoPE queries ``[B, Hq, S, D]``; k: post-RoPE keys ``[B, Hkv, S, D]`` (a prefill without past).
+        block_size: tokens per key block. scale: softmax scale (default ``1/sqrt(D)``).
+        key_padding_mask: optional bool ``[B, S]``, True for real tokens. softcap: optional logit soft-capping.
+
+    Returns:
+        fp32 ``[B, Hkv, S, nK]`` with ``nK = ceil(S / block_size)``: rows sum to 1 over blocks ``< t // block_size``
+        (or are all zero).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, Hq, S, D] and k [B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, hq, length, head_dim = q.shape
+    hkv = k.shape[1]
+    if hq % hkv or k.shape[2] != length:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq % Hkv == 0 and equal lengths")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
+    group = hq // hkv
+    n_blocks = math.ceil(length / block_size)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    kf = k.float()
+    target = torch.zeros(batch, hkv, length, n_blocks, dtype=torch.float32, device=q.device)
+    visible_all = causal_token_mask(length, length, q.device)  # [S, S]
+    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
+    pad = n_blocks * block_size - length
+    for start in range(0, length, chunk):
+        stop = min(length, start + chunk)
+        qc = q[:, :, start:stop].float().view(batch, hkv, group, stop - start, head_dim)
+        scores = torch.einsum("bhgsd,bhkd->bhgsk", qc, kf) * scale  # [B, Hkv, g, s, S]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        visible = visible_all[start:stop][None]  # [1, s, S]
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[:, None, :]
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        probs = torch.nn.functional.pad(probs, (0, pad))
+        block_max = probs.view(*probs.shape[:-1], n_blocks, block_size).amax(dim=-1)  # [B, Hkv, g, s, nK]
+        group_max = block_max.amax(dim=2)  # [B, Hkv, s, nK]
+        rows = torch.arange(start, stop, device=q.device) // block_size
+        earlier = torch.arange(n_blocks, device=q.device)[None, :] < rows[:, None]  # [s, nK]
+        group_max = group_max * earlier
+        total = group_max.sum(dim=-1, keepdim=True)
+        target[:, :, start:stop] = torch.where(total > 0, group_max / total.clamp_min(1e-30), 0.0)
+    if key_padding_mask is not None:
+        target = target * key_padding_mask[:, None, :, None]
+    return target

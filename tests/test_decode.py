@@ -1,0 +1,484 @@
+"""Sparse decoding: decode gate, K-compression cache, per-step selection, end to end through generate()."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers.cache_utils import DynamicCache
+
+from seer_adapter import (
+    DecodeCacheError,
+    DecodeGate,
+    SeerAttentionConfig,
+    SeerConfigError,
+    SeerDynamicCache,
+    SeerModel,
+    get_seer_model,
+)
+from seer_adapter.decode import select_decode_blocks
+from seer_adapter.gate import pool_blocks
+
+BLOCK = 16
+FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gemma2", "gpt2", "opt"]
+
+
+def _config(**kw) -> SeerAttentionConfig:
+    settings = dict(block_size=BLOCK, dense_below_length=0, sparsity_method="dense", decode_gate=True)
+    settings.update(kw)
+    return SeerAttentionConfig(**settings)
+
+
+def _inputs(batch=2, length=50, pad_left=(0, 13), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pad_left):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+def _randomise_decode_gates(model: SeerModel, seed: int = 0) -> None:
+    """Random decode-gate weights: the mean-pooling prior would hide head-order or position bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates().values():
+            for param in gate.decode.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def _compressed(cache: SeerDynamicCache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {i: (layer.keys, layer.block_valid) for i, layer in sorted(cache.seer_keys.items())}
+
+
+def _feed(model, ids, mask, cache, start, stop):
+    """Feed tokens ``start:stop`` one at a time (decode steps), as generate() would."""
+    for t in range(start, stop):
+        model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# decode gate module
+# ------------------------------------------------------------------------------------------------------
+def test_decode_gate_prior_merges_the_group_by_its_mean():
+    gate = DecodeGate(num_q_heads=6, num_kv_heads=2, head_dim=8, gate_dim=8, block_size=4, k_pooling=["max", "avg"])
+    q = torch.randn(2, 6, 3, 8)
+    merged = gate.query(q)  # no RoPE
+    torch.testing.assert_close(merged, q.view(2, 2, 3, 3, 8).mean(dim=2))
+    k = torch.randn(2, 2, 12, 8)
+    pooled = pool_blocks(k, 4, ["max", "avg"], None)
+    torch.testing.assert_close(gate.keys(pooled), pool_blocks(k, 4, ["avg"], None))
+    normed = DecodeGate(6, 2, 8, 8, 4, ["max", "avg"], k_norm=True)
+    with torch.no_grad():
+        normed.k_norm.copy_(torch.arange(16.0).view(2, 8))
+    projected = gate.keys(pooled)
+    want = projected / projected.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * torch.arange(16.0).view(1, 2, 1, 8)
+    torch.testing.assert_close(normed.keys(pooled), want)
+    with pytest.raises(ValueError, match="Hq=6"):
+        gate.query(torch.randn(2, 4, 1, 8))
+    with pytest.raises(ValueError, match="k_pooled"):
+        gate.keys(torch.randn(2, 2, 3, 8))
+
+
+def test_config_knobs_are_validated():
+    with pytest.raises(SeerConfigError, match="below one block"):
+        SeerAttentionConfig(block_size=64, decode_token_budget=32)
+    with pytest.raises(SeerConfigError, match="decode_method"):
+        SeerAttentionConfig(decode_method="top_p")
+    with pytest.raises(SeerConfigError, match="decode_threshold"):
+        SeerAttentionConfig(decode_threshold=1.5)
+    model = get_seer_model(tiny_model("llama"), _config())
+    with pytest.raises(SeerConfigError, match="decode_gate"):
+        model.set_sparsity(decode_gate=False)
+    assert model.set_sparsity(decode_token_budget=48).decode_token_budget == 48
+
+
+def test_select_decode_blocks_budget_threshold_and_forced_blocks():
+    logits = torch.tensor([[[0.0, 5.0, 1.0, 4.0, -1.0]]])  # [B=1, Hkv=1, 5 earlier blocks]; block 5 holds the query
+    valid = torch.tensor([[False, True, True, True, True]])  # block 0 is all padding: the sink is block 1
+    sink = torch.tensor([1])
+    idx, cnt = select_decode_blocks(
+        logits, valid, sink, 6, method="token_budget", block_size=4, token_budget=16, threshold=0.5
+    )
+    assert cnt.tolist() == [[4]] and idx[0, 0, :4].tolist() == [1, 2, 3, 5]  # sink 1, current 5, top-2 {3, 2}
+    idx, cnt = select_decode_blocks(
+        logits, valid, sink, 6, method="threshold", block_size=4, token_budget=16, threshold=0.2
+    )
+    assert idx[0, 0, : int(cnt)].tolist() == [1, 3, 5]
+    # a prompt shorter than one block: nothing earlier, only the current block
+    idx, cnt = select_decode_blocks(
+        torch.zeros(2, 3, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 1,
+        method="token_budget", block_size=4, token_budget=4, threshold=0.5,
+    )  # fmt: skip
+    assert cnt.tolist() == [[1] * 3] * 2 and bool((idx[..., 0] == 0).all())
+    with pytest.raises(ValueError, match="below one block"):
+        select_decode_blocks(logits, valid, sink, 6, method="token_budget", block_size=4, token_budget=3, threshold=0.5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# K-compression cache
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,k_norm", [("llama", False), ("phi", True), ("gpt_neox", False)])
+def test_incremental_compression_equals_full_recomputation(family, k_norm):
+    """Compressed keys of a sequence prefilled at once == prefilled in part and decoded token by token (left padding,
+    a prompt shorter than one block on the padded row), so block RoPE uses the same positions in both."""
+    model = get_seer_model(tiny_model(family), _config(decode_k_norm=k_norm))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=70, pad_left=(0, 13), seed=1)
+    full = DynamicCache()
+    model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
+    assert isinstance(full, SeerDynamicCache)  # converted in place
+    stepped = SeerDynamicCache()
+    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], cache=stepped, use_cache=True)
+    _feed(model, ids, mask, stepped, 20, 70)
+    want, got = _compressed(full), _compressed(stepped)
+    assert sorted(got) == sorted(want) == sorted(model.gates())
+    for layer, (keys, valid) in want.items():
+        assert keys.shape == (2, model.config.num_key_value_heads, 70 // BLOCK, 16)
+        torch.testing.assert_close(got[layer][0], keys, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[layer][1], valid)
+        assert valid[1].tolist() == [True] * 4 and valid[0].tolist() == [True] * 4
+
+
+def test_crop_and_reorder_keep_the_compression_in_step():
+    model = get_seer_model(tiny_model("llama"), _config())
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=60, pad_left=(0, 5), seed=2)
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    other = torch.randint(3, 128, (2, 20))
+    wrong_ids, wrong_mask = torch.cat((ids[:, :30], other), 1), mask[:, :50]
+    _feed(model, wrong_ids, wrong_mask, cache, 30, 50)  # 20 tokens that get cropped away (into block 1)
+    cache.crop(0)  # transformers' convention: a no-op
+    assert all(layer.n_slots == 50 and layer.keys.shape[2] == 3 for layer in cache.seer_keys.values())
+    cache.crop(-27)  # back to 23 slots: block 1 (slots 16..31) is no longer complete
+    assert all(layer.n_slots == 23 and layer.keys.shape[2] == 1 for layer in cache.seer_keys.values())
+    _feed(model, ids, mask, cache, 23, 60)
+    full = SeerDynamicCache()
+    model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
+    for layer, (keys, valid) in _compressed(full).items():
+        torch.testing.assert_close(cache.seer_keys[layer].keys, keys, atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.seer_keys[layer].block_valid, valid)
+    # beam-search reordering swaps rows of the compression cache with the KV cache
+    before = {i: layer.keys.clone() for i, layer in cache.seer_keys.items()}
+    cache.reorder_cache(torch.tensor([1, 0]))
+    for i, layer in cache.seer_keys.items():
+        assert torch.equal(layer.keys, before[i].flip(0))
+    cache.batch_repeat_interleave(2)
+    assert all(layer.keys.shape[0] == 4 and layer.cos.shape[0] == 4 for layer in cache.seer_keys.values())
+
+
+def test_cache_changed_behind_its_back_or_unsupported_cache_is_a_clear_error():
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=BLOCK))
+    ids, mask = _inputs(batch=1, length=40, pad_left=(0,))
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    for layer in cache.layers:  # crop the KV cache without telling the compression cache
+        layer.keys, layer.values = layer.keys[:, :, :25], layer.values[:, :, :25]
+    with pytest.raises(DecodeCacheError, match="without going through SeerDynamicCache"):
+        model(input_ids=ids[:, 25:26], attention_mask=mask[:, :26], cache=cache, use_cache=True)
+
+    class OtherCache(DynamicCache):  # any cache type but DynamicCache / SeerDynamicCache
+        pass
+
+    with pytest.raises(DecodeCacheError, match="OtherCache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=OtherCache(), pad_token_id=0)
+
+    # a cache filled before the decode gate saw it: dense decoding goes on, sparse decoding names the problem
+    base = model.unload()
+    early = DynamicCache()
+    base(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=early, use_cache=True)
+    model = get_seer_model(base, _config(decode_method="dense"))
+    model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=early, use_cache=True)
+    model.set_sparsity(decode_method="token_budget")
+    with pytest.raises(DecodeCacheError, match="already held 31 tokens"):
+        model(input_ids=ids[:, 31:32], attention_mask=mask[:, :32], cache=early, use_cache=True)
+    # switching adapters within one generation would mix two gates' compressed keys
+    model.add_adapter("other", _config(decode_token_budget=BLOCK))
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    model.set_adapter("other")
+    with pytest.raises(DecodeCacheError, match="adapter 'default'"):
+        model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=cache, use_cache=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# sparse decoding end to end
+# ------------------------------------------------------------------------------------------------------
+def _generate_logits(model, ids, mask, **kwargs):
+    out = model.generate(
+        ids, attention_mask=mask, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_sparse_decode_equals_dense(family):
+    """A budget covering the whole context keeps every block: greedy decoding == the base model (fp32)."""
+    base = tiny_model(family)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 30), seed=3)
+    want_seq, want = _generate_logits(base, ids, mask, max_new_tokens=25, do_sample=False)
+    model = get_seer_model(base, _config(decode_token_budget=128))
+    _randomise_decode_gates(model)
+    got_seq, got = _generate_logits(model, ids, mask, max_new_tokens=25, do_sample=False)
+    stats = [row for row in model.sparsity_stats() if row["layer"] in model.gates()]  # gemma2: sliding layers ungated
+    assert {row.get("phase") for row in stats} == {"decode"} and all(row["density"] == 1.0 for row in stats)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_seq, want_seq)
+
+
+def test_bf16_model_decodes_sparsely():
+    """A bf16 model (fp32 gate) runs the whole decode path; logits stay close to the base model's."""
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 20), seed=12)
+    _, want = _generate_logits(base, ids, mask, max_new_tokens=6, do_sample=False)
+    model = get_seer_model(base, _config(decode_token_budget=128))
+    _, got = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert {row.get("phase") for row in model.sparsity_stats()} == {"decode"}
+    # steps 1.. are decode steps; bf16 rounding differs from the base model's SDPA, hence the tolerance
+    torch.testing.assert_close(got[:, 1:3].float(), want[:, 1:3].float(), atol=0.1, rtol=0.05)
+
+
+def test_full_budget_sampling_and_beam_search_equal_dense():
+    base = tiny_model("qwen2")
+    ids, mask = _inputs(batch=2, length=40, pad_left=(3, 0), seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    torch.manual_seed(0)
+    sampled = base.generate(ids, do_sample=True, top_k=0, **kwargs)
+    beams = base.generate(ids, num_beams=3, num_return_sequences=2, do_sample=False, **kwargs)
+    model = get_seer_model(base, _config(decode_token_budget=64))
+    _randomise_decode_gates(model)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=0, **kwargs), sampled)
+    assert torch.equal(model.generate(ids, num_beams=3, num_return_sequences=2, do_sample=False, **kwargs), beams)
+
+
+def test_prompt_lookup_decoding_crops_and_equals_dense():
+    """Prompt-lookup (assisted) decoding verifies several tokens per forward and crops rejected ones."""
+    base = tiny_model("llama")
+    ids, _ = _inputs(batch=1, length=40, pad_left=(0,), seed=4)
+    ids = torch.cat((ids, ids[:, :20]), dim=1)  # a repetition, so the lookup proposes candidates
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    want = base.generate(ids, prompt_lookup_num_tokens=4, **kwargs)
+    model = get_seer_model(base, _config(decode_token_budget=256))
+    _randomise_decode_gates(model)
+    crops = []
+    original_crop = SeerDynamicCache.crop
+
+    def counting_crop(self, tokens_to_remove):
+        crops.append(tokens_to_remove)
+        return original_crop(self, tokens_to_remove)
+
+    SeerDynamicCache.crop = counting_crop
+    try:
+        got = model.generate(ids, prompt_lookup_num_tokens=4, **kwargs)
+    finally:
+        SeerDynamicCache.crop = original_crop
+    assert torch.equal(got, want)
+    assert any(n < 0 for n in crops)  # some candidates were rejected and cropped
+
+
+def test_small_budget_is_sparse_keeps_forced_blocks_and_handles_ragged_rows():
+    """Budget of one block (the current one; the sink comes on top), rows of very different lengths (100 vs 4 real
+    tokens), a prompt shorter than one block on the short row."""
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=100, pad_left=(0, 96), seed=5)
+    model.runtime.record_gate_outputs = True
+    seq = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert seq.shape == (2, 120)
+    rows = model.sparsity_stats()
+    assert all(row["phase"] == "decode" and row["kept_blocks"] < row["causal_blocks"] for row in rows)
+    for module in model.base_model.modules():
+        state = getattr(module, "seer_state", None)
+        if state is None:
+            continue
+        kept = state.last_block_mask  # [B, Hkv, nB] of the last step: 119 slots -> 8 blocks
+        assert kept.shape[-1] == 8 and bool(kept[..., 7].all()) and bool(kept[0, :, 0].all())
+        assert bool(kept[1, :, 6].all())  # row 1's sink is its first real block (slot 96 -> block 6)
+        assert int(kept[0].sum(-1).max()) <= 2
+    # the budget changes at run time and a whole-context budget gives dense decoding again
+    model.set_sparsity(decode_method="threshold", decode_threshold=0.05)
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0).shape == (2, 103)
+
+
+def test_sparse_or_dense_prefill_with_sparse_decode():
+    base = tiny_model("llama")
+    ids, mask = _inputs(batch=2, length=64, pad_left=(0, 7), seed=6)
+    for prefill in ({"sparsity_method": "nz_ratio", "nz_ratio": 0.3}, {"dense_below_length": 10_000}):
+        model = get_seer_model(base, _config(**prefill, decode_token_budget=128))
+        _randomise_decode_gates(model)
+        _, sparse = _generate_logits(model, ids, mask, max_new_tokens=8, do_sample=False)
+        model.set_sparsity(decode_method="dense")
+        _, dense = _generate_logits(model, ids, mask, max_new_tokens=8, do_sample=False)
+        torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+        model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK)
+        _, small = _generate_logits(model, ids, mask, max_new_tokens=8, do_sample=False)
+        assert small.shape == dense.shape and not torch.allclose(small[:, 1:], dense[:, 1:])
+        base = model.unload()
+
+
+# ------------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------------
+def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=32, decode_k_norm=True))
+    _randomise_decode_gates(model, seed=7)
+    ids, mask = _inputs(batch=2, length=40, pad_left=(0, 4), seed=7)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.save_pretrained(tmp_path / "both")
+    with open(tmp_path / "both" / "adapter_config.json") as f:
+        assert json.load(f)["decode_gate"] is True
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "both" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.seer_gate.decode.q_proj.weight" in keys
+    assert keys["base_model.model.model.layers.0.self_attn.seer_gate.decode.k_norm"].shape == (2, 16)
+    from seer_adapter.adapter_info import format_report, inspect_adapter
+
+    report = format_report(inspect_adapter(tmp_path / "both"))
+    assert "Decode gate: token_budget (token budget 32" in report and "K RMSNorm True" in report
+    assert "| decode_gate | " in (tmp_path / "both" / "README.md").read_text()
+    loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "both")
+    for a, b in zip(model.gates().values(), loaded.gates().values(), strict=True):
+        assert b.decode is not None and torch.equal(a.decode.q_proj.weight, b.decode.q_proj.weight)
+    assert torch.equal(
+        loaded.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0), want
+    )
+    # an adapter written before decode gates existed: no decode keys in its config or weights
+    base = loaded.unload()
+    old = get_seer_model(base, SeerAttentionConfig(block_size=BLOCK))
+    old.save_pretrained(tmp_path / "old")
+    path = os.path.join(tmp_path, "old", "adapter_config.json")
+    with open(path) as f:
+        data = json.load(f)
+    for name in ("decode_gate", "decode_k_norm", "decode_method", "decode_token_budget", "decode_threshold"):
+        del data[name]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert "Decode gate: none" in format_report(inspect_adapter(tmp_path / "old"))
+    reloaded = SeerModel.from_pretrained(old.unload(), tmp_path / "old")
+    assert all(gate.decode is None for gate in reloaded.gates().values())
+    with pytest.raises(Exception, match="unexpected"):  # decode weights onto a config without a decode gate
+        SeerModel.from_pretrained(reloaded.unload(), tmp_path / "both", decode_gate=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# decode-gate distillation
+# ------------------------------------------------------------------------------------------------------
+def _naive_decode_target(q, k, block_size, padding):
+    """Loop-by-loop statement of the target (independent of the vectorised reference)."""
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group, n_blocks = hq // hkv, -(-length // block_size)
+    out = torch.zeros(batch, hkv, length, n_blocks)
+    for b in range(batch):
+        for t in range(length):
+            if not padding[b, t]:
+                continue
+            keys = [j for j in range(t + 1) if padding[b, j]]
+            for h in range(hkv):
+                best = torch.zeros(n_blocks)
+                for head in range(h * group, (h + 1) * group):
+                    scores = torch.stack([q[b, head, t] @ k[b, h, j] / dim**0.5 for j in keys])
+                    probs = scores.softmax(0)
+                    for p, j in zip(probs, keys, strict=True):
+                        best[j // block_size] = max(best[j // block_size], p)
+                best[t // block_size :] = 0
+                if best.sum() > 0:
+                    out[b, h, t] = best / best.sum()
+    return out
+
+
+def test_decode_target_reference_matches_the_definition(monkeypatch):
+    from seer_adapter.kernels import decode_ground_truth
+
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 4, 21, 8, generator=gen), torch.randn(2, 2, 21, 8, generator=gen)
+    padding = torch.ones(2, 21, dtype=torch.bool)
+    padding[1, :6] = False
+    want = _naive_decode_target(q, k, 4, padding)
+    got = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got[:, :, :4], torch.zeros(2, 2, 4, 6))  # first block: nothing earlier
+    monkeypatch.setattr(decode_ground_truth, "_MAX_SCORE_ELEMENTS", 50)  # chunks of one row
+    chunked = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
+    torch.testing.assert_close(chunked, got)
+
+
+def test_training_logits_equal_decoding_logits():
+    """The decode gate sees the same positions in training (every token of a prefill) and in decoding. The budget
+    covers the context so that the layers' inputs are the same in both runs."""
+    from seer_adapter.attention import compute_decode_gate_logits
+    from seer_adapter.kernels import block_sparse_attention_reference
+
+    model = get_seer_model(tiny_model("qwen3"), _config(decode_token_budget=128))
+    _randomise_decode_gates(model, seed=9)
+    ids, mask = _inputs(batch=2, length=60, pad_left=(0, 11), seed=9)
+    captured = {}
+
+    def hook(module, layer, query, key, value, attn_mask, scaling, **kwargs):
+        padding = attn_mask.key_padding_mask
+        captured[layer.layer_idx] = compute_decode_gate_logits(layer, module, query, key, padding)
+        n = -(-query.shape[2] // BLOCK)
+        every = torch.ones(query.shape[0], key.shape[1], n, n, dtype=torch.bool)
+        return block_sparse_attention_reference(
+            query, key, value, every, block_size=BLOCK, scale=scaling, key_padding_mask=padding
+        )
+
+    model.runtime.distillation = hook
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    model.runtime.distillation = None
+    model.runtime.record_gate_outputs = True
+    cache = SeerDynamicCache()
+    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], cache=cache, use_cache=True)
+    states = {m.seer_state.layer_idx: m.seer_state for m in model.base_model.modules() if hasattr(m, "seer_state")}
+    for t in range(20, 60):
+        _feed(model, ids, mask, cache, t, t + 1)
+        earlier = t // BLOCK
+        for layer, logits in captured.items():
+            want = torch.softmax(logits[:, :, t, :earlier].float(), dim=-1).nan_to_num(0.0)
+            torch.testing.assert_close(states[layer].last_gate_probs, want, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_trains_the_decode_gate():
+    from seer_adapter.distill import distillation_loss
+
+    model = get_seer_model(tiny_model("llama"), _config())
+    ids, mask = _inputs(batch=2, length=64, pad_left=(0, 9), seed=10)
+    params = [p for gate in model.gates().values() for p in gate.decode.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss, _ = distillation_loss(model, ids, mask, skip_first_fraction=0.0, decode_loss_weight=1.0)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        losses.append(loss.item())
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    # weight 0 trains the prefill gates alone: no gradient reaches the decode gates
+    optimizer.zero_grad()
+    distillation_loss(model, ids, mask, decode_loss_weight=0.0)[0].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
+def test_peft_route_decodes_sparsely_and_round_trips(tmp_path):
+    """get_peft_model / PeftModel.from_pretrained carry the decode gate too (generate() through peft)."""
+    from peft import PeftModel, get_peft_model
+
+    base = tiny_model("llama")
+    ids, mask = _inputs(batch=2, length=40, pad_left=(0, 6), seed=11)
+    want = base.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    peft_model = get_peft_model(base, _config(decode_token_budget=64))
+    got = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert {row.get("phase") for row in peft_model.base_model.sparsity_stats()} == {"decode"}
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(peft_model.unload(), tmp_path)
+    assert all(gate.decode is not None for gate in reloaded.base_model.gates().values())
