@@ -92,9 +92,9 @@ def block_mask_to_indices(
 
     keep = block_mask
     if q_len is not None and kv_len is not None:
-        q_block_ids = torch.arange(n_q_blocks, device=device, dtype=torch.int64)
-        last_row = torch.clamp((q_block_ids + 1) * block_size, max=q_len) - 1  # [nQ]
-        causal = key_block_ids[None, :].to(torch.int64) * block_size <= (last_row + (kv_len - q_len))[:, None]
+        causal = causal_block_allowed(
+            n_q_blocks, n_k_blocks, block_size=block_size, q_len=q_len, kv_len=kv_len, device=device
+        )  # [1, 1, nQ, nK]
         keep = keep & causal  # [B, Hm, nQ, nK]
     if key_padding_mask is not None:
         keep = keep & key_block_has_tokens(key_padding_mask, block_size)[:, None, None, :]
