@@ -41,14 +41,19 @@ LLAMA_8B = dict(
 
 
 def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one prefill forward (after one warm-up)."""
+    """Median seconds of one prefill forward (after one warm-up); waits for every GPU (device-mapped models)."""
+
+    def synchronize_all() -> None:
+        for gpu in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(gpu)
+
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
-            torch.cuda.synchronize()
+            synchronize_all()
             start = time.perf_counter()
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            torch.cuda.synchronize()
+            synchronize_all()
             if i:
                 times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]

@@ -34,13 +34,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_e2e import LLAMA_8B, time_prefill  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
 
-LLAMA_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-)  # fmt: skip
 LLAMA_70B = dict(
     vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
     num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
@@ -145,21 +143,6 @@ def build_spread_model(config: LlamaConfig, num_gpus: int) -> torch.nn.Module:
                 else:
                     param.fill_(1.0)
     return dispatch_model(model, device_map=device_map)
-
-
-def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for gpu in range(torch.cuda.device_count()):
-                torch.cuda.synchronize(gpu)
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-            for gpu in range(torch.cuda.device_count()):
-                torch.cuda.synchronize(gpu)
-            if i:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def run_device_map(args: argparse.Namespace) -> None:
