@@ -246,6 +246,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     long-context task suite instead (`run_task_eval`)."""
     if args.tasks:
         return run_task_eval(args)
+    if args.decode_budgets is not None or args.decode_thresholds:
+        return run_decode_eval(args)
     from .data import load_text_dataset
     from .evaluation import environment_meta, evaluate_selectors, format_selector_table, write_results
 
@@ -280,6 +282,55 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
         _save_plot(args, plot_ppl_vs_density({"meta": meta, "rows": rows}))
     return {"meta": meta, "rows": rows}
+
+
+def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out continuation decoded token by token: the decode gate at each budget against dense decoding."""
+    from .data import load_text_dataset
+    from .evaluation import environment_meta, evaluate_decode, format_decode_table, write_results
+
+    if args.tasks:
+        raise SystemExit("seer-adapter eval: error: --decode-budgets / --decode-thresholds do not combine with --tasks")
+    model, tokenizer, device, dtype = _load_for_eval(args)
+    if not model.peft_config[model.active_adapter].decode_gate:
+        raise SystemExit(
+            "seer-adapter eval: error: --decode-budgets needs an adapter with a decode gate; train one with "
+            "`seer-adapter distill --decode-gate` and pass it with --adapter"
+        )
+    rows_text = [row["text"] for row in load_text_dataset(args.data)]
+    token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
+    try:
+        rows = evaluate_decode(
+            model,
+            token_ids,
+            args.window,
+            args.decode_tokens,
+            max_windows=args.max_windows or 1,
+            budgets=tuple(args.decode_budgets or ()),
+            thresholds=tuple(args.decode_thresholds),
+            greedy_tokens=args.greedy_tokens,
+            prefill=args.decode_prefill,
+            progress=not args.json,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"seer-adapter eval: error: {exc}") from None
+    meta = environment_meta(
+        device,
+        model=args.model,
+        adapter=args.adapter,
+        data=f"{args.data}: {rows[0]['windows']} windows, prompt {args.window} + continuation {args.decode_tokens}",
+        prompt_tokens=args.window,
+        continuation_tokens=args.decode_tokens,
+        greedy_tokens=args.greedy_tokens,
+        prefill=args.decode_prefill,
+        dtype=str(dtype),
+        command=_command_line(args),
+    )
+    if args.out:
+        write_results(args.out, meta, rows)
+    _logger(args)(format_decode_table(rows))
+    return {"meta": meta, "rows": rows}
+
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time the block-sparse kernel (the package's dispatch point) against dense SDPA on this machine."""
@@ -448,7 +499,8 @@ def _command_line(args: argparse.Namespace) -> str:
 
 EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
 DECODE_NOTES = {
-    "dense": "dense: sparse prefill, then cached dense decode (as the package runs today); density is the prefill's",
+    "dense": "dense: sparse prefill, then cached dense decode; density is the prefill's",
+    "sparse": "sparse: sparse prefill, then cached decode through the adapter's decode gate (its decode settings)",
     "recompute": "recompute: every answer token from a fresh sparse prefill of prompt + answer so far (no cache)",
 }
 
@@ -584,10 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --tasks: perplexity of every selector at every --nz-ratios value on --data. "
         "With --tasks: the long-context task suite (needle-in-a-haystack, variable tracking, common / frequent "
         "words; generated offline over held-out Shakespeare) at every --lengths, greedy answers scored by recall. "
-        "Sparsity applies to the prefill; decode runs dense (--decode recompute: every answer token from a fresh "
-        "sparse prefill).",
+        "The selector applies to the prefill; answers decode densely (--decode sparse: through the adapter's decode "
+        "gate; --decode recompute: every answer token from a fresh sparse prefill). "
+        "With --decode-budgets: sparse decoding quality, a held-out continuation decoded token by token with the "
+        "decode gate at each budget against dense decoding.",
         epilog="examples:\n"
         "  seer-adapter eval --adapter gates/ --window 4096 --out benchmarks/results/eval.json\n"
+        "  seer-adapter eval --adapter gates/ --window 7936 --decode-budgets 2048 4096 --decode-tokens 256\n"
         "  seer-adapter eval --adapter gates/ --tasks niah_single,niah_multikey,vt --lengths 4k 8k \\\n"
         "      --densities 0.3 0.1 --num-samples 8 --out benchmarks/results/tasks.json --plot tasks.png\n"
         f"\ntasks: {', '.join(TASK_NAMES)}; aliases vt, cwe, fwe; 'default' = {', '.join(DEFAULT_TASK_NAMES)}",
@@ -596,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="smollm2", help="model folder or Hub name ('smollm2': the demo model)")
     evaluate.add_argument("--adapter", default=None, help="trained gates (folder or Hub repo); default: untrained")
     evaluate.add_argument("--data", default="default:heldout", help="perplexity: text source (see distill --data)")
-    evaluate.add_argument("--window", type=int, default=2048, help="perplexity: context per window")
+    evaluate.add_argument(
+        "--window", type=int, default=2048, help="perplexity: context per window; sparse decoding: prompt tokens"
+    )
     evaluate.add_argument("--max-windows", type=int, default=None, help="perplexity: windows to score")
     evaluate.add_argument(
         "--nz-ratios",
@@ -642,10 +699,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--decode",
-        choices=["dense", "recompute"],
+        choices=["dense", "sparse", "recompute"],
         default="dense",
-        help="tasks: 'dense' (default): sparse prefill, cached dense decode, as the package runs today; 'recompute': "
-        "every answer token from a fresh sparse prefill (strict, one prefill per token)",
+        help="tasks: 'dense' (default): sparse prefill, cached dense decode; 'sparse': cached decode through the "
+        "adapter's decode gate (needs one); 'recompute': every answer token from a fresh sparse prefill (strict, "
+        "one prefill per token)",
+    )
+    evaluate.add_argument(
+        "--decode-budgets",
+        type=int,
+        nargs="*",
+        default=None,
+        help="sparse decoding instead of perplexity: decode a held-out continuation of --decode-tokens tokens "
+        "after a --window-token prompt, token by token, with the adapter's decode gate at these token budgets "
+        "(e.g. 2048 4096) against dense decoding; reports perplexity, top-1 and greedy agreement",
+    )
+    evaluate.add_argument(
+        "--decode-thresholds", type=float, nargs="*", default=[], help="sparse decoding: decode-gate thresholds too"
+    )
+    evaluate.add_argument("--decode-tokens", type=int, default=256, help="sparse decoding: continuation tokens")
+    evaluate.add_argument(
+        "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"
+    )
+    evaluate.add_argument(
+        "--decode-prefill",
+        choices=["dense", "gate"],
+        default="dense",
+        help="sparse decoding: the prompt's prefill runs dense (default) or through the prefill gate as configured",
     )
     evaluate.add_argument("--no-chat-template", action="store_true", help="tasks: plain prompts even with a template")
     evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")

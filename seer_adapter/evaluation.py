@@ -13,6 +13,7 @@ their densities match by construction):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -116,7 +117,11 @@ def moba_scorer(module, layer: SeerLayerState, query, key, value, mask: SeerAtte
 def oracle_scorer(module, layer: SeerLayerState, query, key, value, mask: SeerAttentionMask, scaling, allowed):
     """The layer's true pooled attention map (an upper bound that needs the full attention)."""
     _, block_map = attention_with_block_ground_truth(
-        query, key, value, block_size=layer.runtime.config.block_size, scale=scaling,
+        query,
+        key,
+        value,
+        block_size=layer.runtime.config.block_size,
+        scale=scaling,
         key_padding_mask=mask.key_padding_mask,
     )
     return block_map.masked_fill(~allowed, float("-inf"))
@@ -307,5 +312,196 @@ def format_selector_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['selector']:<10} {r['sparsity_method']:<10} {setting!s:>8} {r['density']:>8.3f} {r['ppl']:>9.3f} "
             f"{100 * (r['ppl'] / dense - 1):>+8.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def cache_argument(model: Any) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``"cache"`` in recent transformers 5.x, else
+    ``"past_key_values"``."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+# ------------------------------------------------------------------------------------------------------
+# sparse decoding: held-out continuation decoded token by token, against dense decoding
+# ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, greedy_tokens: int = 0) -> dict[str, Any]:
+    """Decode the continuation of one prompt token by token with the model's current decode settings.
+
+    The prompt ``token_ids[:prompt_len]`` is prefilled once into a `SeerDynamicCache`; then every continuation
+    token is fed one at a time (teacher forcing) and the model's prediction for the next one is scored. Only
+    predictions made by **decoding steps** are scored (the prompt's last prediction comes from the prefill and
+    is the same under every decode setting), so ``count = token_ids.numel() - prompt_len - 1``.
+    With ``greedy_tokens > 0`` the same prompt is then continued greedily (free running) for that many tokens.
+
+    Args:
+        model: a `SeerModel` (or a plain transformers causal LM: dense decoding).
+        token_ids: 1-D ``[prompt_len + N]`` ids, N >= 2.
+        prompt_len: tokens prefilled at once.
+        greedy_tokens: tokens of free-running greedy continuation to return (0: none).
+
+    Returns:
+        ``{nll, count, top1 [count] (argmax ids of the scored predictions), greedy [greedy_tokens] ids,
+        decode_density}`` where ``decode_density`` is the kept fraction of the real-token blocks over every sparse
+        decoding step and layer (1.0 when every step ran dense).
+    """
+    from .decode import SeerDynamicCache
+
+    hf_model = getattr(model, "base_model", model) if hasattr(model, "runtime") else model
+    cache_name = cache_argument(hf_model)
+    runtime = getattr(model, "runtime", None)
+    if token_ids.dim() != 1 or not 0 < prompt_len <= token_ids.numel() - 2:
+        raise ValueError(
+            f"need a 1-D token_ids with at least prompt_len + 2 tokens, got shape {tuple(token_ids.shape)} and "
+            f"prompt_len={prompt_len}"
+        )
+    device = next(hf_model.parameters()).device
+    ids = token_ids.to(device)[None]  # [1, P + N]
+    kept = torch.zeros((), dtype=torch.float64, device=device)
+    causal = torch.zeros((), dtype=torch.float64, device=device)
+
+    def step(input_ids: torch.Tensor, cache: SeerDynamicCache) -> torch.Tensor:
+        nonlocal kept, causal
+        if runtime is not None:
+            runtime.stats.clear()
+        logits = hf_model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
+        if runtime is not None and input_ids.shape[1] == 1:
+            for stats in runtime.stats.values():
+                if stats.get("phase") == "decode" and stats["mode"] == "sparse":
+                    kept = kept + stats["kept_blocks"]
+                    causal = causal + stats["causal_blocks"]
+        return logits[0, -1].float()  # [V]
+
+    cache = SeerDynamicCache(config=hf_model.config)
+    step(ids[:, :prompt_len], cache)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = []
+    for t in range(prompt_len, ids.shape[1] - 1):
+        logits = step(ids[:, t : t + 1], cache)
+        nll = nll - torch.log_softmax(logits, dim=-1)[ids[0, t + 1]].double()
+        top1.append(logits.argmax())
+    greedy = []
+    if greedy_tokens > 0:
+        cache = SeerDynamicCache(config=hf_model.config)
+        next_id = step(ids[:, :prompt_len], cache).argmax()
+        for _ in range(greedy_tokens):
+            greedy.append(next_id)
+            if len(greedy) < greedy_tokens:
+                next_id = step(next_id.view(1, 1), cache).argmax()
+    count = ids.shape[1] - prompt_len - 1
+    return {
+        "nll": float(nll),
+        "count": count,
+        "top1": torch.stack(top1).cpu(),
+        "greedy": torch.stack(greedy).cpu() if greedy else torch.empty(0, dtype=torch.long),
+        "decode_density": float(kept / causal) if float(causal) > 0 else 1.0,
+    }
+
+
+def evaluate_decode(
+    model: Any,
+    token_ids: torch.Tensor,
+    prompt_len: int,
+    continuation: int,
+    *,
+    max_windows: int | None = 1,
+    budgets: Sequence[int] = (2048, 4096),
+    thresholds: Sequence[float] = (),
+    greedy_tokens: int = 128,
+    prefill: str = "dense",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Perplexity of a held-out continuation decoded token by token: sparse decode gate against dense decoding.
+
+    ``token_ids`` (1-D) is cut into non-overlapping windows of ``prompt_len + continuation`` tokens; each window's
+    prompt is prefilled once, then its continuation is decoded token by token (`decode_continuation`) under every
+    setting: ``dense`` (``decode_method="dense"``: the base model's attention over the whole cache), then the decode
+    gate at every token budget in ``budgets`` and every threshold in ``thresholds``. The prefill is the same under
+    every setting: ``prefill="dense"`` (default: the base model's attention, the decode gate's compressed keys are
+    still built) or ``"gate"`` (the adapter's prefill settings as they are).
+
+    Returns one row per setting: ``{decode_method, token_budget | threshold, decode_density, ppl, ppl_delta_pct
+    (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent), greedy_agreement (free-running
+    greedy tokens equal to dense's at the same position, percent), greedy_prefix (tokens before the first
+    difference, mean over windows), tokens (scored per setting)}``; the dense row comes first.
+    """
+    from tqdm.auto import tqdm
+
+    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
+        raise TypeError(f"evaluate_decode runs on a SeerModel, got {type(model).__name__}")
+    config = model.peft_config[model.active_adapter]
+    if not config.decode_gate:
+        raise ValueError(
+            "the active adapter has no decode gate (decode_gate=False); train one with `seer-adapter distill "
+            "--decode-gate` or get_seer_model(..., SeerAttentionConfig(decode_gate=True)) and train_gates"
+        )
+    if prefill not in ("dense", "gate"):
+        raise ValueError(f"prefill must be 'dense' or 'gate', got {prefill!r}")
+    if continuation < 2:
+        raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
+    for budget in budgets:
+        if budget < config.block_size:
+            raise ValueError(f"token budget {budget} is below one block ({config.block_size} tokens)")
+    window = prompt_len + continuation
+    n_windows = token_ids.numel() // window
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"need at least {window} tokens (prompt_len + continuation), got {token_ids.numel()}")
+    settings: list[dict[str, Any]] = [{"decode_method": "dense"}]
+    settings += [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
+    settings += [{"decode_method": "threshold", "decode_threshold": float(t)} for t in thresholds]
+    prefill_settings = {"dense_below_length": window + 1} if prefill == "dense" else {}
+    saved = model.peft_config[model.active_adapter]
+    results: list[list[dict[str, Any]]] = [[] for _ in settings]
+    try:
+        bar = tqdm(total=n_windows * len(settings), disable=not progress, desc="decode", unit="run")
+        for w in range(n_windows):
+            ids = token_ids[w * window : (w + 1) * window]
+            for i, setting in enumerate(settings):
+                model.peft_config[model.active_adapter] = saved.replace(**prefill_settings, **setting)
+                results[i].append(decode_continuation(model, ids, prompt_len, greedy_tokens))
+                bar.update(1)
+        bar.close()
+    finally:
+        model.peft_config[model.active_adapter] = saved
+    dense = results[0]
+    dense_ppl = math.exp(sum(r["nll"] for r in dense) / sum(r["count"] for r in dense))
+    rows = []
+    for setting, runs in zip(settings, results, strict=True):
+        ppl = math.exp(sum(r["nll"] for r in runs) / sum(r["count"] for r in runs))
+        top1 = torch.cat([r["top1"] for r in runs]) == torch.cat([r["top1"] for r in dense])
+        row: dict[str, Any] = {"decode_method": setting["decode_method"]}
+        if "decode_token_budget" in setting:
+            row["token_budget"] = setting["decode_token_budget"]
+        if "decode_threshold" in setting:
+            row["threshold"] = setting["decode_threshold"]
+        row.update(
+            decode_density=sum(r["decode_density"] for r in runs) / len(runs),
+            ppl=ppl,
+            ppl_delta_pct=100.0 * (ppl / dense_ppl - 1.0),
+            top1_agreement=100.0 * top1.double().mean().item(),
+            tokens=sum(r["count"] for r in runs),
+            windows=len(runs),
+        )
+        if greedy_tokens > 0:
+            same = [r["greedy"] == d["greedy"] for r, d in zip(runs, dense, strict=True)]
+            row["greedy_agreement"] = 100.0 * torch.cat(same).double().mean().item()
+            row["greedy_prefix"] = sum(int(s.numel() if s.all() else (~s).nonzero()[0, 0]) for s in same) / len(same)
+        rows.append(row)
+    return rows
+
+
+def format_decode_table(rows: list[dict[str, Any]]) -> str:
+    """A text table of `evaluate_decode` rows."""
+    lines = [f"{'decode':<13} {'setting':>10} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6} {'greedy%':>8}"]
+    for r in rows:
+        setting = r.get("token_budget", r.get("threshold", "-"))
+        greedy = f"{r['greedy_agreement']:>8.1f}" if "greedy_agreement" in r else f"{'-':>8}"
+        lines.append(
+            f"{r['decode_method']:<13} {setting!s:>10} {r['decode_density']:>8.3f} {r['ppl']:>9.3f} "
+            f"{r['ppl_delta_pct']:>+7.2f} {r['top1_agreement']:>6.1f} {greedy}"
         )
     return "\n".join(lines)

@@ -482,3 +482,66 @@ def test_peft_route_decodes_sparsely_and_round_trips(tmp_path):
     peft_model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(peft_model.unload(), tmp_path)
     assert all(gate.decode is not None for gate in reloaded.base_model.gates().values())
+
+
+# ----------------------------------------------------------------------------------------- decode quality evaluation
+def test_evaluate_decode_full_budget_equals_dense_and_small_budget_differs():
+    from seer_adapter.evaluation import decode_continuation, evaluate_decode, format_decode_table
+
+    model = get_seer_model(tiny_model("llama"), _config())
+    _randomise_decode_gates(model)
+    ids = torch.randint(3, 128, (2 * 150,), generator=torch.Generator().manual_seed(3))
+    saved = model.peft_config["default"]
+    rows = evaluate_decode(
+        model, ids, 100, 50, max_windows=2, budgets=(BLOCK, 160), thresholds=(0.2,), greedy_tokens=12, progress=False
+    )
+    assert model.peft_config["default"] == saved  # settings restored
+    assert [r["decode_method"] for r in rows] == ["dense", "token_budget", "token_budget", "threshold"]
+    dense, small, full, threshold = rows
+    assert all(r["tokens"] == 2 * 49 and r["windows"] == 2 for r in rows)
+    assert dense["decode_density"] == 1.0 and dense["ppl_delta_pct"] == 0.0 and dense["top1_agreement"] == 100.0
+    # a budget covering the whole context (150 tokens < 160) attends to every block: dense up to fp32 rounding
+    assert full["decode_density"] == 1.0 and abs(full["ppl_delta_pct"]) < 1e-3
+    assert full["top1_agreement"] == 100.0 and full["greedy_agreement"] == 100.0 and full["greedy_prefix"] == 12
+    # one block of budget: the current block only (plus the sink), so sparse, and the model really changes
+    assert 0.0 < small["decode_density"] < 0.5 and abs(small["ppl_delta_pct"]) > 0.01
+    assert 0.0 < threshold["decode_density"] <= 1.0
+    # the sparse rows' perplexity is the continuation's own, recomputed here with the setting by hand
+    model.peft_config["default"] = saved.replace(decode_token_budget=BLOCK, dense_below_length=151)
+    try:
+        runs = [decode_continuation(model, ids[w * 150 : (w + 1) * 150], 100) for w in range(2)]
+    finally:
+        model.peft_config["default"] = saved
+    assert small["ppl"] == pytest.approx(float(torch.tensor(sum(r["nll"] for r in runs) / 98).exp()), rel=1e-6)
+    assert "token_budget" in format_decode_table(rows)
+
+
+def test_decode_continuation_scores_exactly_the_teacher_forced_logits():
+    """Dense decoding token by token scores the same NLL as one full forward over the window."""
+    from seer_adapter.evaluation import decode_continuation
+
+    base = tiny_model("llama")
+    ids = torch.randint(3, 128, (90,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = base(ids[None]).logits[0].float()
+    want = -torch.log_softmax(logits[60:-1], dim=-1).gather(1, ids[61:, None]).sum()
+    got = decode_continuation(base, ids, 60, greedy_tokens=5)
+    assert got["count"] == 29 and got["nll"] == pytest.approx(float(want), rel=1e-4)
+    assert torch.equal(got["top1"], logits[60:-1].argmax(-1)) and got["decode_density"] == 1.0
+    assert got["greedy"].numel() == 5 and int(got["greedy"][0]) == int(logits[59].argmax())
+
+
+def test_evaluate_decode_bad_input_is_a_clear_error():
+    from seer_adapter.evaluation import evaluate_decode
+
+    ids = torch.randint(3, 128, (200,))
+    no_gate = get_seer_model(tiny_model("llama"), _config(decode_gate=False))
+    with pytest.raises(ValueError, match="no decode gate"):
+        evaluate_decode(no_gate, ids, 100, 20, progress=False)
+    model = get_seer_model(tiny_model("llama"), _config())
+    with pytest.raises(ValueError, match="below one block"):
+        evaluate_decode(model, ids, 100, 20, budgets=(BLOCK - 1,), progress=False)
+    with pytest.raises(ValueError, match="need at least 300 tokens"):
+        evaluate_decode(model, ids, 250, 50, progress=False)
+    with pytest.raises(ValueError, match="prefill must be"):
+        evaluate_decode(model, ids, 100, 20, prefill="sparse", progress=False)

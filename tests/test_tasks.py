@@ -469,3 +469,56 @@ def test_cli_runs_the_task_suite_and_plots(tmp_path, tokenizer, capsys):
         cli_main(["eval", "--model", str(folder), "--tasks", "needle"])
     with pytest.raises(SystemExit, match="exceeds the model's maximum of 1024"):
         cli_main(["eval", "--model", str(folder), "--device", "cpu", "--tasks", "niah_single", "--lengths", "4k"])
+
+
+# ----------------------------------------------------------------------------------------- sparse decoding
+def _decode_gated_model(seed: int = 0):
+    """A tiny model whose gates have a random decode gate (the mean-pooling prior would hide bugs)."""
+    model = get_seer_model(tiny_model("llama", vocab_size=VOCAB), SeerAttentionConfig(block_size=16, decode_gate=True))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates().values():
+            for param in gate.decode.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_task_decode_modes_dense_and_sparse(chat_tokenizer):
+    """decode='dense' switches a decode gate off; 'sparse' decodes through it; 'sparse' without one is an error."""
+    model = _decode_gated_model()
+    model.set_sparsity(decode_token_budget=16)  # the current block and the sink: really sparse
+    options = dict(selectors=("dense", "gate"), densities=(0.5,), num_samples=1, max_new_tokens=20, progress=False)
+    dense = evaluate_tasks(model, chat_tokenizer, "fwe", [600], decode="dense", **options)
+    sparse = evaluate_tasks(model, chat_tokenizer, "fwe", [600], decode="sparse", **options)
+    assert [r["decode"] for r in dense + sparse] == ["dense", "dense", "sparse", "sparse"]
+    assert model.peft_config["default"].decode_method == "token_budget"  # restored after the run
+    # the dense selector is the base model in both modes; the gated prefill is the same, so only decoding differs
+    assert dense[0]["samples"][0]["prediction"] == sparse[0]["samples"][0]["prediction"]
+    assert dense[1]["density"] == sparse[1]["density"]
+    assert dense[1]["samples"][0]["prediction"] != sparse[1]["samples"][0]["prediction"]
+    no_gate = get_seer_model(tiny_model("llama", vocab_size=VOCAB), SeerAttentionConfig(block_size=16))
+    with pytest.raises(ValueError, match="decode='sparse' needs an adapter with a decode gate"):
+        evaluate_tasks(no_gate, chat_tokenizer, "fwe", [600], decode="sparse", **options)
+
+
+def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=VOCAB).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _decode_gated_model().save_pretrained(tmp_path / "gates")
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_texts()[HELDOUT_WORKS[0]][:20_000])
+    common = ["eval", "--model", str(folder), "--data", str(text), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="needs an adapter with a decode gate"):
+        cli_main([*common, "--decode-budgets", "32"])
+    out = tmp_path / "decode.json"
+    cli_main([*common, "--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-tokens", "24",
+              "--greedy-tokens", "6", "--decode-budgets", "16", "256", "--decode-prefill", "gate", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [r.get("token_budget") for r in result["rows"]] == [None, 16, 256]
+    assert result["meta"]["prefill"] == "gate" and result["meta"]["continuation_tokens"] == 24
+    assert result["rows"][2]["top1_agreement"] == 100.0  # 152 tokens < 256: the whole context
+    assert result["rows"][1]["decode_density"] < 1.0
+    assert "token_budget" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="below one block"):
+        cli_main([*common, "--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-budgets", "8"])

@@ -4,13 +4,17 @@ Generation is greedy and written out here (prefill, then one token at a time wit
 through ``generate()``: the prefill's block statistics are read between the two phases, and no generation config
 of the model (sampling, repetition penalties) can change the answers. ``density`` is the prefill's.
 
-Sparsity applies to the **prefill only**: decode steps run dense in this package today (sparse decode is a planned
-feature). With the default ``decode="dense"`` a task therefore measures the package end to end as it runs today,
-and retrieval can partly bypass the prefill's block selection: the first answer token comes from the sparse
-prefill, but every later one attends densely to the whole KV cache, where the needle's own keys and values (built
-from its local block, which is always kept) are intact. ``decode="recompute"`` is the strict alternative: every
-answer token is produced by a fresh sparse prefill of prompt + answer so far (no KV cache), so every token sees
-only the blocks the selector keeps; it costs one prefill per answer token.
+Three decode modes (``decode=``), the block selector always applies to the prefill:
+
+* ``"dense"`` (default): cached decode with dense attention (the adapter's decode gate, if any, is switched off
+  for the run). Retrieval can partly bypass the prefill's block selection: the first answer token comes from the
+  sparse prefill, but every later one attends densely to the whole KV cache, where the needle's own keys and
+  values (built from its local block, which is always kept) are intact.
+* ``"sparse"``: cached decode through the adapter's decode gate with its decode settings (``decode_method``,
+  ``decode_token_budget`` / ``decode_threshold``) — the package end to end with sparse prefill and sparse decode.
+  Needs an adapter with a decode gate; the ``dense`` selector decodes densely (the base model).
+* ``"recompute"``: every answer token from a fresh sparse prefill of prompt + answer so far (no KV cache), so
+  every token sees only the blocks the prefill selector keeps; it costs one prefill per answer token.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import SELECTORS, check_selectors, selector_session, stats_density
+from ..evaluation import SELECTORS, cache_argument, check_selectors, selector_session, stats_density
 from ..masks import nz_ratio_to_topk
 from .generation import DEFAULT_TASKS, TaskError, TaskGenerator, TaskSample, resolve_tasks
 from .scoring import score_answer
@@ -59,7 +63,7 @@ def _forward_parameters(model: Any) -> set[str]:
     return set(inspect.signature(hf_model.forward).parameters)
 
 
-DECODE_MODES = ("dense", "recompute")
+DECODE_MODES = ("dense", "sparse", "recompute")
 
 
 @torch.no_grad()
@@ -72,8 +76,9 @@ def greedy_generate(
 ) -> tuple[list[int], list[dict[str, Any]], float]:
     """Greedy continuation of one prompt ``input_ids [1, S]`` (at most ``max_new_tokens`` tokens).
 
-    ``decode="dense"`` (default): one prefill, then single-token steps on the KV cache (dense attention).
-    ``decode="recompute"``: every token from a full forward of prompt + tokens so far without cache, so each one
+    ``decode="dense"`` / ``"sparse"``: one prefill, then single-token steps on the KV cache (attention as the
+    model's decode settings say; `evaluate_tasks` sets them per mode). ``decode="recompute"``: every token from a
+    full forward of prompt + tokens so far without cache, so each one
     goes through the (sparse) prefill path.
 
     Returns ``(new_ids, prefill_stats, prefill_seconds)``: the generated ids (the first EOS included, then stop),
@@ -88,13 +93,14 @@ def greedy_generate(
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     eos_token_ids = eos_token_ids or set()
     parameters = _forward_parameters(model)
-    cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in recent transformers 5.x
+    cache_name = cache_argument(model)
     runtime = getattr(model, "runtime", None)
     if runtime is not None:
         runtime.stats.clear()
     extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=decode == "dense", **extra)
+    cached = decode != "recompute"
+    out = model(input_ids=input_ids, use_cache=cached, **extra)
     if input_ids.device.type == "cuda":
         torch.cuda.synchronize(input_ids.device)
     prefill_s = time.perf_counter() - start
@@ -105,7 +111,7 @@ def greedy_generate(
         new_ids.append(int(next_id))
         if new_ids[-1] in eos_token_ids or len(new_ids) == max_new_tokens:
             break
-        if decode == "dense":
+        if cached:
             out = model(input_ids=next_id[:, None], use_cache=True, **{cache_name: getattr(out, cache_name)})
         else:
             ids = torch.cat([input_ids, torch.tensor([new_ids], device=input_ids.device)], dim=1)
@@ -196,8 +202,9 @@ def evaluate_tasks(
         max_new_tokens: answer budget for every task (default: per task, longest answer + 16 tokens).
         depths: needle depths (0-1) for ``niah_single*`` (default: evenly spaced over the samples).
         use_chat_template: default: when the tokenizer has one.
-        decode: ``"dense"`` (default; cached dense decode, as the package runs today) or ``"recompute"`` (every
-            answer token from a fresh sparse prefill: strict, one prefill per token). See the module docstring.
+        decode: ``"dense"`` (default; cached dense decode), ``"sparse"`` (cached decode through the adapter's decode
+            gate and decode settings) or ``"recompute"`` (every answer token from a fresh sparse prefill: strict,
+            one prefill per token). See the module docstring.
         keep_predictions: keep each sample's prediction in the row's ``samples`` list (default True).
         progress: show a progress bar (tqdm).
 
@@ -226,6 +233,13 @@ def evaluate_tasks(
         raise ValueError("thresholds are gate settings; add 'gate' to the selectors")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    adapter_config = model.peft_config[model.active_adapter]
+    if decode == "sparse" and (not adapter_config.decode_gate or adapter_config.decode_method == "dense"):
+        raise ValueError(
+            "decode='sparse' needs an adapter with a decode gate (decode_gate=True, trained with `seer-adapter "
+            "distill --decode-gate`) and a sparse decode_method ('token_budget' or 'threshold'); got "
+            f"decode_gate={adapter_config.decode_gate}, decode_method={adapter_config.decode_method!r}"
+        )
     all_samples = build_task_samples(
         tokenizer,
         tasks,
@@ -260,6 +274,8 @@ def evaluate_tasks(
             for selector, method, value in jobs:
                 records = []
                 with use(selector, method, value):
+                    if decode != "sparse" and selector != "dense":
+                        model.set_sparsity(decode_method="dense")
                     for sample in samples:
                         ids = torch.tensor([sample.input_ids], device=device)
                         new_ids, stats, prefill_s = greedy_generate(model, ids, sample.max_new_tokens, eos, decode)
