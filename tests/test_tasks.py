@@ -512,8 +512,8 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     with pytest.raises(SystemExit, match="needs an adapter with a decode gate"):
         cli_main([*common, "--decode-budgets", "32"])
     out = tmp_path / "decode.json"
-    cli_main([*common, "--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-tokens", "24",
-              "--greedy-tokens", "6", "--decode-budgets", "16", "256", "--decode-prefill", "gate", "--out", str(out)])  # fmt: skip
+    gates = ["--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-tokens", "24", "--greedy-tokens", "6"]
+    cli_main([*common, *gates, "--decode-budgets", "16", "256", "--decode-prefill", "gate", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [r.get("token_budget") for r in result["rows"]] == [None, 16, 256]
     assert result["meta"]["prefill"] == "gate" and result["meta"]["continuation_tokens"] == 24
