@@ -11,8 +11,11 @@ How it works:
   for the whole group and the scores are one ``tl.dot``.
 * Each listed block is walked in ``BLOCK_N``-slot steps with an online softmax in the log2 domain; slots past the
   end of the cache or marked padding are masked element-wise.
-* Each program writes its normalised partial output ``[BLOCK_H, D]`` and its log-sum-exp (fp32); the partial results
-  are merged with the log-sum-exp by `combine_split_results` (an empty split has ``lse = -inf`` and weight 0).
+* Each program writes its normalised partial output ``[BLOCK_H, D]`` and its log-sum-exp (fp32); a second small
+  kernel (one program per query head) merges the splits with the log-sum-exp, as `combine_split_results` does,
+  and writes the output in the query dtype (an empty split has ``lse = -inf`` and weight 0).
+* Two launches and four allocations per call, no host synchronisation: a decoding step is short, so host time per
+  call matters as much as the kernel (measured: the combine in PyTorch ops cost more than the kernel).
 
 Forward only (the base model runs frozen).
 """
@@ -26,26 +29,58 @@ import triton
 import triton.language as tl
 
 from . import on_tensor_device, register_backend
-from .sparse_decode import check_decode_inputs, combine_split_results
+from .sparse_decode import check_decode_inputs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Programs to aim for when choosing the number of splits (about two waves on an H100/H200 with 132 SMs).
-_TARGET_PROGRAMS = 264
+# Programs to aim for when choosing the number of splits: enough blocks in flight to reach HBM bandwidth (each
+# program streams its blocks one after another; ~8 resident programs per SM on an H100/H200 with 132 SMs).
+_TARGET_PROGRAMS = 1056
+# At most this many splits per list (the combine kernel holds [splits, D] partial outputs in registers).
+_MAX_SPLITS = 64
 
 
 @triton.jit
 def _sparse_decode_split_kernel(
-    Q, K, V, Indices, Counts, Padding, OutPartial, LsePartial,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ib, stride_ih, stride_iw,
-    stride_pb, stride_ps,
-    kv_len, num_kv_heads, per_split, n_splits, scale_log2, softcap,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    Q,
+    K,
+    V,
+    Indices,
+    Counts,
+    Padding,
+    OutPartial,
+    LsePartial,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ib,
+    stride_ih,
+    stride_iw,
+    stride_pb,
+    stride_ps,
+    kv_len,
+    num_kv_heads,
+    per_split,
+    n_splits,
+    scale_log2,
+    softcap,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -112,9 +147,44 @@ def _sparse_decode_split_kernel(
     tl.store(LsePartial + base + rows, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_splits_kernel(
+    OutPartial,
+    LsePartial,
+    Out,
+    Lse,
+    n_splits,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # one program per query head: pid = (b * Hkv + h) * GROUP + r
+    pid = tl.program_id(0)
+    bh = pid // GROUP
+    r = pid % GROUP
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < n_splits
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    rows = (bh * n_splits + splits).to(tl.int64) * BLOCK_H + r  # [BLOCK_S] rows of the partial buffers
+    lse = tl.load(LsePartial + rows, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp(lse - m_safe)  # empty splits (lse = -inf) weigh 0
+    total = tl.sum(weights, axis=0)
+    partial = tl.load(OutPartial + rows[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :],
+                      other=0.0)  # fmt: skip
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(Out + pid.to(tl.int64) * HEAD_DIM + dims, out.to(Out.dtype.element_ty), mask=dim_ok)
+    tl.store(Lse + pid, tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf")))
+
+
 def _num_splits(batch: int, num_kv_heads: int, width: int) -> int:
-    """Splits of each block list so that the grid has about `_TARGET_PROGRAMS` programs (at least one entry each)."""
-    return max(1, min(width, math.ceil(_TARGET_PROGRAMS / max(1, batch * num_kv_heads))))
+    """Splits of each block list so that the grid has about `_TARGET_PROGRAMS` programs (at least one entry each,
+    at most `_MAX_SPLITS`)."""
+    return max(1, min(width, _MAX_SPLITS, math.ceil(_TARGET_PROGRAMS / max(1, batch * num_kv_heads))))
 
 
 def sparse_decode_triton(
@@ -146,31 +216,35 @@ def sparse_decode_triton(
     width = block_indices.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     splits = num_splits or _num_splits(batch, hkv, max(width, 1))
-    if splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {splits}")
+    if not 1 <= splits <= 4 * _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {4 * _MAX_SPLITS}], got {splits}")
     per_split = max(1, math.ceil(width / splits))
     block_h = max(16, triton.next_power_of_2(group))
     block_n = min(block_size, 64)
-    indices = block_indices.to(torch.int32)
-    counts32 = counts.to(torch.int32).contiguous()
+    indices = block_indices if block_indices.dtype == torch.int32 else block_indices.to(torch.int32)
+    counts32 = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
     partial_out = torch.empty(batch, hkv, splits, block_h, head_dim, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(batch, hkv, splits, block_h, dtype=torch.float32, device=q.device)
-    padding = key_padding_mask.to(torch.int8) if key_padding_mask is not None else counts32  # dummy pointer
+    out = torch.empty(batch, hq, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=q.device)
+    padding = key_padding_mask.view(torch.int8) if key_padding_mask is not None else counts32  # dummy pointer
     pad_strides = (padding.stride(0), padding.stride(1)) if key_padding_mask is not None else (0, 0)
+    block_d = triton.next_power_of_2(head_dim)
     with on_tensor_device(q):
         _sparse_decode_split_kernel[(batch * hkv, splits)](
             q, k, v, indices, counts32, padding, partial_out, partial_lse,
             *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *pad_strides,
             kv_len, hkv, per_split, splits, scale * 1.4426950408889634, float(softcap or 1.0),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_PADDING=key_padding_mask is not None,
             HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
         )  # fmt: skip
-    out, lse = combine_split_results(
-        partial_out[:, :, :, :group].transpose(2, 3), partial_lse[:, :, :, :group].transpose(2, 3)
-    )  # [B, Hkv, g, D], [B, Hkv, g]
-    out = out.reshape(batch, hq, head_dim).to(q.dtype)
-    return (out, lse.reshape(batch, hq)) if return_lse else out
+        _combine_splits_kernel[(batch * hq,)](
+            partial_out, partial_lse, out, lse, splits,
+            GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        )  # fmt: skip
+    return (out, lse) if return_lse else out
 
 
 register_backend("triton", sparse_decode_triton, device_types=("cuda",), op="decode")
