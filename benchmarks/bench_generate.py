@@ -56,7 +56,7 @@ def timed_generate(model, prompt: torch.Tensor, cache: SeerDynamicCache, cache_n
     seconds = time.perf_counter() - start
     if out.shape[1] != prompt.shape[1] + new_tokens:
         raise RuntimeError(f"generate() returned {out.shape[1] - prompt.shape[1]} tokens, expected {new_tokens}")
-    cache.crop(cached)
+    cache.crop(cached - cache.get_seq_length())  # a negative count: every transformers 5.x release takes it
     return seconds
 
 

@@ -164,12 +164,17 @@ class SeerDynamicCache(DynamicCache):
         for layer in self.seer_keys.values():
             layer.select_batch(torch.as_tensor(indices, device=layer.keys.device).long())
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a non-positive count; ``crop(0)``
-        is a no-op) from the KV cache and the K-compression cache alike."""
-        super().crop(tokens_to_remove)  # refuses positive values
+    def crop(self, max_length: int) -> None:
+        """Crop the KV cache as transformers does, and the K-compression cache to the same length.
+
+        The argument follows the installed transformers: a negative count removes that many tokens; a positive one
+        is the length to keep in transformers releases that accept it (recent ones refuse it). The compression
+        cache follows whatever length the KV cache has afterwards.
+        """
+        super().crop(max_length)
+        kept = self.get_seq_length()
         for layer in self.seer_keys.values():
-            layer.crop(layer.n_slots - abs(tokens_to_remove), self.seer_block_size or 1)
+            layer.crop(min(kept, layer.n_slots), self.seer_block_size or 1)
 
     def reset(self) -> None:
         super().reset()
