@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant (no JSON)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -99,6 +100,16 @@ def main() -> None:
         else:
             model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
         timed_generate(model, prompt, cache, cache_name, 4)  # warm-up (Triton compilation, allocator)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                timed_generate(model, prompt, cache, cache_name, 8)
+            print(f"=== {variant} {budget}: by device time", flush=True)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+            print(f"=== {variant} {budget}: by CPU time", flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+            continue
         seconds = sorted(timed_generate(model, prompt, cache, cache_name, args.new_tokens) for _ in range(args.repeats))
         s = seconds[len(seconds) // 2]
         density = None
@@ -119,6 +130,8 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
+    if args.profile:
+        return
     dense_s = rows[0]["s"]
     for row in rows:
         row["speedup_vs_dense"] = dense_s / row["s"]

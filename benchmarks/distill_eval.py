@@ -20,6 +20,7 @@ with ``--seed``), so this script runs where the `datasets` package is not instal
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import random
@@ -131,6 +132,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device_tag = environment_meta(device)["device"].split()[-1].lower()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")  # never overwrite an earlier run's file
     if not args.skip_prefill_eval:
         rows = evaluate_selectors(
             model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
@@ -147,7 +149,7 @@ def main() -> None:
             command="python " + " ".join(sys.argv),
             distillation=distillation,
         )
-        file = out / f"eval_{args.model}_{device_tag}_{args.seq_len}_{meta['date']}.json"
+        file = out / f"eval_{args.model}_{device_tag}_{args.seq_len}_{stamp}.json"
         file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {file}")
         print(format_selector_table(rows))
@@ -172,7 +174,7 @@ def main() -> None:
             distillation=distillation,
             eval_seconds=time.perf_counter() - started,
         )
-        file = out / f"decode_{args.model}_{device_tag}_{prompt}_{meta['date']}.json"
+        file = out / f"decode_{args.model}_{device_tag}_{prompt}_{stamp}.json"
         file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {file}")
         print(format_decode_table(rows))
