@@ -58,7 +58,8 @@ class SeerAttentionMask:
 
     Attributes:
         q_length, kv_length: query and key lengths the mask was made for.
-        key_padding_mask: bool ``[B, kv_length]`` (True = real token) or ``None`` when nothing is padded.
+        key_padding_mask: bool ``[B, kv_length]`` (True = real token) or ``None`` when nothing is padded (for a
+            single-token query, the model's mask is kept even when nothing is padded: no host synchronisation).
         is_plain_causal: the pattern is causal + padding only (no sliding window, packing or custom parts),
             the only pattern the sparse path implements.
     """
@@ -71,7 +72,9 @@ class SeerAttentionMask:
         padding = prepare_padding_mask(mask_kwargs.get("attention_mask"), self.kv_length, kv_offset)
         if padding is not None:
             padding = padding[:, kv_offset : kv_offset + self.kv_length].to(torch.bool)
-            if bool(padding.all()):
+            # Dropping an all-true mask lets prefill take its unpadded paths, but the check waits for the GPU; a
+            # decoding step keeps the mask instead (its kernels read it cheaply), so host and GPU overlap.
+            if self.q_length > 1 and bool(padding.all()):
                 padding = None
         self.key_padding_mask: torch.Tensor | None = padding
         self.is_plain_causal = (

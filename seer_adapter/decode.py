@@ -24,7 +24,7 @@ tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .gate import DecodeGate
 from .kernels.block_lists import key_block_has_tokens
@@ -134,10 +134,74 @@ class CompressedKeys:
         self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
 
 
+# Spare slots a growable KV layer adds when it must grow: an eighth of the length (at least 256 slots), so appending
+# is amortised O(new tokens) while at most ~12 % of the cache memory sits unused.
+_KV_GROWTH_FRACTION = 8
+_KV_GROWTH_MIN = 256
+
+
+class GrowableDynamicLayer(DynamicLayer):
+    """transformers' `DynamicLayer` whose keys and values live in buffers with spare slots.
+
+    `DynamicLayer.update` appends with ``torch.cat``, which copies the whole layer cache at every decoding step:
+    at batch 8 and 64k tokens of an 8B-shaped model that is 4 GiB of traffic per layer and step, more than dense
+    attention itself reads (measured on an H200: 56 of 81 ms of GPU time per step). Here a step writes only its new
+    slots; ``keys`` / ``values`` are views ``[B, H, S, D]`` of the buffers (last dimension contiguous). Anything
+    that replaces them (crop slices keep the view; beam reordering and batch selection make new tensors) is adopted
+    into a fresh buffer at the next append.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self._append(self.keys, key_states, "_key_buffer")
+        self.values = self._append(self.values, value_states, "_value_buffer")
+        return self.keys, self.values
+
+    def _append(self, current: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
+        buffer: torch.Tensor | None = getattr(self, name, None)
+        length = current.shape[-2] if current.dim() == 4 else 0
+        needed = length + new.shape[-2]
+        in_buffer = (
+            buffer is not None
+            and current.dim() == 4
+            and current.data_ptr() == buffer.data_ptr()
+            and current.stride() == buffer.stride()
+            and current.shape[:2] == buffer.shape[:2]
+            and current.shape[-1] == buffer.shape[-1]
+            and buffer.dtype == new.dtype
+        )
+        if not in_buffer or needed > buffer.shape[-2]:
+            capacity = needed + max(_KV_GROWTH_MIN, needed // _KV_GROWTH_FRACTION)
+            grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+            if length:
+                grown[..., :length, :].copy_(current)
+            buffer = grown
+            setattr(self, name, buffer)
+        buffer[..., length:needed, :].copy_(new)
+        return buffer[..., :needed, :]
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def _use_growable_layers(cache: DynamicCache) -> None:
+    """Turn the plain `DynamicLayer` layers of ``cache`` (and those it creates later) into `GrowableDynamicLayer`."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GrowableDynamicLayer
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = GrowableDynamicLayer
+
+
 class SeerDynamicCache(DynamicCache):
     """transformers' `DynamicCache` plus the K-compression cache of every layer with a decode gate.
 
-    Beam-search reordering, batch repetition/selection, crop and reset apply to both. A plain `DynamicCache` met
+    Beam-search reordering, batch repetition/selection, crop and reset apply to both. Full-attention layers append
+    in place into buffers with spare slots (`GrowableDynamicLayer`) instead of concatenating. A plain `DynamicCache` met
     empty by a layer with a decode gate (e.g. the one ``generate()`` creates) is turned into this class in place
     (`as_seer_cache`), so ``generate()`` works unchanged; any other cache type is refused with a clear error at the
     first sparse decoding step.
@@ -147,6 +211,7 @@ class SeerDynamicCache(DynamicCache):
         super().__init__(*args, **kwargs)
         self.seer_keys: dict[int, CompressedKeys] = {}
         self.seer_block_size: int | None = None
+        _use_growable_layers(self)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -188,6 +253,7 @@ def as_seer_cache(cache: object) -> SeerDynamicCache | None:
     if type(cache) is DynamicCache:
         cache.__class__ = SeerDynamicCache
         cache.seer_keys, cache.seer_block_size = {}, None
+        _use_growable_layers(cache)
         return cache
     return None
 

@@ -545,3 +545,46 @@ def test_evaluate_decode_bad_input_is_a_clear_error():
         evaluate_decode(model, ids, 250, 50, progress=False)
     with pytest.raises(ValueError, match="prefill must be"):
         evaluate_decode(model, ids, 100, 20, prefill="sparse", progress=False)
+
+
+# ----------------------------------------------------------------------------------------- growable KV layers
+def test_growable_kv_layers_append_in_place_and_equal_concatenation():
+    """SeerDynamicCache's layers write new slots into spare capacity (no whole-cache copy per step) and hold exactly
+    what DynamicCache's concatenation holds, through crop, beam reordering and batch repetition."""
+    from seer_adapter.decode import GrowableDynamicLayer
+
+    gen = torch.Generator().manual_seed(0)
+    ours, plain = SeerDynamicCache(), DynamicCache()
+
+    def step(n):
+        k, v = torch.randn(2, 3, n, 8, generator=gen), torch.randn(2, 3, n, 8, generator=gen)
+        got, want = ours.update(k, v, 0), plain.update(k, v, 0)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        return got[0]
+
+    first = step(300)
+    assert isinstance(ours.layers[0], GrowableDynamicLayer)
+    buffer = ours.layers[0]._key_buffer
+    assert buffer.shape[2] == 300 + 256  # spare slots: max(256, n / 8)
+    for _ in range(200):
+        keys = step(1)
+    assert keys.data_ptr() == first.data_ptr() == buffer.data_ptr()  # written in place, never copied
+    ours.crop(-50)
+    plain.crop(-50)
+    step(3)  # the crop kept the view of the buffer: appends in place again
+    assert ours.layers[0].keys.data_ptr() == buffer.data_ptr()
+    for _ in range(120):  # 453 + 120 > 556 slots: one reallocation, the content intact
+        step(1)
+    assert ours.layers[0]._key_buffer.data_ptr() != buffer.data_ptr()
+    beam = torch.tensor([1, 0])
+    ours.reorder_cache(beam)
+    plain.reorder_cache(beam)
+    step(2)
+    ours.batch_repeat_interleave(2)
+    plain.batch_repeat_interleave(2)
+    k, v = torch.randn(4, 3, 1, 8, generator=gen), torch.randn(4, 3, 1, 8, generator=gen)
+    for a, b in zip(ours.update(k, v, 0), plain.update(k, v, 0), strict=True):
+        assert torch.equal(a, b)
+    ours.reset()
+    assert ours.get_seq_length() == 0 and ours.layers[0]._key_buffer is None
