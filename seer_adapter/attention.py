@@ -324,6 +324,7 @@ def compute_decode_gate_logits(
     query: torch.Tensor,
     key: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    query_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode-gate logits of every token of a prefill against its strictly earlier key blocks (for distillation).
 
@@ -334,10 +335,12 @@ def compute_decode_gate_logits(
     Args:
         query: post-RoPE ``[B, Hq, S, D]``; key: post-RoPE ``[B, Hkv, S, D]`` (prefill without a past).
         key_padding_mask: optional bool ``[B, S]``.
+        query_rows: optional long ``[R]``: the token positions to score (default all ``S``; the keys are always
+            every block).
 
     Returns:
-        ``[B, Hkv, S, nK]`` in the gate dtype, ``-inf`` on blocks not strictly earlier than the token's block and on
-        blocks without a real token; differentiable in the decode gate's weights.
+        ``[B, Hkv, R, nK]`` (``R = S`` by default) in the gate dtype, ``-inf`` on blocks not strictly earlier than
+        the token's block and on blocks without a real token; differentiable in the decode gate's weights.
     """
     gate = module.seer_gate[state.runtime.active_adapter].decode
     if gate is None:
@@ -345,7 +348,10 @@ def compute_decode_gate_logits(
     block_size = gate.block_size
     cos = sin = block_cos = block_sin = None
     style = state.rope_style or "half"
-    q_pre = query.float()
+    length = query.shape[2]
+    rows = torch.arange(length, device=query.device) if query_rows is None else query_rows.to(query.device)
+    q_pre = query[:, :, rows].float()  # [B, Hq, R, D]
+    q_cos = q_sin = None
     if state.position_embeddings is not None:
         if state.rope_style is None:
             raise RuntimeError(
@@ -354,18 +360,19 @@ def compute_decode_gate_logits(
             )
         cos, sin = state.position_embeddings
         block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
-        q_pre = apply_rope(q_pre, cos, sin, style, inverse=True)
+        q_cos, q_sin = cos[..., rows, :], sin[..., rows, :]
+        q_pre = apply_rope(q_pre, q_cos, q_sin, style, inverse=True)
     k_pooled = pool_pre_rope_blocks(
         key, cos, sin, rope_style=style, block_size=block_size, poolings=gate.k_pooling, token_valid=key_padding_mask
     )  # [B, Hkv, nK, Pk·D] fp32
-    q_gate = gate.query(q_pre, cos, sin, style)  # [B, Hkv, S, G]
+    q_gate = gate.query(q_pre, q_cos, q_sin, style)  # [B, Hkv, R, G]
     k_gate = gate.keys(k_pooled, block_cos, block_sin, style)  # [B, Hkv, nK, G]
-    logits = gate.logits(q_gate, k_gate)  # [B, Hkv, S, nK]
-    length, n_blocks = query.shape[2], k_gate.shape[2]
-    token_block = torch.arange(length, device=query.device) // block_size
-    allowed = torch.arange(n_blocks, device=query.device)[None, :] < token_block[:, None]  # [S, nK]
+    logits = gate.logits(q_gate, k_gate)  # [B, Hkv, R, nK]
+    n_blocks = k_gate.shape[2]
+    token_block = rows // block_size
+    allowed = torch.arange(n_blocks, device=query.device)[None, :] < token_block[:, None]  # [R, nK]
     valid = block_has_tokens(key_padding_mask, block_size)
-    allowed = allowed[None] if valid is None else allowed[None] & valid[:, None, :]  # [B or 1, S, nK]
+    allowed = allowed[None] if valid is None else allowed[None] & valid[:, None, :]  # [B or 1, R, nK]
     return logits.masked_fill(~allowed[:, None], float("-inf"))
 
 

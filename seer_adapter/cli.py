@@ -207,6 +207,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         save_steps=args.save_steps,
         seed=args.seed,
         decode_loss_weight=args.decode_loss_weight,
+        decode_token_fraction=args.decode_token_fraction,
     )
     dataset = load_text_dataset(args.data, streaming=args.streaming, shuffle_seed=args.seed)
     vocab = base.get_input_embeddings().num_embeddings
@@ -614,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distill.add_argument(
         "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"
+    )
+    distill.add_argument(
+        "--decode-token-fraction",
+        type=float,
+        default=0.25,
+        help="fraction of the tokens whose decode-gate target is computed each step (evenly strided; default 0.25)",
     )
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--init-adapter", default=None, help="start from these gates instead of fresh ones")

@@ -75,12 +75,29 @@ def block_kl_loss(target: torch.Tensor, logits: torch.Tensor, skip_first_fractio
     return row_kl[rows].mean()
 
 
+def decode_target_rows(length: int, skip_first_fraction: float, fraction: float, device: torch.device) -> torch.Tensor:
+    """Token positions whose decode-gate target is computed: after the first ``floor(length · skip_first_fraction)``
+    tokens, every ``round(1 / fraction)``-th token (all of them at ``fraction=1``), the last one always included.
+
+    The decode loss is a mean over tokens, so an evenly strided subset estimates it without bias across positions
+    while the PyTorch target (one fp32 ``Q·Kᵀ`` pass per layer) costs ``fraction`` of the full one.
+    """
+    start = math.floor(length * skip_first_fraction)
+    stride = max(1, round(1.0 / fraction))
+    return torch.arange(length - 1, start - 1, -stride, device=device).flip(0)
+
+
 class GateDistillationHook:
     """The `DistillationHook` installed during a distillation forward: ground truth + gate loss per layer."""
 
-    def __init__(self, skip_first_fraction: float = 0.25, decode_loss_weight: float = 1.0):
+    def __init__(
+        self, skip_first_fraction: float = 0.25, decode_loss_weight: float = 1.0, decode_token_fraction: float = 1.0
+    ):
+        if not 0.0 < decode_token_fraction <= 1.0:
+            raise ValueError(f"decode_token_fraction must be in (0, 1], got {decode_token_fraction}")
         self.skip_first_fraction = skip_first_fraction
         self.decode_loss_weight = decode_loss_weight
+        self.decode_token_fraction = decode_token_fraction
         # layer -> prefill-gate loss (+ decode_loss_weight x decode-gate loss when the layer has a decode gate)
         self.losses: dict[int, torch.Tensor] = {}
         # layer -> decode-gate loss alone (detached), for logging
@@ -101,21 +118,36 @@ class GateDistillationHook:
         padding = mask.key_padding_mask
         with torch.no_grad():
             out, target = attention_with_block_ground_truth(
-                query, key, value, block_size=config.block_size, scale=scaling, key_padding_mask=padding,
+                query,
+                key,
+                value,
+                block_size=config.block_size,
+                scale=scaling,
+                key_padding_mask=padding,
                 softcap=kwargs.get("softcap"),
             )  # out [B, Hq, S, D], target [B, Hq, nQ, nK]
         with torch.enable_grad():
             logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
             loss = block_kl_loss(target, logits, self.skip_first_fraction)
         if module.seer_gate[layer.runtime.active_adapter].decode is not None and self.decode_loss_weight > 0:
+            rows = decode_target_rows(
+                query.shape[2], self.skip_first_fraction, self.decode_token_fraction, query.device
+            )
             with torch.no_grad():
                 decode_target = decode_block_ground_truth(
-                    query, key, block_size=config.block_size, scale=scaling, key_padding_mask=padding,
+                    query,
+                    key,
+                    block_size=config.block_size,
+                    scale=scaling,
+                    key_padding_mask=padding,
                     softcap=kwargs.get("softcap"),
-                )  # [B, Hkv, S, nK]
+                    query_rows=rows,
+                )  # [B, Hkv, R, nK]
             with torch.enable_grad():
-                decode_logits = compute_decode_gate_logits(layer, module, query.detach(), key.detach(), padding)
-                decode_loss = block_kl_loss(decode_target, decode_logits, self.skip_first_fraction)
+                decode_logits = compute_decode_gate_logits(
+                    layer, module, query.detach(), key.detach(), padding, query_rows=rows
+                )
+                decode_loss = block_kl_loss(decode_target, decode_logits, skip_first_fraction=0.0)
                 loss = loss + self.decode_loss_weight * decode_loss
             self.decode_losses[layer.layer_idx] = decode_loss.detach()
         self.losses[layer.layer_idx] = loss
@@ -130,6 +162,7 @@ def distillation_loss(
     skip_first_fraction: float = 0.25,
     loss_scale: float = 10.0,
     decode_loss_weight: float = 1.0,
+    decode_token_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """One distillation forward of the frozen model.
 
@@ -140,6 +173,8 @@ def distillation_loss(
         loss_scale: multiplies the summed layer losses (the released recipe uses 10).
         decode_loss_weight: weight of the decode-gate loss in each layer's loss (layers with a decode gate only;
             0 trains the prefill gates alone).
+        decode_token_fraction: fraction of the (not skipped) tokens whose decode-gate target and loss are computed,
+            evenly strided (`decode_target_rows`; 1.0: every token).
 
     Returns:
         ``(loss, per_layer)``: the scalar loss with gradients into the gates only, and ``{layer: loss}`` floats.
@@ -147,7 +182,7 @@ def distillation_loss(
     runtime = model.runtime
     if runtime.distillation is not None:
         raise RuntimeError("a distillation forward is already running on this model")
-    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight)
+    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight, decode_token_fraction)
     runtime.distillation = hook
     try:
         with torch.no_grad():
@@ -185,6 +220,13 @@ class DistillationArguments:
         default=1.0,
         metadata={"help": "Weight of the decode-gate loss in layers that have a decode gate (0: prefill gates only)."},
     )
+    decode_token_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Fraction of the tokens whose decode-gate target is computed (evenly strided, the skipped first "
+            "tokens excluded). The target has only a PyTorch path (a full fp32 Q·Kᵀ per layer); 0.25 cuts it 4×."
+        },
+    )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (and at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     seed: int = field(default=0, metadata={"help": "Seed of the data shuffle and of torch."})
@@ -196,6 +238,8 @@ class DistillationArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.skip_first_fraction < 1:
             raise ValueError(f"skip_first_fraction must be in [0, 1), got {self.skip_first_fraction}")
+        if not 0 < self.decode_token_fraction <= 1:
+            raise ValueError(f"decode_token_fraction must be in (0, 1], got {self.decode_token_fraction}")
 
 
 def _world() -> tuple[int, int]:
@@ -224,7 +268,11 @@ def _gate_parameters(model: SeerModel) -> dict[str, torch.nn.Parameter]:
 
 
 def save_checkpoint(
-    model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, sequences_seen: int,
+    model: SeerModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    sequences_seen: int,
     args: DistillationArguments,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place) and prune old ones.
@@ -270,9 +318,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _load_checkpoint(
-    path: Path, model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[int, int]:
+def _load_checkpoint(path: Path, model: SeerModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, int]:
     gates = load_file(path / "gates.safetensors")
     params = _gate_parameters(model)
     if set(gates) != set(params):
@@ -370,6 +416,7 @@ def train_gates(
                     skip_first_fraction=args.skip_first_fraction,
                     loss_scale=args.loss_scale,
                     decode_loss_weight=args.decode_loss_weight,
+                    decode_token_fraction=args.decode_token_fraction,
                 )
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / args.gradient_accumulation_steps

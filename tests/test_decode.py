@@ -405,9 +405,57 @@ def test_decode_target_reference_matches_the_definition(monkeypatch):
     got = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert torch.equal(got[:, :, :4], torch.zeros(2, 2, 4, 6))  # first block: nothing earlier
+    rows = torch.tensor([3, 4, 9, 20])  # a subset of token positions: the same rows of the full target
+    subset = decode_ground_truth.decode_block_ground_truth_reference(
+        q, k, block_size=4, key_padding_mask=padding, query_rows=rows
+    )
+    torch.testing.assert_close(subset, got[:, :, rows])
     monkeypatch.setattr(decode_ground_truth, "_MAX_SCORE_ELEMENTS", 50)  # chunks of one row
     chunked = decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, key_padding_mask=padding)
     torch.testing.assert_close(chunked, got)
+    chunked = decode_ground_truth.decode_block_ground_truth_reference(
+        q, k, block_size=4, key_padding_mask=padding, query_rows=rows
+    )
+    torch.testing.assert_close(chunked, subset)
+    with pytest.raises(ValueError, match="query_rows"):
+        decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, query_rows=torch.tensor([21]))
+
+
+def test_decode_target_rows_and_the_subsampled_loss():
+    """A fraction of the tokens (evenly strided after the skipped ones, the last included) gives the rows of the
+    full target and logits; fraction 1 is the full loss."""
+    from seer_adapter.attention import compute_decode_gate_logits
+    from seer_adapter.distill import GateDistillationHook, block_kl_loss, decode_target_rows
+    from seer_adapter.kernels import decode_block_ground_truth
+
+    assert decode_target_rows(10, 0.25, 1.0, "cpu").tolist() == list(range(2, 10))
+    assert decode_target_rows(10, 0.0, 0.25, "cpu").tolist() == [1, 5, 9]
+    assert decode_target_rows(64, 0.25, 0.5, "cpu").tolist() == list(range(17, 64, 2))
+    with pytest.raises(ValueError, match="decode_token_fraction"):
+        GateDistillationHook(decode_token_fraction=0.0)
+    model = get_seer_model(tiny_model("qwen3"), _config())
+    _randomise_decode_gates(model, seed=4)
+    ids, mask = _inputs(batch=2, length=70, pad_left=(0, 11), seed=4)
+    seen = {}
+
+    def hook(module, layer, query, key, value, attn_mask, scaling, **kwargs):
+        padding = attn_mask.key_padding_mask
+        rows = decode_target_rows(query.shape[2], 0.25, 0.25, query.device)
+        full_logits = compute_decode_gate_logits(layer, module, query, key, padding)
+        sub_logits = compute_decode_gate_logits(layer, module, query, key, padding, query_rows=rows)
+        torch.testing.assert_close(sub_logits, full_logits[:, :, rows])
+        full_target = decode_block_ground_truth(query, key, block_size=BLOCK, scale=scaling, key_padding_mask=padding)
+        seen[layer.layer_idx] = block_kl_loss(full_target, full_logits, 0.25)
+        return GateDistillationHook.__call__(whole, module, layer, query, key, value, attn_mask, scaling, **kwargs)
+
+    whole = GateDistillationHook(skip_first_fraction=0.25, decode_token_fraction=1.0)
+    model.runtime.distillation = hook
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    model.runtime.distillation = None
+    # fraction 1: the decode part of each layer loss is exactly the full-target loss
+    for layer, want in seen.items():
+        torch.testing.assert_close(whole.decode_losses[layer], want)
 
 
 def test_training_logits_equal_decoding_logits():

@@ -96,9 +96,7 @@ def backend_for(op: str, device: torch.device, backend: str | None = None) -> Ca
     implementations = _OPS[_check_op(op)]
     if name not in implementations:
         if backend is not None:
-            raise ValueError(
-                f"kernel backend {name!r} has no {op} implementation; available: {available_backends(op)}"
-            )
+            raise ValueError(f"kernel backend {name!r} has no {op} implementation; available: {available_backends(op)}")
         name = select_backend(device, "auto")
         name = name if name in implementations else "reference"
     return implementations[name]
@@ -212,14 +210,20 @@ def decode_block_ground_truth(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    query_rows: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decode-gate distillation target ``[B, Hkv, S, nK]`` (see `decode_ground_truth`): the single entry point.
 
+    ``query_rows`` (long ``[R]``) computes the rows of those token positions only (``[B, Hkv, R, nK]``).
+
     Only the PyTorch reference exists so far; on CUDA it runs chunked in fp32 (one extra pass over Q·Kᵀ).
     """
     fn = backend_for("decode_ground_truth", q.device, backend)
-    return fn(q, k, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, softcap=softcap)
+    return fn(
+        q, k, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, softcap=softcap,
+        query_rows=query_rows,
+    )  # fmt: skip
 
 
 def select_block_lists(

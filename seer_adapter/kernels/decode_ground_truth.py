@@ -33,6 +33,7 @@ def decode_block_ground_truth_reference(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    query_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token decode-gate target, computed in fp32 one chunk of query rows at a time.
 
@@ -40,10 +41,12 @@ def decode_block_ground_truth_reference(
         q: post-RoPE queries ``[B, Hq, S, D]``; k: post-RoPE keys ``[B, Hkv, S, D]`` (a prefill without past).
         block_size: tokens per key block. scale: softmax scale (default ``1/sqrt(D)``).
         key_padding_mask: optional bool ``[B, S]``, True for real tokens. softcap: optional logit soft-capping.
+        query_rows: optional long ``[R]`` token positions to compute the target for (default: all ``S``); the keys
+            are always the whole sequence.
 
     Returns:
-        fp32 ``[B, Hkv, S, nK]`` with ``nK = ceil(S / block_size)``: rows sum to 1 over blocks ``< t // block_size``
-        (or are all zero).
+        fp32 ``[B, Hkv, R, nK]`` (``R = S`` by default) with ``nK = ceil(S / block_size)``: the row of token ``t``
+        sums to 1 over blocks ``< t // block_size`` (or is all zero).
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"expected q [B, Hq, S, D] and k [B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -53,21 +56,30 @@ def decode_block_ground_truth_reference(
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq % Hkv == 0 and equal lengths")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, length):
         raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
+    if query_rows is None:
+        query_rows = torch.arange(length, device=q.device)
+    elif query_rows.dim() != 1 or (
+        query_rows.numel() and not 0 <= int(query_rows.min()) <= int(query_rows.max()) < length
+    ):
+        raise ValueError(f"query_rows must be 1-D token positions in [0, {length})")
+    query_rows = query_rows.to(q.device)
+    n_rows = query_rows.numel()
     group = hq // hkv
     n_blocks = math.ceil(length / block_size)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     kf = k.float()
-    target = torch.zeros(batch, hkv, length, n_blocks, dtype=torch.float32, device=q.device)
+    target = torch.zeros(batch, hkv, n_rows, n_blocks, dtype=torch.float32, device=q.device)
     visible_all = causal_token_mask(length, length, q.device)  # [S, S]
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
     pad = n_blocks * block_size - length
-    for start in range(0, length, chunk):
-        stop = min(length, start + chunk)
-        qc = q[:, :, start:stop].float().view(batch, hkv, group, stop - start, head_dim)
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        positions = query_rows[start:stop]  # [s] token positions of this chunk
+        qc = q[:, :, positions].float().view(batch, hkv, group, stop - start, head_dim)
         scores = torch.einsum("bhgsd,bhkd->bhgsk", qc, kf) * scale  # [B, Hkv, g, s, S]
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        visible = visible_all[start:stop][None]  # [1, s, S]
+        visible = visible_all[positions][None]  # [1, s, S]
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, :]
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
@@ -75,11 +87,11 @@ def decode_block_ground_truth_reference(
         probs = torch.nn.functional.pad(probs, (0, pad))
         block_max = probs.view(*probs.shape[:-1], n_blocks, block_size).amax(dim=-1)  # [B, Hkv, g, s, nK]
         group_max = block_max.amax(dim=2)  # [B, Hkv, s, nK]
-        rows = torch.arange(start, stop, device=q.device) // block_size
+        rows = positions // block_size
         earlier = torch.arange(n_blocks, device=q.device)[None, :] < rows[:, None]  # [s, nK]
         group_max = group_max * earlier
         total = group_max.sum(dim=-1, keepdim=True)
         target[:, :, start:stop] = torch.where(total > 0, group_max / total.clamp_min(1e-30), 0.0)
     if key_padding_mask is not None:
-        target = target * key_padding_mask[:, None, :, None]
+        target = target * key_padding_mask[:, query_rows][:, None, :, None]
     return target
