@@ -90,6 +90,24 @@ class SeerAttentionMask:
             self._materialised[attn_implementation] = mask_fn(**self.mask_kwargs)
         return self._materialised[attn_implementation]
 
+    def _not_a_tensor(self) -> TypeError:
+        return TypeError(
+            "a SeerAttentionMask (the lazy mask seer_adapter's attention builds inside the model) was handed back to "
+            "the model as its attention_mask: transformers prepares masks outside the forward for static caches and "
+            "compiled generation (generate(cache_implementation='static'), StaticCache), which seer_adapter does not "
+            "support. Generate with the default dynamic cache (seer_adapter.SeerDynamicCache for sparse decoding)."
+        )
+
+    @property
+    def ndim(self) -> int:
+        """Not a tensor: transformers asks for ``ndim`` only when this mask is fed back as an input (static caches)."""
+        raise self._not_a_tensor()
+
+    @property
+    def shape(self) -> torch.Size:
+        """Not a tensor (see `ndim`)."""
+        raise self._not_a_tensor()
+
     def __repr__(self) -> str:
         padded = "none" if self.key_padding_mask is None else f"{int((~self.key_padding_mask).sum())} tokens"
         return (

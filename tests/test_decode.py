@@ -636,3 +636,11 @@ def test_growable_kv_layers_append_in_place_and_equal_concatenation():
         assert torch.equal(a, b)
     ours.reset()
     assert ours.get_seq_length() == 0 and ours.layers[0]._key_buffer is None
+
+
+def test_static_cache_generation_is_a_clear_error():
+    """transformers builds the mask outside the model for static caches and feeds ours back in: refuse clearly."""
+    model = get_seer_model(tiny_model("llama"), _config())
+    ids, _ = _inputs(batch=1, length=40, pad_left=(0,), seed=5)
+    with pytest.raises(TypeError, match="static caches.*default dynamic cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
