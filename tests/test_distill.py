@@ -61,9 +61,11 @@ def test_only_gates_get_gradients_and_base_outputs_stay(family, tmp_path):
     for name, param in model.named_parameters():
         assert (param.grad is not None) == ("seer_gate" in name), name
     gates_before = {k: g.k_proj.weight.clone() for k, g in model.gates().items()}
-    train_gates(model, _sequences(8, 70), DistillationArguments(
-        output_dir=str(tmp_path), max_steps=2, seq_len=70,
-        warmup_steps=1, progress=False))
+    train_gates(
+        model,
+        _sequences(8, 70),
+        DistillationArguments(output_dir=str(tmp_path), max_steps=2, seq_len=70, warmup_steps=1, progress=False),
+    )
     assert all(not torch.equal(gates_before[k], g.k_proj.weight) for k, g in model.gates().items())
     for k, v in model.base_model.state_dict().items():
         if "seer_gate" not in k:
@@ -75,8 +77,13 @@ def test_only_gates_get_gradients_and_base_outputs_stay(family, tmp_path):
 def test_training_lowers_the_loss(tmp_path):
     model = _model()
     sequences = _sequences(1, 128) * 40  # one sequence again and again: the loss must fall
-    records = train_gates(model, sequences, DistillationArguments(
-        output_dir=str(tmp_path), max_steps=30, seq_len=128, warmup_steps=2, learning_rate=1e-2, progress=False))
+    records = train_gates(
+        model,
+        sequences,
+        DistillationArguments(
+            output_dir=str(tmp_path), max_steps=30, seq_len=128, warmup_steps=2, learning_rate=1e-2, progress=False
+        ),
+    )
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -103,20 +110,29 @@ def _killing_stream(sequences, after):
 
 
 def test_kill_and_resume_continues_exactly(tmp_path):
-    args = dict(max_steps=6, seq_len=96, warmup_steps=1, save_steps=2, gradient_accumulation_steps=2,
-                progress=False, learning_rate=5e-3)
+    args = dict(
+        max_steps=6,
+        seq_len=96,
+        warmup_steps=1,
+        save_steps=2,
+        gradient_accumulation_steps=2,
+        progress=False,
+        learning_rate=5e-3,
+    )
     data = _sequences(20)
     straight = _model()
     full = train_gates(straight, data, DistillationArguments(output_dir=str(tmp_path / "a"), **args))
 
     interrupted = _model()
     with pytest.raises(_Killed):  # 2 sequences per step: dies inside step 4, after the checkpoint of step 2
-        train_gates(interrupted, _killing_stream(data, 7), DistillationArguments(output_dir=str(tmp_path / "b"),
-                                                                                  **args))
+        train_gates(
+            interrupted, _killing_stream(data, 7), DistillationArguments(output_dir=str(tmp_path / "b"), **args)
+        )
     assert (tmp_path / "b" / "checkpoint-2").is_dir()
     resumed = _model()  # a fresh process: new model, state only from the checkpoint
-    rest = train_gates(resumed, data, DistillationArguments(output_dir=str(tmp_path / "b"), **args),
-                       resume_from_checkpoint=True)
+    rest = train_gates(
+        resumed, data, DistillationArguments(output_dir=str(tmp_path / "b"), **args), resume_from_checkpoint=True
+    )
     assert [r["step"] for r in rest] == [3, 4, 5, 6]
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
     for a, b in zip(straight.gates().values(), resumed.gates().values(), strict=True):
@@ -166,5 +182,8 @@ def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(DataError, match="text"):
         load_text_dataset(str(tmp_path / "notext.jsonl"))
     with pytest.raises(RuntimeError, match="ran out"):
-        train_gates(_model(), _sequences(2), DistillationArguments(output_dir=str(tmp_path / "o"), max_steps=5,
-                                                                  seq_len=96, progress=False))
+        train_gates(
+            _model(),
+            _sequences(2),
+            DistillationArguments(output_dir=str(tmp_path / "o"), max_steps=5, seq_len=96, progress=False),
+        )

@@ -66,4 +66,3 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert ddp_gates.keys() == single_gates.keys()
     for key in ddp_gates:
         torch.testing.assert_close(ddp_gates[key], single_gates[key], atol=1e-5, rtol=1e-4)
-

@@ -221,10 +221,13 @@ def test_a_failed_wrap_leaves_the_model_as_it_was(bad):
 
 
 def test_adapters_with_different_target_layers(tmp_path):
-    model = get_seer_model(tiny_model("llama"), _config(sparsity_method="nz_ratio", nz_ratio=0.8,
-                                                         target_modules=["model.layers.0.self_attn"]))
-    model.add_adapter("second", _config(sparsity_method="nz_ratio", nz_ratio=0.8,
-                                        target_modules=["model.layers.1.self_attn"]))
+    model = get_seer_model(
+        tiny_model("llama"),
+        _config(sparsity_method="nz_ratio", nz_ratio=0.8, target_modules=["model.layers.0.self_attn"]),
+    )
+    model.add_adapter(
+        "second", _config(sparsity_method="nz_ratio", nz_ratio=0.8, target_modules=["model.layers.1.self_attn"])
+    )
     model(IDS)
     assert [s["mode"] for s in model.sparsity_stats()] == ["sparse", "dense"]
     model.set_adapter("second")

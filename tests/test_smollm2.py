@@ -79,13 +79,25 @@ def test_short_distillation_lowers_train_and_heldout_loss(smollm2, tmp_path):
         with torch.no_grad():
             untrained_kl = distillation_loss(model, heldout)[0].item()
         sequences = packed_sequences(load_text_dataset("default", shuffle_seed=0), tokenizer, WINDOW)
-        records = train_gates(model, sequences, DistillationArguments(
-            output_dir=str(tmp_path), max_steps=20, seq_len=WINDOW, warmup_steps=5, learning_rate=1e-3, progress=False))
+        records = train_gates(
+            model,
+            sequences,
+            DistillationArguments(
+                output_dir=str(tmp_path),
+                max_steps=20,
+                seq_len=WINDOW,
+                warmup_steps=5,
+                learning_rate=1e-3,
+                progress=False,
+            ),
+        )
         with torch.no_grad():
             trained_kl = distillation_loss(model, heldout)[0].item()
         first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
-        print(f"\nSmolLM2 20 distillation steps x {WINDOW} tokens: train loss {first:.1f} -> {last:.1f}; "
-              f"held-out loss {untrained_kl:.1f} -> {trained_kl:.1f}")
+        print(
+            f"\nSmolLM2 20 distillation steps x {WINDOW} tokens: train loss {first:.1f} -> {last:.1f}; "
+            f"held-out loss {untrained_kl:.1f} -> {trained_kl:.1f}"
+        )
         assert last < 0.5 * first
         assert trained_kl < 0.5 * untrained_kl
     finally:
@@ -109,6 +121,7 @@ def test_committed_trained_gates_beat_untrained_gates(smollm2):
         trained_ppl = perplexity(trained, ids, WINDOW, max_windows=1)
     finally:
         trained.unload()
-    print(f"\nSmolLM2 {WINDOW} tokens at nz_ratio=0.5: untrained gates PPL {untrained_ppl:.3f}, "
-          f"trained {trained_ppl:.3f}")
+    print(
+        f"\nSmolLM2 {WINDOW} tokens at nz_ratio=0.5: untrained gates PPL {untrained_ppl:.3f}, trained {trained_ppl:.3f}"
+    )
     assert trained_ppl < untrained_ppl
