@@ -323,7 +323,7 @@ def test_bad_input_gives_clear_errors(tokenizer, generator):
     with pytest.raises(ValueError, match=r"densities are nz_ratio values in \(0, 1\]"):
         evaluate_tasks(model, tokenizer, "niah_single", [1024], densities=(30,), progress=False)
     with pytest.raises(ValueError, match="decode must be one of"):
-        evaluate_tasks(model, tokenizer, "niah_single", [1024], decode="sparse", progress=False)
+        evaluate_tasks(model, tokenizer, "niah_single", [1024], decode="speculative", progress=False)
     # 64-token blocks: at 2k, nz_ratio 0.1 keeps 2 blocks per row, the forced sink and local ones; at 4k, 4.
     config = model.peft_config[model.active_adapter]
     assert selector_free_blocks(config, 2048, 0.1) == 0 and selector_free_blocks(config, 4096, 0.1) == 2
