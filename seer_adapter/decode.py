@@ -184,7 +184,10 @@ class GrowableDynamicLayer(DynamicLayer):
         return buffer[..., :needed, :]
 
     def reset(self) -> None:
+        # Dropped rather than zeroed (older transformers zero the tensors in place and keep their length).
         self._key_buffer = self._value_buffer = None
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
 import pytest
 import torch
 from tiny_models import tiny_model
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from seer_adapter import (
@@ -23,6 +25,14 @@ from seer_adapter.decode import select_decode_blocks
 from seer_adapter.gate import pool_blocks
 
 BLOCK = 16
+# The KV-cache argument of forward() / generate(): "cache" in recent transformers 5.x, "past_key_values" before.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache(cache) -> dict:
+    return {_CACHE_ARGUMENT: cache}
+
+
 FAMILIES = ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gemma2", "gpt2", "opt"]
 
 
@@ -58,7 +68,7 @@ def _compressed(cache: SeerDynamicCache) -> dict[int, tuple[torch.Tensor, torch.
 def _feed(model, ids, mask, cache, start, stop):
     """Feed tokens ``start:stop`` one at a time (decode steps), as generate() would."""
     for t in range(start, stop):
-        model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+        model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **_cache(cache), use_cache=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -130,10 +140,10 @@ def test_incremental_compression_equals_full_recomputation(family, k_norm):
     _randomise_decode_gates(model)
     ids, mask = _inputs(batch=2, length=70, pad_left=(0, 13), seed=1)
     full = DynamicCache()
-    model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, **_cache(full), use_cache=True)
     assert isinstance(full, SeerDynamicCache)  # converted in place
     stepped = SeerDynamicCache()
-    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], cache=stepped, use_cache=True)
+    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], **_cache(stepped), use_cache=True)
     _feed(model, ids, mask, stepped, 20, 70)
     want, got = _compressed(full), _compressed(stepped)
     assert sorted(got) == sorted(want) == sorted(model.gates())
@@ -149,7 +159,7 @@ def test_crop_and_reorder_keep_the_compression_in_step():
     _randomise_decode_gates(model)
     ids, mask = _inputs(batch=2, length=60, pad_left=(0, 5), seed=2)
     cache = SeerDynamicCache()
-    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], **_cache(cache), use_cache=True)
     other = torch.randint(3, 128, (2, 20))
     wrong_ids, wrong_mask = torch.cat((ids[:, :30], other), 1), mask[:, :50]
     _feed(model, wrong_ids, wrong_mask, cache, 30, 50)  # 20 tokens that get cropped away (into block 1)
@@ -159,7 +169,7 @@ def test_crop_and_reorder_keep_the_compression_in_step():
     assert all(layer.n_slots == 23 and layer.keys.shape[2] == 1 for layer in cache.seer_keys.values())
     _feed(model, ids, mask, cache, 23, 60)
     full = SeerDynamicCache()
-    model(input_ids=ids, attention_mask=mask, cache=full, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, **_cache(full), use_cache=True)
     for layer, (keys, valid) in _compressed(full).items():
         torch.testing.assert_close(cache.seer_keys[layer].keys, keys, atol=1e-5, rtol=1e-5)
         assert torch.equal(cache.seer_keys[layer].block_valid, valid)
@@ -176,34 +186,34 @@ def test_cache_changed_behind_its_back_or_unsupported_cache_is_a_clear_error():
     model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=BLOCK))
     ids, mask = _inputs(batch=1, length=40, pad_left=(0,))
     cache = SeerDynamicCache()
-    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], **_cache(cache), use_cache=True)
     for layer in cache.layers:  # crop the KV cache without telling the compression cache
         layer.keys, layer.values = layer.keys[:, :, :25], layer.values[:, :, :25]
     with pytest.raises(DecodeCacheError, match="without going through SeerDynamicCache"):
-        model(input_ids=ids[:, 25:26], attention_mask=mask[:, :26], cache=cache, use_cache=True)
+        model(input_ids=ids[:, 25:26], attention_mask=mask[:, :26], **_cache(cache), use_cache=True)
 
     class OtherCache(DynamicCache):  # any cache type but DynamicCache / SeerDynamicCache
         pass
 
     with pytest.raises(DecodeCacheError, match="OtherCache"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=OtherCache(), pad_token_id=0)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, **_cache(OtherCache()), pad_token_id=0)
 
     # a cache filled before the decode gate saw it: dense decoding goes on, sparse decoding names the problem
     base = model.unload()
     early = DynamicCache()
-    base(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=early, use_cache=True)
+    base(input_ids=ids[:, :30], attention_mask=mask[:, :30], **_cache(early), use_cache=True)
     model = get_seer_model(base, _config(decode_method="dense"))
-    model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=early, use_cache=True)
+    model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], **_cache(early), use_cache=True)
     model.set_sparsity(decode_method="token_budget")
     with pytest.raises(DecodeCacheError, match="already held 31 tokens"):
-        model(input_ids=ids[:, 31:32], attention_mask=mask[:, :32], cache=early, use_cache=True)
+        model(input_ids=ids[:, 31:32], attention_mask=mask[:, :32], **_cache(early), use_cache=True)
     # switching adapters within one generation would mix two gates' compressed keys
     model.add_adapter("other", _config(decode_token_budget=BLOCK))
     cache = SeerDynamicCache()
-    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+    model(input_ids=ids[:, :30], attention_mask=mask[:, :30], **_cache(cache), use_cache=True)
     model.set_adapter("other")
     with pytest.raises(DecodeCacheError, match="adapter 'default'"):
-        model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], cache=cache, use_cache=True)
+        model(input_ids=ids[:, 30:31], attention_mask=mask[:, :31], **_cache(cache), use_cache=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -484,7 +494,7 @@ def test_training_logits_equal_decoding_logits():
     model.runtime.distillation = None
     model.runtime.record_gate_outputs = True
     cache = SeerDynamicCache()
-    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], cache=cache, use_cache=True)
+    model(input_ids=ids[:, :20], attention_mask=mask[:, :20], **_cache(cache), use_cache=True)
     states = {m.seer_state.layer_idx: m.seer_state for m in model.base_model.modules() if hasattr(m, "seer_state")}
     for t in range(20, 60):
         _feed(model, ids, mask, cache, t, t + 1)
