@@ -661,7 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--window", type=int, default=2048, help="perplexity: context per window; sparse decoding: prompt tokens"
     )
-    evaluate.add_argument("--max-windows", type=int, default=None, help="perplexity: windows to score")
+    evaluate.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="perplexity: windows to score (default all); sparse decoding: windows (default 1)",
+    )
     evaluate.add_argument(
         "--nz-ratios",
         "--densities",
