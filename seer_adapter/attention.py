@@ -40,7 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .decode import CompressedKeys, DecodeCacheError, as_seer_cache, select_decode_blocks, update_compressed_keys
 from .gate import block_has_tokens
-from .kernels import block_sparse_attention, select_block_lists, sparse_decode_attention
+from .kernels import BlockLists, block_sparse_attention, select_block_lists, sparse_decode_attention
 from .kernels.gate_pooling import pool_pre_rope_blocks
 from .rope import apply_rope
 
@@ -82,6 +82,7 @@ class SeerAttentionMask:
             and mask_kwargs.get("local_size") is None
         )
         self._materialised: dict[str, Any] = {}
+        self._first_real_block: dict[int, torch.Tensor] = {}
 
     def materialize(self, attn_implementation: str) -> Any:
         """The mask ``attn_implementation``'s own mask function makes from the same arguments (cached)."""
@@ -89,6 +90,16 @@ class SeerAttentionMask:
             mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]
             self._materialised[attn_implementation] = mask_fn(**self.mask_kwargs)
         return self._materialised[attn_implementation]
+
+    def first_real_block(self, block_size: int) -> torch.Tensor:
+        """long ``[B]``: the key block of each row's first real token (the sink block), computed once per forward
+        and block size (every layer of a forward shares this mask)."""
+        if block_size not in self._first_real_block:
+            padding = self.key_padding_mask
+            if padding is None:
+                raise ValueError("no padding mask: every row's first real token is in block 0")
+            self._first_real_block[block_size] = padding.to(torch.int8).argmax(dim=-1) // block_size
+        return self._first_real_block[block_size]
 
     def _not_a_tensor(self) -> TypeError:
         return TypeError(
@@ -567,11 +578,12 @@ def _decode_attention(
         q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
         candidate_valid = compressed.block_valid[:, : n_blocks - 1]  # [B, nB - 1]
         logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
-        logits = logits.masked_fill(~candidate_valid[:, None, :], float("-inf"))  # blocks of padding only
-        sink = torch.zeros(batch, dtype=torch.long, device=query.device)
-        if padding is not None:
-            sink = padding.to(torch.int8).argmax(dim=-1) // block_size
-        indices, counts = select_decode_blocks(
+        # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
+        if padding is None:
+            sink = query.new_zeros(batch, dtype=torch.long)
+        else:
+            sink = attention_mask.first_real_block(block_size)
+        indices, counts, allowed = select_decode_blocks(
             logits,
             candidate_valid,
             sink,
@@ -598,13 +610,13 @@ def _decode_attention(
         "q_len": 1,
         "kept_blocks": counts.sum(),
         # blocks holding a real token (the current one included): the density denominator
-        "causal_blocks": (compressed.block_valid[:, : n_blocks - 1].sum() + batch) * counts.shape[1],
+        "causal_blocks": allowed.sum(),
     }
     if state.runtime.record_gate_outputs:
-        state.last_gate_probs = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
-        state.last_block_mask = torch.zeros(
-            *counts.shape, n_blocks + 1, dtype=torch.bool, device=query.device
-        ).scatter_(-1, indices.long(), True)[..., :n_blocks]
+        padding_only = ~candidate_valid[:, None, :]
+        state.last_gate_probs = torch.softmax(logits.float().masked_fill(padding_only, float("-inf")), dim=-1)
+        state.last_gate_probs = state.last_gate_probs.nan_to_num(0.0)
+        state.last_block_mask = BlockLists(indices[:, :, None], counts[:, :, None], n_blocks).to_mask()[:, :, 0]
     return out[:, None].contiguous(), None
 
 

@@ -355,8 +355,13 @@ def select_decode_blocks(
     block_size: int,
     token_budget: int,
     threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kept key blocks of one decoding step, one list per KV head.
+
+    A decoding step is one query row per KV head whose diagonal block is the current one, so this goes through the
+    prefill's block selection (`seer_adapter.kernels.select_block_lists`: one fused Triton launch on CUDA instead of
+    some twenty small PyTorch ops per layer and step): the current block gets no gate score and is kept as the local
+    block, the sink is kept, padding-only blocks are never chosen.
 
     Args:
         logits: decode-gate logits ``[B, Hkv, n_blocks - 1]`` of the strictly earlier blocks.
@@ -368,36 +373,37 @@ def select_decode_blocks(
             ``"threshold"`` (gate probability over the valid earlier blocks ``> threshold``).
 
     Returns:
-        ``indices`` int32 ``[B, Hkv, W]`` (ascending; entries past ``counts`` are ``n_blocks``, past the end) and
-        ``counts`` int32 ``[B, Hkv]``.
+        ``indices`` int32 ``[B, Hkv, W]`` (ascending; entries past ``counts`` are unspecified), ``counts`` int32
+        ``[B, Hkv]`` and ``allowed`` int32 ``[B, Hkv]`` (blocks holding a real token, the current one included: the
+        density denominator).
     """
+    from .kernels import select_block_lists
+
     batch, hkv, n_candidates = logits.shape
     if n_candidates != n_blocks - 1 or tuple(candidate_valid.shape) != (batch, n_candidates):
         raise ValueError(
             f"logits [B, Hkv, n_blocks - 1] and candidate_valid [B, n_blocks - 1] expected for n_blocks={n_blocks}, "
             f"got {tuple(logits.shape)} and {tuple(candidate_valid.shape)}"
         )
-    device = logits.device
-    blocks = torch.arange(n_blocks, device=device)
-    keep = (blocks == n_blocks - 1).expand(batch, hkv, n_blocks).clone()  # [B, Hkv, nB]
-    keep |= (blocks[None, :] == sink_block[:, None])[:, None, :]
-    if n_candidates:
-        scores = logits.float().masked_fill(~candidate_valid[:, None, :], float("-inf"))
-        if method == "token_budget":
-            if token_budget < block_size:
-                raise ValueError(f"token_budget={token_budget} is below one block ({block_size} tokens)")
-            extra = min(max(token_budget // block_size - 2, 0), n_candidates)
-            if extra:
-                ranked = scores.masked_fill((blocks[:n_candidates] == sink_block[:, None])[:, None, :], float("-inf"))
-                values, picked = ranked.topk(extra, dim=-1)
-                chosen = torch.zeros_like(keep[..., :n_candidates]).scatter_(-1, picked, torch.isfinite(values))
-                keep[..., :n_candidates] |= chosen
-        elif method == "threshold":
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            keep[..., :n_candidates] |= probs > threshold
-        else:
-            raise ValueError(f"unknown decode selection method {method!r}; expected 'token_budget' or 'threshold'")
-    counts = keep.sum(dim=-1, dtype=torch.int32)
-    order = torch.where(keep, blocks, n_blocks).sort(dim=-1).values  # kept blocks first, ascending
-    width = n_blocks if method == "threshold" else min(n_blocks, max(token_budget // block_size, 2))
-    return order[..., :width].to(torch.int32), counts
+    if method not in ("token_budget", "threshold"):
+        raise ValueError(f"unknown decode selection method {method!r}; expected 'token_budget' or 'threshold'")
+    if method == "token_budget" and token_budget < block_size:
+        raise ValueError(f"token_budget={token_budget} is below one block ({block_size} tokens)")
+    # The current block has no gate score: the lowest finite one keeps it out of the softmax's mass (threshold) and
+    # last in rank (it is forced anyway), and a row with nothing earlier stays free of NaN.
+    current = logits.new_full((batch, hkv, 1), torch.finfo(torch.float32).min, dtype=torch.float32)
+    scores = torch.cat((logits.float(), current), dim=-1)[:, :, None]  # [B, Hkv, 1, nB]
+    valid = torch.cat((candidate_valid, candidate_valid.new_ones(batch, 1)), dim=-1)  # [B, nB]
+    lists, allowed = select_block_lists(
+        scores,
+        method=method,
+        block_size=block_size,
+        q_len=1,
+        kv_len=n_blocks * block_size,  # the query is the cache's last slot: its block is the diagonal
+        block_valid=valid,
+        threshold=threshold,
+        token_budget=token_budget,
+        sink_block=sink_block,
+        force_local_block=True,
+    )
+    return lists.indices[:, :, 0], lists.counts[:, :, 0], allowed[:, :, 0]

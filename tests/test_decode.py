@@ -111,22 +111,106 @@ def test_select_decode_blocks_budget_threshold_and_forced_blocks():
     logits = torch.tensor([[[0.0, 5.0, 1.0, 4.0, -1.0]]])  # [B=1, Hkv=1, 5 earlier blocks]; block 5 holds the query
     valid = torch.tensor([[False, True, True, True, True]])  # block 0 is all padding: the sink is block 1
     sink = torch.tensor([1])
-    idx, cnt = select_decode_blocks(
+    idx, cnt, allowed = select_decode_blocks(
         logits, valid, sink, 6, method="token_budget", block_size=4, token_budget=16, threshold=0.5
     )
     assert cnt.tolist() == [[4]] and idx[0, 0, :4].tolist() == [1, 2, 3, 5]  # sink 1, current 5, top-2 {3, 2}
-    idx, cnt = select_decode_blocks(
+    assert allowed.tolist() == [[5]]  # blocks 1-4 and the current one hold real tokens
+    idx, cnt, _ = select_decode_blocks(
         logits, valid, sink, 6, method="threshold", block_size=4, token_budget=16, threshold=0.2
     )
     assert idx[0, 0, : int(cnt)].tolist() == [1, 3, 5]
     # a prompt shorter than one block: nothing earlier, only the current block
-    idx, cnt = select_decode_blocks(
+    idx, cnt, _ = select_decode_blocks(
         torch.zeros(2, 3, 0), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, dtype=torch.long), 1,
         method="token_budget", block_size=4, token_budget=4, threshold=0.5,
     )  # fmt: skip
     assert cnt.tolist() == [[1] * 3] * 2 and bool((idx[..., 0] == 0).all())
     with pytest.raises(ValueError, match="below one block"):
         select_decode_blocks(logits, valid, sink, 6, method="token_budget", block_size=4, token_budget=3, threshold=0.5)
+
+
+def _naive_select_decode_blocks(
+    logits: torch.Tensor,
+    candidate_valid: torch.Tensor,
+    sink_block: torch.Tensor,
+    n_blocks: int,
+    *,
+    method: str,
+    block_size: int,
+    token_budget: int,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode selection written out with a boolean mask (the oracle of `select_decode_blocks`).
+
+    Args:
+        logits: decode-gate logits ``[B, Hkv, n_blocks - 1]`` of the strictly earlier blocks.
+        candidate_valid: bool ``[B, n_blocks - 1]``: the block holds a real token.
+        sink_block: long ``[B]``: first block with a real token (always kept).
+        n_blocks: key blocks of the cache, ``ceil(Sk / block_size)``; block ``n_blocks - 1`` holds the new token
+            and is always kept.
+        method: ``"token_budget"`` (``token_budget // block_size`` blocks in all, forced ones included) or
+            ``"threshold"`` (gate probability over the valid earlier blocks ``> threshold``).
+
+    Returns:
+        ``indices`` int32 ``[B, Hkv, W]`` (ascending; entries past ``counts`` are ``n_blocks``, past the end) and
+        ``counts`` int32 ``[B, Hkv]``.
+    """
+    batch, hkv, n_candidates = logits.shape
+    if n_candidates != n_blocks - 1 or tuple(candidate_valid.shape) != (batch, n_candidates):
+        raise ValueError(
+            f"logits [B, Hkv, n_blocks - 1] and candidate_valid [B, n_blocks - 1] expected for n_blocks={n_blocks}, "
+            f"got {tuple(logits.shape)} and {tuple(candidate_valid.shape)}"
+        )
+    device = logits.device
+    blocks = torch.arange(n_blocks, device=device)
+    keep = (blocks == n_blocks - 1).expand(batch, hkv, n_blocks).clone()  # [B, Hkv, nB]
+    keep |= (blocks[None, :] == sink_block[:, None])[:, None, :]
+    if n_candidates:
+        scores = logits.float().masked_fill(~candidate_valid[:, None, :], float("-inf"))
+        if method == "token_budget":
+            if token_budget < block_size:
+                raise ValueError(f"token_budget={token_budget} is below one block ({block_size} tokens)")
+            extra = min(max(token_budget // block_size - 2, 0), n_candidates)
+            if extra:
+                ranked = scores.masked_fill((blocks[:n_candidates] == sink_block[:, None])[:, None, :], float("-inf"))
+                values, picked = ranked.topk(extra, dim=-1)
+                chosen = torch.zeros_like(keep[..., :n_candidates]).scatter_(-1, picked, torch.isfinite(values))
+                keep[..., :n_candidates] |= chosen
+        elif method == "threshold":
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            keep[..., :n_candidates] |= probs > threshold
+        else:
+            raise ValueError(f"unknown decode selection method {method!r}; expected 'token_budget' or 'threshold'")
+    counts = keep.sum(dim=-1, dtype=torch.int32)
+    order = torch.where(keep, blocks, n_blocks).sort(dim=-1).values  # kept blocks first, ascending
+    width = n_blocks if method == "threshold" else min(n_blocks, max(token_budget // block_size, 2))
+    return order[..., :width].to(torch.int32), counts
+
+
+@pytest.mark.parametrize("method", ["token_budget", "threshold"])
+def test_select_decode_blocks_matches_the_mask_definition(method):
+    """Through the prefill's block selection, the decode selection keeps exactly the blocks of its definition:
+    random logits, padding-only blocks, sinks past block 0 (one equal to the current block), several budgets."""
+    gen = torch.Generator().manual_seed(11)
+    for n_blocks, budget, threshold in [(1, 64, 0.5), (2, 128, 0.3), (9, 256, 0.05), (40, 640, 0.01), (40, 64, 0.9)]:
+        batch, hkv = 3, 2
+        logits = torch.randn(batch, hkv, n_blocks - 1, generator=gen) * 3
+        valid = torch.rand(batch, n_blocks - 1, generator=gen) > 0.2
+        sink = torch.tensor([0, min(3, n_blocks - 1), n_blocks - 1])
+        valid[1, : sink[1]] = False  # padding before the sink
+        valid[2] = False  # nothing earlier is real: the sink is the current block
+        for row in (0, 1):
+            if sink[row] < n_blocks - 1:
+                valid[row, sink[row]] = True  # the sink block holds the first real token
+        options = dict(method=method, block_size=64, token_budget=budget, threshold=threshold)
+        idx, cnt, allowed = select_decode_blocks(logits, valid, sink, n_blocks, **options)
+        want_idx, want_cnt = _naive_select_decode_blocks(logits, valid, sink, n_blocks, **options)
+        assert torch.equal(cnt, want_cnt), (n_blocks, budget)
+        for b in range(batch):
+            for h in range(hkv):
+                assert idx[b, h, : cnt[b, h]].tolist() == want_idx[b, h, : want_cnt[b, h]].tolist()
+        assert torch.equal(allowed, (valid.sum(-1, dtype=torch.int32) + 1)[:, None].expand(batch, hkv))
 
 
 # ------------------------------------------------------------------------------------------------------

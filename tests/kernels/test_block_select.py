@@ -53,6 +53,31 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("method,params", [("threshold", {"threshold": 0.05}), ("token_budget", {"token_budget": 640})])
+@pytest.mark.parametrize("n_blocks", [1, 2, 37])
+def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> None:
+    """A decoding step as `seer_adapter.decode.select_decode_blocks` poses it: one query row (the cache's last slot)
+    per KV head, the current block scored with the lowest finite float, padding-only blocks, a sink past block 0."""
+    gen = torch.Generator().manual_seed(n_blocks)
+    batch, heads, block_size = 3, 2, 64
+    scores = torch.randn(batch, heads, 1, n_blocks, generator=gen) * 3
+    scores[..., -1] = torch.finfo(torch.float32).min
+    block_valid = torch.ones(batch, n_blocks, dtype=torch.bool)
+    sink = torch.tensor([0, min(2, n_blocks - 1), n_blocks - 1])
+    block_valid[1, : sink[1]] = False
+    block_valid[2, :-1] = False  # nothing earlier is real: the sink is the current block
+    kwargs = dict(
+        method=method, block_size=block_size, q_len=1, kv_len=n_blocks * block_size,
+        block_valid=block_valid.to(DEVICE), sink_block=sink.to(DEVICE), **params,
+    )  # fmt: skip
+    expected, expected_allowed = select_block_lists_reference(scores.to(DEVICE), **kwargs)
+    got, got_allowed = select_block_lists_triton(scores.to(DEVICE), **kwargs)
+    assert torch.equal(got_allowed.cpu(), expected_allowed.cpu())
+    assert torch.equal(got.counts.cpu(), expected.counts.cpu())
+    assert lists_as_rows(got) == lists_as_rows(expected)
+    assert all(row[-1] == n_blocks - 1 for row in lists_as_rows(got))  # the current block is always kept
+
+
 @pytest.mark.parametrize(
     "batch,heads,q_len,kv_len,block_size,padded",
     [(*case, False) for case in CASES] + [(*CASES[1], True), (*CASES[3], True)],
