@@ -351,6 +351,8 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
 
     hf_model = getattr(model, "base_model", model) if hasattr(model, "runtime") else model
     cache_name = cache_argument(hf_model)
+    forward_parameters = inspect.signature(hf_model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
     runtime = getattr(model, "runtime", None)
     if token_ids.dim() != 1 or not 0 < prompt_len <= token_ids.numel() - 2:
         raise ValueError(
@@ -366,7 +368,7 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
         nonlocal kept, causal
         if runtime is not None:
             runtime.stats.clear()
-        logits = hf_model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
+        logits = hf_model(input_ids=input_ids, use_cache=True, **extra, **{cache_name: cache}).logits
         if runtime is not None and input_ids.shape[1] == 1:
             for stats in runtime.stats.values():
                 if stats.get("phase") == "decode" and stats["mode"] == "sparse":
