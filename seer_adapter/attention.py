@@ -378,8 +378,11 @@ def compute_decode_gate_logits(
     cos = sin = block_cos = block_sin = None
     style = state.rope_style or "half"
     length = query.shape[2]
-    rows = torch.arange(length, device=query.device) if query_rows is None else query_rows.to(query.device)
-    q_pre = query[:, :, rows].float()  # [B, Hq, R, D]
+    if query_rows is None:
+        rows, q_pre = torch.arange(length, device=query.device), query.float()  # [B, Hq, S, D]
+    else:
+        rows = query_rows.to(query.device)
+        q_pre = query[:, :, rows].float()  # [B, Hq, R, D]
     q_cos = q_sin = None
     if state.position_embeddings is not None:
         if state.rope_style is None:
@@ -389,7 +392,7 @@ def compute_decode_gate_logits(
             )
         cos, sin = state.position_embeddings
         block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
-        q_cos, q_sin = cos[..., rows, :], sin[..., rows, :]
+        q_cos, q_sin = (cos, sin) if query_rows is None else (cos[..., rows, :], sin[..., rows, :])
         q_pre = apply_rope(q_pre, q_cos, q_sin, style, inverse=True)
     k_pooled = pool_pre_rope_blocks(
         key, cos, sin, rope_style=style, block_size=block_size, poolings=gate.k_pooling, token_valid=key_padding_mask
