@@ -334,7 +334,8 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
     token is fed one at a time (teacher forcing) and the model's prediction for the next one is scored. Only
     predictions made by **decoding steps** are scored (the prompt's last prediction comes from the prefill and
     is the same under every decode setting), so ``count = token_ids.numel() - prompt_len - 1``.
-    With ``greedy_tokens > 0`` the same prompt is then continued greedily (free running) for that many tokens.
+    With ``greedy_tokens > 0`` the cache is then cropped back to the prompt and continued greedily (free running) for
+    that many tokens.
 
     Args:
         model: a `SeerModel` (or a plain transformers causal LM: dense decoding).
@@ -377,7 +378,7 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
         return logits[0, -1].float()  # [V]
 
     cache = SeerDynamicCache(config=hf_model.config)
-    step(ids[:, :prompt_len], cache)
+    prefill_logits = step(ids[:, :prompt_len], cache)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     top1 = []
     for t in range(prompt_len, ids.shape[1] - 1):
@@ -386,8 +387,8 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
         top1.append(logits.argmax())
     greedy = []
     if greedy_tokens > 0:
-        cache = SeerDynamicCache(config=hf_model.config)
-        next_id = step(ids[:, :prompt_len], cache).argmax()
+        cache.crop(prompt_len - cache.get_seq_length())  # back to the prompt: the same prefill, greedy from there
+        next_id = prefill_logits.argmax()
         for _ in range(greedy_tokens):
             greedy.append(next_id)
             if len(greedy) < greedy_tokens:
