@@ -71,27 +71,33 @@ def decode_block_ground_truth_reference(
     target = torch.zeros(batch, hkv, n_rows, n_blocks, dtype=torch.float32, device=q.device)
     visible_all = causal_token_mask(length, length, q.device)  # [S, S]
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
-    pad = n_blocks * block_size - length
+    # The last key block is never strictly earlier than any token, so only the n_blocks - 1 full blocks before it
+    # are scored, and max_k p_k = exp(max_k s_k - lse) per block: one block-max pass over the scores instead of
+    # materialising the probabilities (softmax, NaN cleanup and padding each cost a pass of their own).
+    n_earlier = n_blocks - 1
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         positions = query_rows[start:stop]  # [s] token positions of this chunk
         qc = q[:, :, positions].float().view(batch, hkv, group, stop - start, head_dim)
-        scores = torch.einsum("bhgsd,bhkd->bhgsk", qc, kf) * scale  # [B, Hkv, g, s, S]
+        scores = torch.einsum("bhgsd,bhkd->bhgsk", qc, kf).mul_(scale)  # [B, Hkv, g, s, S]
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
         visible = visible_all[positions][None]  # [1, s, S]
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, :]
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        probs = torch.nn.functional.pad(probs, (0, pad))
-        block_max = probs.view(*probs.shape[:-1], n_blocks, block_size).amax(dim=-1)  # [B, Hkv, g, s, nK]
-        group_max = block_max.amax(dim=2)  # [B, Hkv, s, nK]
+        scores.masked_fill_(~visible[:, None, None], float("-inf"))
+        if n_earlier == 0:
+            continue
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, Hkv, g, s, 1]
+        earlier_scores = scores[..., : n_earlier * block_size]
+        block_max = earlier_scores.unflatten(-1, (n_earlier, block_size)).amax(dim=-1)  # [B, Hkv, g, s, nK - 1]
+        block_prob = torch.exp(block_max - lse).nan_to_num(0.0)  # rows without a visible key: 0
+        group_max = block_prob.amax(dim=2)  # [B, Hkv, s, nK - 1]
         rows = positions // block_size
-        earlier = torch.arange(n_blocks, device=q.device)[None, :] < rows[:, None]  # [s, nK]
+        earlier = torch.arange(n_earlier, device=q.device)[None, :] < rows[:, None]  # [s, nK - 1]
         group_max = group_max * earlier
         total = group_max.sum(dim=-1, keepdim=True)
-        target[:, :, start:stop] = torch.where(total > 0, group_max / total.clamp_min(1e-30), 0.0)
+        target[:, :, start:stop, :n_earlier] = torch.where(total > 0, group_max / total.clamp_min(1e-30), 0.0)
     if key_padding_mask is not None:
         target = target * key_padding_mask[:, query_rows][:, None, :, None]
     return target
