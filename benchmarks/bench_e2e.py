@@ -40,6 +40,14 @@ LLAMA_8B = dict(
 )
 
 
+def llama_8b_shaped(layers: int = 32, device: torch.device | str = "cuda") -> torch.nn.Module:
+    """A Llama-3.1-8B-shaped causal LM with random bf16 weights (``layers`` of them), built on ``device``, eval mode."""
+    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+
+
 def time_prefill(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
     """Median seconds of one prefill forward (after one warm-up); waits for every GPU (device-mapped models)."""
 
@@ -128,10 +136,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda")
-    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": args.layers})
-    torch.manual_seed(0)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    base = llama_8b_shaped(args.layers, device)
+    config = base.config
     rows = []
     for length in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, length), device=device)

@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_e2e import LLAMA_8B  # noqa: E402
+from bench_e2e import llama_8b_shaped  # noqa: E402
 
 from seer_adapter import SeerAttentionConfig, SeerDynamicCache, get_seer_model  # noqa: E402
 from seer_adapter.benchmarking import benchmark_meta  # noqa: E402
@@ -73,10 +72,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda")
-    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": args.layers})
-    torch.manual_seed(0)
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    base = llama_8b_shaped(args.layers, device)
+    config = base.config
     model = get_seer_model(
         base, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.1, decode_gate=True, decode_method="dense")
     )

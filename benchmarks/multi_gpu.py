@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_e2e import LLAMA_8B, time_prefill  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from bench_e2e import LLAMA_8B, llama_8b_shaped, time_prefill  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
@@ -72,9 +72,7 @@ def run_ddp(args: argparse.Namespace) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(0)  # the same random weights on every rank (same seed, same device type)
-    with device:
-        base = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_8B), dtype=torch.bfloat16).eval()
+    base = llama_8b_shaped(device=device)  # the same random weights on every rank (same seed, same device type)
     if world > 1:  # check that the ranks really hold the same model
         probe = torch.stack([p.float().sum() for p in list(base.parameters())[:4]])
         spread = probe.clone()

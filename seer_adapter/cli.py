@@ -242,6 +242,14 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return model, tokenizer, device, dtype
 
 
+def _eval_token_ids(data: str, tokenizer: Any) -> Any:
+    """1-D token ids of the ``--data`` text source, documents joined by the EOS token."""
+    from .data import load_text_dataset
+
+    texts = [row["text"] for row in load_text_dataset(data)]
+    return tokenizer(tokenizer.eos_token.join(texts), return_tensors="pt").input_ids[0]
+
+
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of the gates and of every baseline selector at equal density; writes JSON. With ``--tasks``: the
     long-context task suite instead (`run_task_eval`)."""
@@ -249,12 +257,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         return run_task_eval(args)
     if args.decode_budgets is not None or args.decode_thresholds:
         return run_decode_eval(args)
-    from .data import load_text_dataset
     from .evaluation import environment_meta, evaluate_selectors, format_selector_table, write_results
 
     model, tokenizer, device, dtype = _load_for_eval(args)
-    rows_text = [row["text"] for row in load_text_dataset(args.data)]
-    token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
+    token_ids = _eval_token_ids(args.data, tokenizer)
     selectors = [s for s in args.selectors or EVAL_SELECTORS if s != "dense"]  # dense always runs
     rows = evaluate_selectors(
         model,
@@ -287,7 +293,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Held-out continuation decoded token by token: the decode gate at each budget against dense decoding."""
-    from .data import load_text_dataset
     from .evaluation import environment_meta, evaluate_decode, format_decode_table, write_results
 
     if args.tasks:
@@ -298,8 +303,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
             "seer-adapter eval: error: --decode-budgets needs an adapter with a decode gate; train one with "
             "`seer-adapter distill --decode-gate` and pass it with --adapter"
         )
-    rows_text = [row["text"] for row in load_text_dataset(args.data)]
-    token_ids = tokenizer(tokenizer.eos_token.join(rows_text), return_tensors="pt").input_ids[0]
+    token_ids = _eval_token_ids(args.data, tokenizer)
     try:
         rows = evaluate_decode(
             model,
