@@ -300,6 +300,17 @@ def gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).nan_to_num(0.0)
 
 
+def _rope_tables(module: torch.nn.Module, state: SeerLayerState, need: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's RoPE tables ``(cos, sin)``; refuses a rotary convention we could not identify (``need`` says why
+    the gate must undo RoPE)."""
+    if state.rope_style is None:
+        raise RuntimeError(
+            f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
+            f"{need}. Please report the model family."
+        )
+    return state.position_embeddings
+
+
 def compute_gate_logits(
     state: SeerLayerState,
     module: torch.nn.Module,
@@ -327,12 +338,7 @@ def compute_gate_logits(
     cos = sin = block_cos = block_sin = None
     style = state.rope_style or "half"
     if state.position_embeddings is not None:
-        if state.rope_style is None:
-            raise RuntimeError(
-                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
-                "the gate needs pre-RoPE Q/K. Please report the model family."
-            )
-        cos, sin = state.position_embeddings
+        cos, sin = _rope_tables(module, state, "the gate needs pre-RoPE Q/K")
         block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
     pooling = {"rope_style": style, "block_size": block_size, "token_valid": key_padding_mask}
     q_pooled = pool_pre_rope_blocks(query, cos, sin, poolings=gate.q_pooling, **pooling)  # [B, Hq, nB, Pq·D] fp32
@@ -385,12 +391,7 @@ def compute_decode_gate_logits(
         q_pre = query[:, :, rows].float()  # [B, Hq, R, D]
     q_cos = q_sin = None
     if state.position_embeddings is not None:
-        if state.rope_style is None:
-            raise RuntimeError(
-                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
-                "the decode gate needs pre-RoPE Q/K. Please report the model family."
-            )
-        cos, sin = state.position_embeddings
+        cos, sin = _rope_tables(module, state, "the decode gate needs pre-RoPE Q/K")
         block_cos, block_sin = cos[..., ::block_size, :], sin[..., ::block_size, :]
         q_cos, q_sin = (cos, sin) if query_rows is None else (cos[..., rows, :], sin[..., rows, :])
         q_pre = apply_rope(q_pre, q_cos, q_sin, style, inverse=True)
@@ -500,12 +501,7 @@ def _track_compressed_keys(
         return
     cos = sin = None
     if state.position_embeddings is not None:
-        if state.rope_style is None:
-            raise RuntimeError(
-                f"{type(module).__name__} uses rotary embeddings of a convention seer_adapter could not identify; "
-                "the decode gate needs pre-RoPE keys. Please report the model family."
-            )
-        cos, sin = state.position_embeddings
+        cos, sin = _rope_tables(module, state, "the decode gate needs pre-RoPE keys")
     try:
         with torch.no_grad():
             state.compressed_keys = update_compressed_keys(
