@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--decode-prompt", type=int, default=None, help="prompt tokens (default: seq-len - tokens)")
     parser.add_argument("--decode-tokens", type=int, default=256, help="continuation decoded token by token")
     parser.add_argument("--decode-windows", type=int, default=2)
+    parser.add_argument(
+        "--decode-selectors", nargs="+", default=["gate"], help="gate / oracle / moba (see evaluate_decode)"
+    )
     parser.add_argument("--greedy-tokens", type=int, default=64)
     args = parser.parse_args()
 
@@ -159,7 +162,7 @@ def main() -> None:
         rows = evaluate_decode(
             model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
             budgets=tuple(args.decode_budgets or ()), thresholds=tuple(args.decode_thresholds),
-            greedy_tokens=args.greedy_tokens, progress=False,
+            greedy_tokens=args.greedy_tokens, selectors=tuple(args.decode_selectors), progress=False,
         )  # fmt: skip
         meta = environment_meta(
             device,

@@ -171,6 +171,26 @@ class BlockScorer(Protocol):
     ) -> torch.Tensor: ...
 
 
+class DecodeBlockScorer(Protocol):
+    """Replaces the decode gate's logits in a sparse decoding step (evaluation baselines: oracle, MoBA-style).
+
+    Returns logits ``[B, Hkv, n_earlier]`` of the strictly earlier key blocks, one row per KV head: top-k reads their
+    order, the threshold method their softmax.
+    """
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        layer: SeerLayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        scaling: float | None,
+        n_earlier: int,
+        softcap: float | None,
+    ) -> torch.Tensor: ...
+
+
 @dataclass
 class SeerRuntime:
     """State shared by every layer of one wrapped model (owned by `SeerModel`)."""
@@ -182,6 +202,8 @@ class SeerRuntime:
     distillation: DistillationHook | None = None
     # when set, replaces the gate's probabilities in sparse prefill (evaluation baselines)
     block_scorer: BlockScorer | None = None
+    # when set, replaces the decode gate's logits in sparse decoding steps (evaluation baselines)
+    decode_block_scorer: DecodeBlockScorer | None = None
     record_gate_outputs: bool = False
     # layer_idx -> statistics of the layer's last call
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -569,14 +591,18 @@ def _decode_attention(
     batch, kv_len = query.shape[0], key.shape[2]
     n_blocks = -(-kv_len // block_size)
     with torch.no_grad():
-        q_pre = query.float()
-        cos = sin = None
-        if state.position_embeddings is not None:
-            cos, sin = state.position_embeddings
-            q_pre = apply_rope(q_pre, cos, sin, state.rope_style, inverse=True)
-        q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
+        scorer = state.runtime.decode_block_scorer
+        if scorer is None:
+            q_pre = query.float()
+            cos = sin = None
+            if state.position_embeddings is not None:
+                cos, sin = state.position_embeddings
+                q_pre = apply_rope(q_pre, cos, sin, state.rope_style, inverse=True)
+            q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
+            logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
+        else:
+            logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"))
         candidate_valid = compressed.block_valid[:, : n_blocks - 1]  # [B, nB - 1]
-        logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
         # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
         if padding is None:
             sink = query.new_zeros(batch, dtype=torch.long)

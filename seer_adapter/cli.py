@@ -315,6 +315,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
             thresholds=tuple(args.decode_thresholds),
             greedy_tokens=args.greedy_tokens,
             prefill=args.decode_prefill,
+            selectors=tuple(args.decode_selectors),
             progress=not args.json,
         )
     except ValueError as exc:
@@ -503,6 +504,8 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
+# evaluation.DECODE_SELECTORS, spelled out so that building the parser imports no torch (a test keeps them equal)
+DECODE_SELECTORS = ("gate", "moba", "oracle")
 DECODE_NOTES = {
     "dense": "dense: sparse prefill, then cached dense decode; density is the prefill's",
     "sparse": "sparse: sparse prefill, then cached decode through the adapter's decode gate (its decode settings)",
@@ -734,6 +737,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-thresholds", type=float, nargs="*", default=[], help="sparse decoding: decode-gate thresholds too"
     )
     evaluate.add_argument("--decode-tokens", type=int, default=256, help="sparse decoding: continuation tokens")
+    evaluate.add_argument(
+        "--decode-selectors",
+        nargs="+",
+        choices=DECODE_SELECTORS,
+        default=["gate"],
+        help="sparse decoding: who scores the blocks at each budget/threshold: 'gate' (the decode gate, default), "
+        "'oracle' (its distillation target from the full attention: the best a gate could do), 'moba' "
+        "(parameter-free mean-pooled scores)",
+    )
     evaluate.add_argument(
         "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"
     )

@@ -142,6 +142,60 @@ class RandomScorer:
 SCORERS: dict[str, Any] = {"moba": moba_scorer, "oracle": oracle_scorer, "random": RandomScorer()}
 
 
+# ------------------------------------------------------------------------------------------------------
+# parameter-free decode-step scorers (installed on SeerRuntime.decode_block_scorer)
+# ------------------------------------------------------------------------------------------------------
+def moba_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap):
+    """Mean post-RoPE query of the GQA group · mean-pooled post-RoPE K of each strictly earlier block."""
+    batch, hq, _, head_dim = query.shape
+    hkv = key.shape[1]
+    block = layer.runtime.config.block_size
+    earlier = n_earlier * block
+    padding = None if key_padding_mask is None else key_padding_mask[:, :earlier]
+    k_mean = pool_blocks(key[:, :, :earlier].float(), block, ["avg"], padding)  # [B, Hkv, n_earlier, D]
+    q_mean = query.float().view(batch, hkv, hq // hkv, head_dim).mean(dim=2)  # [B, Hkv, D]
+    return torch.einsum("bhd,bhkd->bhk", q_mean, k_mean)  # [B, Hkv, n_earlier]
+
+
+def oracle_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap):
+    """The decode gate's distillation target at this step, as logits (an upper bound: needs the full attention).
+
+    Per strictly earlier block, the largest attention probability of any query head of the group, renormalised
+    (`seer_adapter.kernels.decode_block_ground_truth` for the last cache slot); its log is returned, so the
+    threshold method's softmax gives back the target itself."""
+    from .kernels import decode_block_ground_truth
+
+    batch, hq, _, head_dim = query.shape
+    kv_len = key.shape[2]
+    target = decode_block_ground_truth(
+        query.expand(batch, hq, kv_len, head_dim),  # only the last row is computed: the query is the last slot
+        key,
+        block_size=layer.runtime.config.block_size,
+        scale=scaling,
+        key_padding_mask=key_padding_mask,
+        softcap=softcap,
+        query_rows=torch.full((1,), kv_len - 1, dtype=torch.long, device=query.device),
+    )[:, :, 0, :n_earlier]  # [B, Hkv, n_earlier]
+    return target.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+DECODE_SCORERS: dict[str, Any] = {"moba": moba_decode_scorer, "oracle": oracle_decode_scorer}
+DECODE_SELECTORS = ("gate", *DECODE_SCORERS)
+
+
+@contextmanager
+def decode_block_scorer(model: Any, name: str | None) -> Iterator[None]:
+    """Score decoding steps with a parameter-free scorer (``oracle``, ``moba``) instead of the decode gate."""
+    if name is not None and name not in DECODE_SCORERS:
+        raise ValueError(f"unknown decode selector {name!r}; expected one of {DECODE_SELECTORS}")
+    previous = model.runtime.decode_block_scorer
+    model.runtime.decode_block_scorer = DECODE_SCORERS[name] if name else None
+    try:
+        yield
+    finally:
+        model.runtime.decode_block_scorer = previous
+
+
 @contextmanager
 def block_scorer(model: Any, name: str | None) -> Iterator[None]:
     """Use a parameter-free scorer (``moba``, ``oracle``, ``random``) instead of the gates inside the block."""
@@ -414,6 +468,7 @@ def evaluate_decode(
     thresholds: Sequence[float] = (),
     greedy_tokens: int = 128,
     prefill: str = "dense",
+    selectors: Sequence[str] = ("gate",),
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity of a held-out continuation decoded token by token: sparse decode gate against dense decoding.
@@ -423,12 +478,16 @@ def evaluate_decode(
     setting: ``dense`` (``decode_method="dense"``: the base model's attention over the whole cache), then the decode
     gate at every token budget in ``budgets`` and every threshold in ``thresholds``. The prefill is the same under
     every setting: ``prefill="dense"`` (default: the base model's attention, the decode gate's compressed keys are
-    still built) or ``"gate"`` (the adapter's prefill settings as they are).
+    still built) or ``"gate"`` (the adapter's prefill settings as they are). ``selectors`` picks who scores the
+    blocks of the sparse settings: ``"gate"`` (the decode gate), ``"oracle"`` (the gate's distillation target from
+    the full attention: what a perfect gate would select) and ``"moba"`` (parameter-free mean-pooled scores); every
+    sparse setting runs once per selector.
 
-    Returns one row per setting: ``{decode_method, token_budget | threshold, decode_density, ppl, ppl_delta_pct
-    (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent), greedy_agreement (free-running
-    greedy tokens equal to dense's at the same position, percent), greedy_prefix (tokens before the first
-    difference, mean over windows), tokens (scored per setting)}``; the dense row comes first.
+    Returns one row per setting: ``{decode_method, selector, token_budget | threshold, decode_density, ppl,
+    ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
+    greedy_agreement (free-running greedy tokens equal to dense's at the same position, percent), greedy_prefix
+    (tokens before the first difference, mean over windows), tokens (scored per setting)}``; the dense row comes
+    first (selector ``"dense"``).
     """
     from tqdm.auto import tqdm
 
@@ -453,9 +512,13 @@ def evaluate_decode(
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"need at least {window} tokens (prompt_len + continuation), got {token_ids.numel()}")
-    settings: list[dict[str, Any]] = [{"decode_method": "dense"}]
-    settings += [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
-    settings += [{"decode_method": "threshold", "decode_threshold": float(t)} for t in thresholds]
+    unknown = [name for name in selectors if name not in DECODE_SELECTORS]
+    if unknown or not selectors:
+        raise ValueError(f"decode selectors must be among {DECODE_SELECTORS}, got {list(selectors)}")
+    sparse = [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
+    sparse += [{"decode_method": "threshold", "decode_threshold": float(t)} for t in thresholds]
+    settings: list[dict[str, Any]] = [{"decode_method": "dense", "selector": "dense"}]
+    settings += [{**setting, "selector": name} for name in selectors for setting in sparse]
     prefill_settings = {"dense_below_length": window + 1} if prefill == "dense" else {}
     saved = model.peft_config[model.active_adapter]
     results: list[list[dict[str, Any]]] = [[] for _ in settings]
@@ -464,8 +527,11 @@ def evaluate_decode(
         for w in range(n_windows):
             ids = token_ids[w * window : (w + 1) * window]
             for i, setting in enumerate(settings):
-                model.peft_config[model.active_adapter] = saved.replace(**prefill_settings, **setting)
-                results[i].append(decode_continuation(model, ids, prompt_len, greedy_tokens))
+                decode_settings = {k: v for k, v in setting.items() if k != "selector"}
+                model.peft_config[model.active_adapter] = saved.replace(**prefill_settings, **decode_settings)
+                scorer = setting["selector"] if setting["selector"] in DECODE_SCORERS else None
+                with decode_block_scorer(model, scorer):
+                    results[i].append(decode_continuation(model, ids, prompt_len, greedy_tokens))
                 bar.update(1)
         bar.close()
     finally:
@@ -476,7 +542,7 @@ def evaluate_decode(
     for setting, runs in zip(settings, results, strict=True):
         ppl = math.exp(sum(r["nll"] for r in runs) / sum(r["count"] for r in runs))
         top1 = torch.cat([r["top1"] for r in runs]) == torch.cat([r["top1"] for r in dense])
-        row: dict[str, Any] = {"decode_method": setting["decode_method"]}
+        row: dict[str, Any] = {"decode_method": setting["decode_method"], "selector": setting["selector"]}
         if "decode_token_budget" in setting:
             row["token_budget"] = setting["decode_token_budget"]
         if "decode_threshold" in setting:
@@ -499,12 +565,16 @@ def evaluate_decode(
 
 def format_decode_table(rows: list[dict[str, Any]]) -> str:
     """A text table of `evaluate_decode` rows."""
-    lines = [f"{'decode':<13} {'setting':>10} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6} {'greedy%':>8}"]
+    lines = [
+        f"{'decode':<13} {'selector':<8} {'setting':>10} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6} "
+        f"{'greedy%':>8}"
+    ]
     for r in rows:
         setting = r.get("token_budget", r.get("threshold", "-"))
         greedy = f"{r['greedy_agreement']:>8.1f}" if "greedy_agreement" in r else f"{'-':>8}"
         lines.append(
-            f"{r['decode_method']:<13} {setting!s:>10} {r['decode_density']:>8.3f} {r['ppl']:>9.3f} "
+            f"{r['decode_method']:<13} {r.get('selector', 'gate'):<8} {setting!s:>10} {r['decode_density']:>8.3f} "
+            f"{r['ppl']:>9.3f} "
             f"{r['ppl_delta_pct']:>+7.2f} {r['top1_agreement']:>6.1f} {greedy}"
         )
     return "\n".join(lines)

@@ -658,6 +658,84 @@ def test_evaluate_decode_full_budget_equals_dense_and_small_budget_differs():
     assert "token_budget" in format_decode_table(rows)
 
 
+def _naive_decode_oracle(query, key, padding, block_size, scale, n_earlier):
+    """log of: per strictly earlier block, the largest attention probability of the group's heads, renormalised."""
+    batch, hq, _, head_dim = query.shape
+    hkv = key.shape[1]
+    scores = torch.einsum("bhgd,bhsd->bhgs", query.view(batch, hkv, hq // hkv, head_dim).double(), key.double())
+    scores = (scores * scale).masked_fill(~padding[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)[..., : n_earlier * block_size]
+    block_max = probs.unflatten(-1, (n_earlier, block_size)).amax(-1).amax(2)  # [B, Hkv, n_earlier]
+    return (block_max / block_max.sum(-1, keepdim=True)).log()
+
+
+def test_decode_scorers_match_their_definitions_and_replace_the_gate():
+    from seer_adapter.evaluation import DECODE_SCORERS, decode_block_scorer, moba_decode_scorer, oracle_decode_scorer
+
+    model = get_seer_model(tiny_model("llama"), _config())
+    layer = next(m.seer_state for m in model.base_model.modules() if hasattr(m, "seer_state"))
+    gen = torch.Generator().manual_seed(11)
+    batch, hq, hkv, head_dim, kv_len = 2, 4, 2, 8, 3 * BLOCK + 5  # the query's block (3) is partial
+    query = torch.randn(batch, hq, 1, head_dim, generator=gen)
+    key = torch.randn(batch, hkv, kv_len, head_dim, generator=gen)
+    padding = torch.ones(batch, kv_len, dtype=torch.bool)
+    padding[1, :7] = False  # left padding on row 1
+    got = oracle_decode_scorer(None, layer, query, key, padding, 0.3, 3, None)
+    assert got.shape == (batch, hkv, 3)
+    want = _naive_decode_oracle(query, key, padding, BLOCK, 0.3, 3)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    moba = moba_decode_scorer(None, layer, query, key, padding, 0.3, 3, None)
+    k_mean = torch.stack([key[1, :, 7:BLOCK].mean(1), key[1, :, BLOCK : 2 * BLOCK].mean(1)], dim=1)  # row 1, blocks 0-1
+    q_mean = query[1, :, 0].view(hkv, hq // hkv, head_dim).mean(1)
+    torch.testing.assert_close(moba[1, :, :2], torch.einsum("hd,hkd->hk", q_mean, k_mean))
+
+    # installed, the scorer is what a decoding step selects with (here: a spy returning the oracle)
+    calls = []
+
+    def spy(*args):
+        calls.append(args[1].layer_idx)
+        return DECODE_SCORERS["oracle"](*args)
+
+    ids, mask = _inputs(batch=2, length=3 * BLOCK + 4, pad_left=(0, 5))
+    model.set_sparsity(decode_method="token_budget", decode_token_budget=2 * BLOCK)
+    model.runtime.decode_block_scorer = spy
+    try:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        model.runtime.decode_block_scorer = None
+    layers = sorted({m.seer_state.layer_idx for m in model.base_model.modules() if hasattr(m, "seer_state")})
+    assert sorted(set(calls)) == layers and len(calls) == len(layers)  # one decoding step
+    with pytest.raises(ValueError, match="unknown decode selector"):
+        with decode_block_scorer(model, "untrained"):
+            pass
+
+
+def test_evaluate_decode_runs_every_selector():
+    from seer_adapter.evaluation import evaluate_decode, format_decode_table
+
+    model = get_seer_model(tiny_model("llama"), _config())
+    _randomise_decode_gates(model)
+    ids = torch.randint(3, 128, (150,), generator=torch.Generator().manual_seed(3))
+    rows = evaluate_decode(
+        model, ids, 100, 50, budgets=(3 * BLOCK, 160), greedy_tokens=4, selectors=("gate", "oracle", "moba"),
+        progress=False,
+    )  # fmt: skip
+    assert [(r["selector"], r.get("token_budget")) for r in rows] == [
+        ("dense", None), ("gate", 3 * BLOCK), ("gate", 160), ("oracle", 3 * BLOCK), ("oracle", 160),
+        ("moba", 3 * BLOCK), ("moba", 160),
+    ]  # fmt: skip
+    assert model.runtime.decode_block_scorer is None  # restored
+    by_setting = {(r["selector"], r.get("token_budget")): r for r in rows}
+    for name in ("gate", "oracle", "moba"):
+        assert abs(by_setting[name, 160]["ppl_delta_pct"]) < 1e-3  # the whole context: dense whoever scores
+        assert 0.0 < by_setting[name, 3 * BLOCK]["decode_density"] < 0.5
+    # scorers really select differently at three blocks of budget (current and sink forced: one block chosen)
+    assert len({round(by_setting[name, 3 * BLOCK]["ppl"], 6) for name in ("gate", "oracle", "moba")}) == 3
+    assert "oracle" in format_decode_table(rows)
+    with pytest.raises(ValueError, match="decode selectors must be among"):
+        evaluate_decode(model, ids, 100, 20, selectors=("random",), progress=False)
+
+
 def test_decode_continuation_scores_exactly_the_teacher_forced_logits():
     """Dense decoding token by token scores the same NLL as one full forward over the window."""
     from seer_adapter.evaluation import decode_continuation
