@@ -95,6 +95,11 @@ def main() -> None:
     records, train_s, tokens_per_s = [], 0.0, 0.0
     if args.adapter_in:
         model = SeerModel.from_pretrained(base, args.adapter_in)
+        log = Path(args.adapter_in) / "log.jsonl"
+        if log.exists():  # gates trained by an earlier run of this script: report their training as well
+            records = read_jsonl(log)
+            train_s = sum(r["seconds"] for r in records)
+            tokens_per_s = sum(r["tokens_per_s"] for r in records[5:] or records) / len(records[5:] or records)
     else:
         model = get_seer_model(base, SeerAttentionConfig(decode_gate=args.decode_gate))
         started = time.perf_counter()
@@ -127,10 +132,14 @@ def main() -> None:
     heldout_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
     distillation = None
     if records:
-        distillation = {"steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                        "decode_gate": args.decode_gate, "train_seconds": train_s, "tokens_per_s": tokens_per_s,
-                        "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"]}  # fmt: skip
-        print(f"\ndistillation: {args.steps} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s -> {adapter_out}")
+        distillation = {"steps": records[-1]["step"], "lr": args.lr, "seq_len": args.seq_len,
+                        "batch_size": args.batch_size, "decode_gate": args.decode_gate or bool(args.adapter_in),
+                        "train_seconds": train_s or None, "tokens_per_s": tokens_per_s,
+                        "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+                        "final_decode_loss": records[-1].get("decode_loss")}  # fmt: skip
+        if args.adapter_in:
+            distillation["note"] = f"trained earlier by this script; from {args.adapter_in}/log.jsonl"
+        print(f"\ndistillation: {records[-1]['step']} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s")
     model_name = f"{spec.hf_name} ({spec.gguf_name}, dequantised)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
