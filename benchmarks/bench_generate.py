@@ -111,25 +111,28 @@ def main() -> None:
     variants += [("seer_decode", b) for b in args.budgets]
     rows = []
     for variant, budget in variants:
-        sdpa = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if variant == "dense_flash" else contextlib.nullcontext()
+
+        def sdpa(flash_only: bool = variant == "dense_flash"):  # a fresh context manager per use
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash_only else contextlib.nullcontext()
+
         use_layer_class(cache, DynamicLayer if variant == "dense_stock" else GrowableDynamicLayer)
         if budget is None:
             model.set_sparsity(decode_method="dense")
         else:
             model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
-        with sdpa:
+        with sdpa():
             timed_generate(model, prompt, cache, cache_name, 4)  # warm-up (Triton compilation, allocator)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with sdpa, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with sdpa(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 timed_generate(model, prompt, cache, cache_name, 8)
             print(f"=== {variant} {budget}: by device time", flush=True)
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
             print(f"=== {variant} {budget}: by CPU time", flush=True)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
             continue
-        with sdpa:
+        with sdpa():
             seconds = sorted(
                 timed_generate(model, prompt, cache, cache_name, args.new_tokens) for _ in range(args.repeats)
             )
