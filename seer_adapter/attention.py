@@ -23,6 +23,7 @@ sparse prefills never build an ``[S, S]`` mask.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +39,22 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .decode import CompressedKeys, DecodeCacheError, as_seer_cache, select_decode_blocks, update_compressed_keys
+from .decode import (
+    CompressedKeys,
+    DecodeCacheError,
+    as_seer_cache,
+    current_block_score,
+    select_scored_blocks,
+    update_compressed_keys,
+)
 from .gate import block_has_tokens
-from .kernels import BlockLists, block_sparse_attention, select_block_lists, sparse_decode_attention
+from .kernels import (
+    BlockLists,
+    block_sparse_attention,
+    decode_gate_scores,
+    select_block_lists,
+    sparse_decode_attention,
+)
 from .kernels.gate_pooling import pool_pre_rope_blocks
 from .rope import apply_rope
 
@@ -205,7 +219,8 @@ class SeerRuntime:
     # when set, replaces the decode gate's logits in sparse decoding steps (evaluation baselines)
     decode_block_scorer: DecodeBlockScorer | None = None
     record_gate_outputs: bool = False
-    # layer_idx -> statistics of the layer's last call
+    # layer_idx -> statistics of the layer's last call (sparse calls: "kept_blocks" and "causal_blocks" are the per-row
+    # int32 count tensors, summed by SeerModel.sparsity_stats)
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -480,12 +495,12 @@ def _sparse_prefill(
         key_padding_mask=padding,
         softcap=kwargs.get("softcap"),
     )  # [B, Hq, S, D]
-    # Counts stay on the device: reading them (SeerModel.sparsity_stats) is the only synchronisation.
+    # Per-row counts stay on the device, unsummed: reading them (SeerModel.sparsity_stats) sums and synchronises.
     state.runtime.stats[state.layer_idx] = {
         "mode": "sparse",
         "q_len": q_len,
-        "kept_blocks": lists.counts.sum(),
-        "causal_blocks": allowed_counts.sum(),
+        "kept_blocks": lists.counts,
+        "causal_blocks": allowed_counts,
     }
     if state.runtime.record_gate_outputs:
         probs = gate_probabilities(logits) if apply_softmax else scores
@@ -592,27 +607,33 @@ def _decode_attention(
     n_blocks = -(-kv_len // block_size)
     with torch.no_grad():
         scorer = state.runtime.decode_block_scorer
-        if scorer is None:
-            q_pre = query.float()
+        if scorer is None:  # one fused kernel on CUDA: inverse RoPE, group merge, RoPE, dot products
             cos = sin = None
             if state.position_embeddings is not None:
-                cos, sin = state.position_embeddings
-                q_pre = apply_rope(q_pre, cos, sin, state.rope_style, inverse=True)
-            q_gate = decode_gate.query(q_pre, cos, sin, state.rope_style or "half")  # [B, Hkv, 1, G]
-            logits = decode_gate.logits(q_gate, compressed.keys[:, :, : n_blocks - 1])[:, :, 0]  # [B, Hkv, nB - 1]
+                cos, sin = (table[:, -1] if table.dim() == 3 else table[-1:] for table in state.position_embeddings)
+            scores = decode_gate_scores(
+                query[:, :, 0],
+                cos,
+                sin,
+                decode_gate.q_proj.weight,
+                compressed.keys,
+                n_blocks - 1,
+                rope_style=state.rope_style or "half",
+                scale=1.0 / math.sqrt(decode_gate.gate_dim),
+            )  # [B, Hkv, 1, nB], the current block last
         else:
             logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"))
-        candidate_valid = compressed.block_valid[:, : n_blocks - 1]  # [B, nB - 1]
+            scores = torch.cat((logits.float()[:, :, None], current_block_score(logits, batch, logits.shape[1])), -1)
+        valid = compressed.block_valid_through(n_blocks)  # [B, nB]
         # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
         if padding is None:
             sink = query.new_zeros(batch, dtype=torch.long)
         else:
             sink = attention_mask.first_real_block(block_size)
-        indices, counts, allowed = select_decode_blocks(
-            logits,
-            candidate_valid,
+        indices, counts, allowed = select_scored_blocks(
+            scores,
+            valid,
             sink,
-            n_blocks,
             method=config.decode_method,
             block_size=block_size,
             token_budget=config.decode_token_budget,
@@ -633,13 +654,14 @@ def _decode_attention(
         "mode": "sparse",
         "phase": "decode",
         "q_len": 1,
-        "kept_blocks": counts.sum(),
+        "kept_blocks": counts,
         # blocks holding a real token (the current one included): the density denominator
-        "causal_blocks": allowed.sum(),
+        "causal_blocks": allowed,
     }
     if state.runtime.record_gate_outputs:
-        padding_only = ~candidate_valid[:, None, :]
-        state.last_gate_probs = torch.softmax(logits.float().masked_fill(padding_only, float("-inf")), dim=-1)
+        padding_only = ~valid[:, None, :-1]
+        logits = scores[:, :, 0, :-1]  # [B, Hkv, nB - 1]
+        state.last_gate_probs = torch.softmax(logits.masked_fill(padding_only, float("-inf")), dim=-1)
         state.last_gate_probs = state.last_gate_probs.nan_to_num(0.0)
         state.last_block_mask = BlockLists(indices[:, :, None], counts[:, :, None], n_blocks).to_mask()[:, :, 0]
     return out[:, None].contiguous(), None

@@ -74,11 +74,16 @@ class CompressedKeys:
         self._keys = torch.zeros(batch, num_kv_heads, 0, gate_dim, dtype=dtype, device=device)
         self._valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self._cos = self._sin = None
+        # RoPE tables of recent slots not yet copied into the buffers: (start slot, cos, sin). Decoding steps only
+        # keep a reference (the model makes fresh tables every forward); the copy waits until the tables are read
+        # (a block completes, crop, batch reorder), one concatenation instead of two copies per layer and step.
+        self._pending_tables: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         if rope_width is not None:
             self._cos = torch.zeros(batch, 0, rope_width, dtype=table_dtype, device=device)
             self._sin = torch.zeros_like(self._cos)
         self.n_slots = 0
         self.n_blocks = 0
+        self._marked_partial: int | None = None  # the partial block whose validity entry is set (see mark_...)
 
     @property
     def batch_size(self) -> int:
@@ -94,22 +99,33 @@ class CompressedKeys:
 
     @property
     def cos(self) -> torch.Tensor | None:
+        self._flush_tables()
         return None if self._cos is None else self._cos[:, : self.n_slots]
 
     @property
     def sin(self) -> torch.Tensor | None:
+        self._flush_tables()
         return None if self._sin is None else self._sin[:, : self.n_slots]
 
     def append_slots(self, count: int, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
         """Record ``count`` new slots with their RoPE tables ``[B or 1, count, r]``."""
         if (cos is None) != (self._cos is None):
             raise DecodeCacheError("RoPE tables appeared or vanished between calls of one layer")
-        end = self.n_slots + count
         if cos is not None:
-            self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
-            self._cos[:, self.n_slots : end] = cos
-            self._sin[:, self.n_slots : end] = sin
-        self.n_slots = end
+            self._pending_tables.append((self.n_slots, cos, sin))
+        self.n_slots += count
+
+    def _flush_tables(self) -> None:
+        """Copy the pending RoPE tables into the buffers."""
+        if not self._pending_tables:
+            return
+        start, end = self._pending_tables[0][0], self.n_slots
+        self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
+        batch = self._cos.shape[0]
+        for buffer, index in ((self._cos, 1), (self._sin, 2)):
+            tables = [entry[index].expand(batch, -1, -1) for entry in self._pending_tables]  # [B or 1, n, r] each
+            buffer[:, start:end] = tables[0] if len(tables) == 1 else torch.cat(tables, dim=1)
+        self._pending_tables.clear()
 
     def append_blocks(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
         """Record compressed blocks ``keys [B, Hkv, n, G]`` and their validity ``[B, n]``."""
@@ -119,8 +135,26 @@ class CompressedKeys:
         self._valid[:, self.n_blocks : end] = valid
         self.n_blocks = end
 
+    def mark_partial_block(self, block_size: int) -> None:
+        """Set the validity entry of the trailing partial block (the one the next decoding step's token is in) to
+        True, so that `block_valid_through` needs no concatenation: a decoding step's current block always holds
+        its new, real token. Completing the block overwrites the entry with its real validity."""
+        partial = self.n_slots // block_size
+        if self.n_slots % block_size == 0 or partial == self._marked_partial:
+            return
+        self._valid = _grown(self._valid, 1, partial + 1)
+        self._valid[:, partial] = True
+        self._marked_partial = partial
+
+    def block_valid_through(self, n_blocks: int) -> torch.Tensor:
+        """bool ``[B, n_blocks]``: `block_valid` of the earlier blocks, then True for the current one (a view)."""
+        if n_blocks > self._valid.shape[1] or (n_blocks > self.n_blocks and self._marked_partial != n_blocks - 1):
+            raise DecodeCacheError(f"no validity recorded for block {n_blocks - 1} (cache holds {self.n_slots} slots)")
+        return self._valid[:, :n_blocks]
+
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection."""
+        self._flush_tables()
         indices = indices.to(self._keys.device)
         self._keys = self._keys.index_select(0, indices)
         self._valid = self._valid.index_select(0, indices)
@@ -130,8 +164,11 @@ class CompressedKeys:
 
     def crop(self, n_slots: int, block_size: int) -> None:
         """Forget slots from ``n_slots`` on (blocks no longer complete are recompressed when they complete again)."""
+        self._flush_tables()
         self.n_slots = max(0, min(n_slots, self.n_slots))
         self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
+        self._marked_partial = None
+        self.mark_partial_block(block_size)
 
 
 # Spare slots a growable KV layer adds when it must grow: an eighth of the length (at least 256 slots), so appending
@@ -342,6 +379,7 @@ def update_compressed_keys(
             else key_block_has_tokens(valid, block_size)
         )
         layer.append_blocks(new_keys, new_valid)
+    layer.mark_partial_block(block_size)
     return layer
 
 
@@ -377,23 +415,51 @@ def select_decode_blocks(
         ``[B, Hkv]`` and ``allowed`` int32 ``[B, Hkv]`` (blocks holding a real token, the current one included: the
         density denominator).
     """
-    from .kernels import select_block_lists
-
     batch, hkv, n_candidates = logits.shape
     if n_candidates != n_blocks - 1 or tuple(candidate_valid.shape) != (batch, n_candidates):
         raise ValueError(
             f"logits [B, Hkv, n_blocks - 1] and candidate_valid [B, n_blocks - 1] expected for n_blocks={n_blocks}, "
             f"got {tuple(logits.shape)} and {tuple(candidate_valid.shape)}"
         )
+    scores = torch.cat((logits.float()[:, :, None], current_block_score(logits, batch, hkv)), dim=-1)
+    valid = torch.cat((candidate_valid, candidate_valid.new_ones(batch, 1)), dim=-1)  # [B, nB]
+    return select_scored_blocks(
+        scores, valid, sink_block, method=method, block_size=block_size, token_budget=token_budget, threshold=threshold
+    )
+
+
+def current_block_score(like: torch.Tensor, batch: int, hkv: int) -> torch.Tensor:
+    """fp32 ``[B, Hkv, 1, 1]`` of the lowest finite float, the current block's score: the block is never scored
+    and always kept, so it must take no softmax mass (threshold) and rank last, and a row with nothing earlier must
+    stay free of NaN."""
+    return like.new_full((batch, hkv, 1, 1), torch.finfo(torch.float32).min, dtype=torch.float32)
+
+
+def select_scored_blocks(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    sink_block: torch.Tensor,
+    *,
+    method: str,
+    block_size: int,
+    token_budget: int,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`select_decode_blocks` on scores already laid out for selection (what `decode_gate_scores` returns).
+
+    Args:
+        scores: fp32 ``[B, Hkv, 1, n_blocks]``: the earlier blocks' logits, then the current block's, which must
+            be the lowest finite float (`current_block_score`).
+        valid: bool ``[B, n_blocks]``: the block holds a real token (the current one does).
+        sink_block, method, block_size, token_budget, threshold: as `select_decode_blocks`.
+    """
+    from .kernels import select_block_lists
+
     if method not in ("token_budget", "threshold"):
         raise ValueError(f"unknown decode selection method {method!r}; expected 'token_budget' or 'threshold'")
     if method == "token_budget" and token_budget < block_size:
         raise ValueError(f"token_budget={token_budget} is below one block ({block_size} tokens)")
-    # The current block has no gate score: the lowest finite one keeps it out of the softmax's mass (threshold) and
-    # last in rank (it is forced anyway), and a row with nothing earlier stays free of NaN.
-    current = logits.new_full((batch, hkv, 1), torch.finfo(torch.float32).min, dtype=torch.float32)
-    scores = torch.cat((logits.float(), current), dim=-1)[:, :, None]  # [B, Hkv, 1, nB]
-    valid = torch.cat((candidate_valid, candidate_valid.new_ones(batch, 1)), dim=-1)  # [B, nB]
+    n_blocks = scores.shape[-1]
     lists, allowed = select_block_lists(
         scores,
         method=method,

@@ -427,8 +427,8 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
         if runtime is not None and input_ids.shape[1] == 1:
             for stats in runtime.stats.values():
                 if stats.get("phase") == "decode" and stats["mode"] == "sparse":
-                    kept = kept + stats["kept_blocks"]
-                    causal = causal + stats["causal_blocks"]
+                    kept = kept + stats["kept_blocks"].sum()
+                    causal = causal + stats["causal_blocks"].sum()
         return logits[0, -1].float()  # [V]
 
     cache = SeerDynamicCache(config=hf_model.config)

@@ -421,7 +421,8 @@ class SeerAdapterMixin:
         for idx, stats in sorted(self.runtime.stats.items()):
             row = {"layer": idx, **stats}
             if stats["mode"] == "sparse":
-                kept, causal = int(stats["kept_blocks"]), int(stats["causal_blocks"])
+                # the layer's per-row block counts (tensors: summed here, not in the forward, which stays launch-lean)
+                kept, causal = int(stats["kept_blocks"].sum()), int(stats["causal_blocks"].sum())
                 row.update(kept_blocks=kept, causal_blocks=causal, density=kept / causal if causal else 1.0)
             rows.append(row)
         return rows

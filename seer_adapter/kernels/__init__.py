@@ -1,8 +1,8 @@
 """The kernel half of seer_adapter: one dispatch point for every attention kernel.
 
 Every caller reaches a kernel through `block_sparse_attention` (attention over kept blocks), `select_block_lists`
-(gate scores -> kept-block lists) or `sparse_decode_attention` (one new token over listed key blocks per KV head);
-each picks a backend:
+(gate scores -> kept-block lists), `sparse_decode_attention` (one new token over listed key blocks per KV head) or
+`decode_gate_scores` (the decode gate's block scores of one step); each picks a backend:
 
 * ``"reference"`` — the pure-PyTorch oracle of `reference.py` (any device; the CPU path);
 * ``"triton"`` — Triton kernels, registered by `register_backend` when they are importable; the default on
@@ -23,6 +23,7 @@ import torch
 
 from .block_lists import BlockLists, select_block_lists_reference
 from .decode_ground_truth import decode_block_ground_truth_reference
+from .decode_scores import decode_gate_scores_reference
 from .reference import (
     block_sparse_attention_reference,
     causal_token_mask,
@@ -33,13 +34,15 @@ from .sparse_decode import sparse_decode_reference
 
 ENV_BACKEND = "SEER_ADAPTER_KERNEL"
 # Operation -> backend name -> implementation. "attention": `block_sparse_attention`; "select": `select_block_lists`;
-# "decode": `sparse_decode_attention`; "decode_ground_truth": `decode_block_ground_truth`; "gate_pooling" and
+# "decode": `sparse_decode_attention`; "decode_ground_truth": `decode_block_ground_truth`; "decode_scores":
+# `decode_gate_scores`; "gate_pooling" and
 # "ground_truth" register themselves from their modules.
 _OPS: dict[str, dict[str, Callable[..., object]]] = {
     "attention": {"reference": block_sparse_attention_reference},
     "select": {"reference": select_block_lists_reference},
     "decode": {"reference": sparse_decode_reference},
     "decode_ground_truth": {"reference": decode_block_ground_truth_reference},
+    "decode_scores": {"reference": decode_gate_scores_reference},
     "gate_pooling": {},
     "ground_truth": {},
 }
@@ -56,7 +59,8 @@ def register_backend(
     equivalent boolean mask.
 
     ``op``: ``"attention"`` (`block_sparse_attention`), ``"select"`` (`select_block_lists`), ``"decode"``
-    (`sparse_decode_attention`), ``"gate_pooling"`` or ``"ground_truth"``.
+    (`sparse_decode_attention`), ``"decode_scores"`` (`decode_gate_scores`), ``"gate_pooling"`` or
+    ``"ground_truth"``.
     See `backend_for` for what happens when a backend lacks an op.
     """
     _OPS[_check_op(op)][name] = fn
@@ -226,6 +230,34 @@ def decode_block_ground_truth(
     )  # fmt: skip
 
 
+def decode_gate_scores(
+    q: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    keys: torch.Tensor,
+    n_earlier: int,
+    *,
+    rope_style: str = "half",
+    scale: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode-gate scores of one decoding step, laid out for `select_block_lists`: the single entry point.
+
+    Args:
+        q: post-RoPE queries of the new token ``[B, Hq, D]``; cos, sin: its RoPE tables ``[B or 1, r]`` (or
+            ``None``); q_weight: the decode gate's query merge ``[Hkv, G, g·D]``; keys: the compressed keys
+            ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored.
+        rope_style, scale: the model's RoPE convention; the dot-product scale (``1 / sqrt(G)``).
+
+    Returns:
+        fp32 ``[B, Hkv, 1, n_earlier + 1]``; the last column (the current block) is the lowest finite float.
+        See `decode_scores` for the definition.
+    """
+    fn = backend_for("decode_scores", q.device, backend)
+    return fn(q, cos, sin, q_weight, keys, n_earlier, rope_style=rope_style, scale=scale)
+
+
 def select_block_lists(
     scores: torch.Tensor,
     *,
@@ -275,6 +307,7 @@ __all__ = [
     "block_sparse_attention_reference",
     "causal_token_mask",
     "decode_block_ground_truth",
+    "decode_gate_scores",
     "check_attention_inputs",
     "expand_block_mask",
     "register_backend",
@@ -285,7 +318,7 @@ __all__ = [
 ]
 
 try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
-    from . import block_select_triton, block_sparse_triton, sparse_decode_triton  # noqa: E402, F401
+    from . import block_select_triton, block_sparse_triton, decode_scores_triton, sparse_decode_triton  # noqa: E402, F401
 except ImportError as _triton_error:  # pragma: no cover - triton not installed
     if torch.cuda.is_available():
         import warnings

@@ -155,7 +155,7 @@ def select_block_lists_triton(
     if counts.numel() == 0:
         return BlockLists(indices, counts.zero_(), n_k_blocks), allowed_counts.zero_()
     valid = (
-        block_valid.contiguous().view(torch.int8)
+        (block_valid if block_valid.stride(-1) == 1 else block_valid.contiguous()).view(torch.int8)  # rows strided
         if block_valid is not None
         else torch.ones(1, 1, dtype=torch.int8, device=device)
     )

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
             "seer_adapter.kernels.ground_truth",
             "seer_adapter.kernels.block_select_triton",
             "seer_adapter.kernels.sparse_decode_triton",
+            "seer_adapter.kernels.decode_scores_triton",
         ):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])

@@ -1,0 +1,97 @@
+"""Decode-gate scores of one decoding step, pure PyTorch (the reference, the test oracle and the CPU path).
+
+One new token per sequence. For every KV head (GQA group) the decode gate (`seer_adapter.gate.DecodeGate`):
+
+1. undoes RoPE on the group's post-RoPE queries (the attention function receives them rotated);
+2. merges the ``g = Hq / Hkv`` pre-RoPE queries, concatenated head-major (``[g·D]``), with one bias-free linear
+   ``q_weight [Hkv, G, g·D]``;
+3. rotates the merged query at the token's own position (same tables);
+4. scores the compressed keys of the strictly earlier blocks, ``logits = q_gate · k_c * scale``.
+
+The result is laid out for block selection: ``[B, Hkv, 1, n_earlier + 1]`` fp32 whose last column, the block
+holding the new token (always attended, never scored), is the lowest finite float, so it stays out of a softmax's
+mass and last in rank. The fused Triton kernel (`decode_scores_triton.py`) does all of it in one launch; this
+module is the definition it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rope import ROPE_STYLES, apply_rope
+
+
+def check_decode_score_inputs(
+    q: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    keys: torch.Tensor,
+    n_earlier: int,
+    rope_style: str,
+) -> None:
+    """Validate a decode-score call; raise ValueError naming the bad argument."""
+    if q.dim() != 3 or q_weight.dim() != 3 or keys.dim() != 4:
+        raise ValueError(
+            f"expected q [B, Hq, D], q_weight [Hkv, G, g·D] and keys [B, Hkv, nC, G]; got {tuple(q.shape)}, "
+            f"{tuple(q_weight.shape)}, {tuple(keys.shape)}"
+        )
+    batch, hq, head_dim = q.shape
+    hkv, gate_dim, merged_width = q_weight.shape
+    if hq % hkv or merged_width != (hq // hkv) * head_dim:
+        raise ValueError(f"q_weight {tuple(q_weight.shape)} does not merge {hq} query heads of {head_dim} into {hkv}")
+    if tuple(keys.shape[:2]) != (batch, hkv) or keys.shape[3] != gate_dim:
+        raise ValueError(f"keys must be [B={batch}, Hkv={hkv}, nC, G={gate_dim}], got {tuple(keys.shape)}")
+    if not 0 <= n_earlier <= keys.shape[2]:
+        raise ValueError(f"n_earlier={n_earlier} must be within the {keys.shape[2]} compressed blocks")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin come together (both None for models without RoPE)")
+    if cos is not None:
+        if rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
+        width = cos.shape[-1]
+        if cos.dim() != 2 or cos.shape[0] not in (1, batch) or sin.shape != cos.shape:
+            raise ValueError(f"cos, sin must be [B or 1, r] tables of the new token, got {tuple(cos.shape)}")
+        if width % 2 or width > min(head_dim, gate_dim):
+            raise ValueError(f"rotary width {width} must be even and at most head_dim and gate_dim")
+
+
+def decode_gate_scores_reference(
+    q: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    keys: torch.Tensor,
+    n_earlier: int,
+    *,
+    rope_style: str = "half",
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Decode-gate scores of one decoding step (see the module docstring).
+
+    Args:
+        q: post-RoPE queries of the new token ``[B, Hq, D]``.
+        cos, sin: RoPE tables at the new token's position ``[B or 1, r]`` (``None``: no RoPE).
+        q_weight: the query merge ``[Hkv, G, g·D]`` (gate dtype; the merge runs in that dtype).
+        keys: compressed keys ``[B, Hkv, nC, G]``; the first ``n_earlier`` are scored.
+        rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"`` (`seer_adapter.rope`).
+        scale: multiplies the dot products (the gate uses ``1 / sqrt(G)``).
+
+    Returns:
+        fp32 ``[B, Hkv, 1, n_earlier + 1]``: the scores, then the lowest finite float for the current block.
+    """
+    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
+    batch, hq, head_dim = q.shape
+    hkv = q_weight.shape[0]
+    query = q.float()[:, :, None]  # [B, Hq, 1, D]
+    tables = (None, None) if cos is None else (cos[:, None], sin[:, None])  # [B or 1, 1, r]
+    if cos is not None:
+        query = apply_rope(query, *tables, rope_style, inverse=True)
+    grouped = query.to(q_weight.dtype).view(batch, hkv, hq // hkv, 1, head_dim)
+    grouped = grouped.permute(0, 1, 3, 2, 4).reshape(batch, hkv, 1, -1)  # [B, Hkv, 1, g·D]
+    merged = torch.einsum("bhni,hoi->bhno", grouped, q_weight)  # [B, Hkv, 1, G]
+    if cos is not None:
+        merged = apply_rope(merged, *tables, rope_style)
+    scores = torch.einsum("bhng,bhkg->bhnk", merged, keys[:, :, :n_earlier]).float() * scale
+    current = scores.new_full((batch, hkv, 1, 1), torch.finfo(torch.float32).min)
+    return torch.cat((scores, current), dim=-1)
