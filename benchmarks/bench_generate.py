@@ -84,8 +84,14 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32, help="layers of the 8B-shaped model (32 = full)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the median is kept)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant (no JSON)")
+    parser.add_argument(
+        "--python-profile",
+        action="store_true",
+        help="print the Python functions taking the most host time (cProfile) per variant (no JSON): what the "
+        "torch profiler cannot see (Triton's launcher, the adapter's own Python)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -121,7 +127,20 @@ def main() -> None:
         else:
             model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
         with sdpa():
-            timed_generate(model, prompt, cache, cache_name, 4)  # warm-up (Triton compilation, allocator)
+            # warm-up past a block boundary: a completing block compiles the pooling kernels (Triton, allocator)
+            timed_generate(model, prompt, cache, cache_name, 2 * model.peft_config["default"].block_size)
+        if args.python_profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            with sdpa():
+                profiler.enable()
+                timed_generate(model, prompt, cache, cache_name, args.new_tokens)
+                profiler.disable()
+            print(f"=== {variant} {budget}: host time by Python function, {args.new_tokens} steps", flush=True)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            continue
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +174,7 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    if args.profile:
+    if args.profile or args.python_profile:
         return
     dense_s = min(row["s"] for row in rows if row["variant"].startswith("dense"))
     for row in rows:

@@ -505,7 +505,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
 # evaluation.DECODE_SELECTORS, spelled out so that building the parser imports no torch (a test keeps them equal)
-DECODE_SELECTORS = ("gate", "moba", "oracle")
+DECODE_SELECTORS = ("gate", "moba", "oracle", "oracle_mass")
 DECODE_NOTES = {
     "dense": "dense: sparse prefill, then cached dense decode; density is the prefill's",
     "sparse": "sparse: sparse prefill, then cached decode through the adapter's decode gate (its decode settings)",
@@ -743,8 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DECODE_SELECTORS,
         default=["gate"],
         help="sparse decoding: who scores the blocks at each budget/threshold: 'gate' (the decode gate, default), "
-        "'oracle' (its distillation target from the full attention: the best a gate could do), 'moba' "
-        "(parameter-free mean-pooled scores)",
+        "'oracle' (its distillation target from the full attention: what a perfect gate would pick), "
+        "'oracle_mass' (the blocks holding the most attention mass), 'moba' (parameter-free mean-pooled scores)",
     )
     evaluate.add_argument(
         "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"

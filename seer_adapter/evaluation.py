@@ -179,7 +179,31 @@ def oracle_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_
     return target.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
-DECODE_SCORERS: dict[str, Any] = {"moba": moba_decode_scorer, "oracle": oracle_decode_scorer}
+def oracle_mass_decode_scorer(
+    module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap
+) -> torch.Tensor:
+    """The attention mass of each strictly earlier block, summed over the group's query heads (log): top-k on it
+    keeps the most probability mass a block budget can keep (needs the full attention)."""
+    batch, hq, _, head_dim = query.shape
+    hkv = key.shape[1]
+    block = layer.runtime.config.block_size
+    scale = scaling if scaling is not None else head_dim**-0.5
+    grouped = query.float().view(batch, hkv, hq // hkv, head_dim)
+    scores = torch.einsum("bhgd,bhsd->bhgs", grouped, key.float()) * scale  # [B, Hkv, g, Sk]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)[..., : n_earlier * block]
+    mass = probs.unflatten(-1, (n_earlier, block)).sum(dim=(-1, 2))  # [B, Hkv, n_earlier]
+    return mass.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+DECODE_SCORERS: dict[str, Any] = {
+    "moba": moba_decode_scorer,
+    "oracle": oracle_decode_scorer,
+    "oracle_mass": oracle_mass_decode_scorer,
+}
 DECODE_SELECTORS = ("gate", *DECODE_SCORERS)
 
 
@@ -480,8 +504,9 @@ def evaluate_decode(
     every setting: ``prefill="dense"`` (default: the base model's attention, the decode gate's compressed keys are
     still built) or ``"gate"`` (the adapter's prefill settings as they are). ``selectors`` picks who scores the
     blocks of the sparse settings: ``"gate"`` (the decode gate), ``"oracle"`` (the gate's distillation target from
-    the full attention: what a perfect gate would select) and ``"moba"`` (parameter-free mean-pooled scores); every
-    sparse setting runs once per selector.
+    the full attention: what a perfect gate would select), ``"oracle_mass"`` (the blocks holding the most attention
+    mass of the group) and ``"moba"`` (parameter-free mean-pooled scores); every sparse setting runs once per
+    selector.
 
     Returns one row per setting: ``{decode_method, selector, token_budget | threshold, decode_density, ppl,
     ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
