@@ -208,6 +208,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         decode_loss_weight=args.decode_loss_weight,
         decode_token_fraction=args.decode_token_fraction,
+        decode_target=args.decode_target,
     )
     dataset = load_text_dataset(args.data, streaming=args.streaming, shuffle_seed=args.seed)
     vocab = base.get_input_embeddings().num_embeddings
@@ -628,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.25,
         help="fraction of the tokens whose decode-gate target is computed each step (evenly strided; default 0.25)",
+    )
+    distill.add_argument(
+        "--decode-target",
+        choices=["max", "mass"],
+        default="max",
+        help="what the decode gate imitates: 'max' (largest probability per key block, max over the GQA group; "
+        "SeerAttention-R's target, default) or 'mass' (the group's probability mass per block)",
     )
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--init-adapter", default=None, help="start from these gates instead of fresh ones")

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from .attention import SeerAttentionMask, SeerLayerState, compute_decode_gate_logits, compute_gate_logits
 from .kernels import decode_block_ground_truth
+from .kernels.decode_ground_truth import DECODE_TARGETS
 from .kernels.ground_truth import attention_with_block_ground_truth
 from .model import SeerModel
 
@@ -91,13 +92,20 @@ class GateDistillationHook:
     """The `DistillationHook` installed during a distillation forward: ground truth + gate loss per layer."""
 
     def __init__(
-        self, skip_first_fraction: float = 0.25, decode_loss_weight: float = 1.0, decode_token_fraction: float = 1.0
+        self,
+        skip_first_fraction: float = 0.25,
+        decode_loss_weight: float = 1.0,
+        decode_token_fraction: float = 1.0,
+        decode_target: str = "max",
     ):
         if not 0.0 < decode_token_fraction <= 1.0:
             raise ValueError(f"decode_token_fraction must be in (0, 1], got {decode_token_fraction}")
+        if decode_target not in DECODE_TARGETS:
+            raise ValueError(f"decode_target must be one of {DECODE_TARGETS}, got {decode_target!r}")
         self.skip_first_fraction = skip_first_fraction
         self.decode_loss_weight = decode_loss_weight
         self.decode_token_fraction = decode_token_fraction
+        self.decode_target = decode_target
         # layer -> prefill-gate loss (+ decode_loss_weight x decode-gate loss when the layer has a decode gate)
         self.losses: dict[int, torch.Tensor] = {}
         # layer -> decode-gate loss alone (detached), for logging
@@ -142,6 +150,7 @@ class GateDistillationHook:
                     key_padding_mask=padding,
                     softcap=kwargs.get("softcap"),
                     query_rows=rows,
+                    target=self.decode_target,
                 )  # [B, Hkv, R, nK]
             with torch.enable_grad():
                 decode_logits = compute_decode_gate_logits(
@@ -163,6 +172,7 @@ def distillation_loss(
     loss_scale: float = 10.0,
     decode_loss_weight: float = 1.0,
     decode_token_fraction: float = 1.0,
+    decode_target: str = "max",
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """One distillation forward of the frozen model.
 
@@ -175,6 +185,8 @@ def distillation_loss(
             0 trains the prefill gates alone).
         decode_token_fraction: fraction of the (not skipped) tokens whose decode-gate target and loss are computed,
             evenly strided (`decode_target_rows`; 1.0: every token).
+        decode_target: what the decode gate imitates: ``"max"`` (the largest probability per key block, max over the
+            GQA group: SeerAttention-R's target, the default) or ``"mass"`` (the group's probability mass per block).
 
     Returns:
         ``(loss, per_layer)``: the scalar loss with gradients into the gates only, and ``{layer: loss}`` floats.
@@ -182,7 +194,7 @@ def distillation_loss(
     runtime = model.runtime
     if runtime.distillation is not None:
         raise RuntimeError("a distillation forward is already running on this model")
-    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight, decode_token_fraction)
+    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight, decode_token_fraction, decode_target)
     runtime.distillation = hook
     try:
         with torch.no_grad():
@@ -227,6 +239,13 @@ class DistillationArguments:
             "tokens excluded). The target has only a PyTorch path (a full fp32 Q·Kᵀ per layer); 0.25 cuts it 4×."
         },
     )
+    decode_target: str = field(
+        default="max",
+        metadata={
+            "help": "What the decode gate imitates: 'max' (largest probability per key block, max over the GQA group; "
+            "SeerAttention-R's target) or 'mass' (the group's probability mass per block)."
+        },
+    )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every this many steps (and at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     seed: int = field(default=0, metadata={"help": "Seed of the data shuffle and of torch."})
@@ -240,6 +259,8 @@ class DistillationArguments:
             raise ValueError(f"skip_first_fraction must be in [0, 1), got {self.skip_first_fraction}")
         if not 0 < self.decode_token_fraction <= 1:
             raise ValueError(f"decode_token_fraction must be in (0, 1], got {self.decode_token_fraction}")
+        if self.decode_target not in DECODE_TARGETS:
+            raise ValueError(f"decode_target must be one of {DECODE_TARGETS}, got {self.decode_target!r}")
 
 
 def _world() -> tuple[int, int]:
@@ -417,6 +438,7 @@ def train_gates(
                     loss_scale=args.loss_scale,
                     decode_loss_weight=args.decode_loss_weight,
                     decode_token_fraction=args.decode_token_fraction,
+                    decode_target=args.decode_target,
                 )
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / args.gradient_accumulation_steps

@@ -464,7 +464,7 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # decode-gate distillation
 # ------------------------------------------------------------------------------------------------------
-def _naive_decode_target(q, k, block_size, padding):
+def _naive_decode_target(q, k, block_size, padding, target="max"):
     """Loop-by-loop statement of the target (independent of the vectorised reference)."""
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
@@ -481,7 +481,10 @@ def _naive_decode_target(q, k, block_size, padding):
                     scores = torch.stack([q[b, head, t] @ k[b, h, j] / dim**0.5 for j in keys])
                     probs = scores.softmax(0)
                     for p, j in zip(probs, keys, strict=True):
-                        best[j // block_size] = max(best[j // block_size], p)
+                        if target == "max":
+                            best[j // block_size] = max(best[j // block_size], p)
+                        else:  # the group's probability mass per block
+                            best[j // block_size] += p
                 best[t // block_size :] = 0
                 if best.sum() > 0:
                     out[b, h, t] = best / best.sum()
@@ -513,6 +516,14 @@ def test_decode_target_reference_matches_the_definition(monkeypatch):
     torch.testing.assert_close(chunked, subset)
     with pytest.raises(ValueError, match="query_rows"):
         decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, query_rows=torch.tensor([21]))
+    # the mass target: summed probabilities instead of maxima, chunked or not
+    mass = decode_ground_truth.decode_block_ground_truth_reference(
+        q, k, block_size=4, key_padding_mask=padding, target="mass"
+    )
+    torch.testing.assert_close(mass, _naive_decode_target(q, k, 4, padding, "mass"), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(mass, got)
+    with pytest.raises(ValueError, match="decode target must be one of"):
+        decode_ground_truth.decode_block_ground_truth_reference(q, k, block_size=4, target="sum")
 
 
 def test_decode_target_rows_and_the_subsampled_loss():
@@ -608,6 +619,16 @@ def test_distillation_trains_the_decode_gate():
     optimizer.zero_grad()
     distillation_loss(model, ids, mask, decode_loss_weight=0.0)[0].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+    # the mass target is another loss (same prefill part), and the choice is validated
+    _, by_max = distillation_loss(model, ids, mask, decode_target="max")
+    _, by_mass = distillation_loss(model, ids, mask, decode_target="mass")
+    assert by_max.keys() == by_mass.keys() and by_max != by_mass
+    with pytest.raises(ValueError, match="decode_target must be one of"):
+        distillation_loss(model, ids, mask, decode_target="sum")
+    from seer_adapter.distill import DistillationArguments
+
+    with pytest.raises(ValueError, match="decode_target must be one of"):
+        DistillationArguments(output_dir="unused", decode_target="sum")
 
 
 def test_peft_route_decodes_sparsely_and_round_trips(tmp_path):

@@ -64,6 +64,7 @@ def register_backend(
     See `backend_for` for what happens when a backend lacks an op.
     """
     _OPS[_check_op(op)][name] = fn
+    _RESOLVED.clear()
     for device_type in device_types:
         order = _AUTO_ORDER.setdefault(device_type, [])
         if name not in order:
@@ -90,12 +91,25 @@ def available_backends(op: str | None = None) -> list[str]:
     return sorted(_OPS[_check_op(op)] if op else set().union(*_OPS.values()))
 
 
+# (op, device type, backend argument, $SEER_ADAPTER_KERNEL) -> implementation: a decoding step resolves three ops per
+# layer, and resolving costs more host time than some of the kernels take on the GPU. Cleared by `register_backend`.
+_RESOLVED: dict[tuple[str, str, str | None, str], Callable[..., object]] = {}
+
+
 def backend_for(op: str, device: torch.device, backend: str | None = None) -> Callable[..., object]:
     """The implementation of ``op`` for tensors on ``device``, chosen by `select_backend`.
 
     A backend forced with ``backend=`` that lacks ``op`` raises. One named by ``$SEER_ADAPTER_KERNEL`` that lacks it
     (say a custom attention-only backend) picks the attention kernel only: ``op`` then runs on the device's default.
     """
+    key = (op, device.type, backend, os.environ.get(ENV_BACKEND, "auto"))
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _resolve_backend(op, device, backend)
+    return fn
+
+
+def _resolve_backend(op: str, device: torch.device, backend: str | None) -> Callable[..., object]:
     name = select_backend(device, backend)
     implementations = _OPS[_check_op(op)]
     if name not in implementations:
@@ -215,18 +229,20 @@ def decode_block_ground_truth(
     key_padding_mask: torch.Tensor | None = None,
     softcap: float | None = None,
     query_rows: torch.Tensor | None = None,
+    target: str = "max",
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decode-gate distillation target ``[B, Hkv, S, nK]`` (see `decode_ground_truth`): the single entry point.
 
-    ``query_rows`` (long ``[R]``) computes the rows of those token positions only (``[B, Hkv, R, nK]``).
+    ``query_rows`` (long ``[R]``) computes the rows of those token positions only (``[B, Hkv, R, nK]``);
+    ``target`` is ``"max"`` (SeerAttention-R's) or ``"mass"`` (probability mass per block).
 
     Only the PyTorch reference exists so far; on CUDA it runs chunked in fp32 (one extra pass over Q·Kᵀ).
     """
     fn = backend_for("decode_ground_truth", q.device, backend)
     return fn(
         q, k, block_size=block_size, scale=scale, key_padding_mask=key_padding_mask, softcap=softcap,
-        query_rows=query_rows,
+        query_rows=query_rows, target=target,
     )  # fmt: skip
 
 

@@ -11,6 +11,11 @@ For every query token ``t`` of a prefill and every KV head (GQA group):
 
 Rows without any earlier block with a real token (tokens of the first block, padding tokens) are all zero and are
 left out of the loss by `seer_adapter.distill.block_kl_loss`.
+
+``target="mass"`` replaces steps 2-3 by the attention mass: the sum of the probabilities inside each block, summed
+over the group's query heads — the quantity a top-k selection under a budget should keep most of. (On SmolLM2 at a
+quarter of a 2k context, selecting by the max target from the true attention costs +10.4 % perplexity, by the mass
++5.5 %; see benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -19,10 +24,9 @@ import math
 
 import torch
 
-from .reference import causal_token_mask
-
 # Upper bound on fp32 score elements materialised at once (as in reference.py): 2**27 * 4 B = 512 MiB per chunk.
 _MAX_SCORE_ELEMENTS = 1 << 27
+DECODE_TARGETS = ("max", "mass")
 
 
 def decode_block_ground_truth_reference(
@@ -34,6 +38,7 @@ def decode_block_ground_truth_reference(
     key_padding_mask: torch.Tensor | None = None,
     softcap: float | None = None,
     query_rows: torch.Tensor | None = None,
+    target: str = "max",
 ) -> torch.Tensor:
     """Per-token decode-gate target, computed in fp32 one chunk of query rows at a time.
 
@@ -43,6 +48,8 @@ def decode_block_ground_truth_reference(
         key_padding_mask: optional bool ``[B, S]``, True for real tokens. softcap: optional logit soft-capping.
         query_rows: optional long ``[R]`` token positions to compute the target for (default: all ``S``); the keys
             are always the whole sequence.
+        target: ``"max"`` (largest probability per block, max over the group's heads: SeerAttention-R's target) or
+            ``"mass"`` (probability mass per block, summed over the group's heads).
 
     Returns:
         fp32 ``[B, Hkv, R, nK]`` (``R = S`` by default) with ``nK = ceil(S / block_size)``: the row of token ``t``
@@ -54,6 +61,8 @@ def decode_block_ground_truth_reference(
     hkv = k.shape[1]
     if hq % hkv or k.shape[2] != length:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq % Hkv == 0 and equal lengths")
+    if target not in DECODE_TARGETS:
+        raise ValueError(f"decode target must be one of {DECODE_TARGETS}, got {target!r}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, length):
         raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
     if query_rows is None:
@@ -68,8 +77,8 @@ def decode_block_ground_truth_reference(
     n_blocks = math.ceil(length / block_size)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     kf = k.float()
-    target = torch.zeros(batch, hkv, n_rows, n_blocks, dtype=torch.float32, device=q.device)
-    visible_all = causal_token_mask(length, length, q.device)  # [S, S]
+    result = torch.zeros(batch, hkv, n_rows, n_blocks, dtype=torch.float32, device=q.device)
+    key_positions = torch.arange(length, device=q.device)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
     # The last key block is never strictly earlier than any token, so only the n_blocks - 1 full blocks before it
     # are scored, and max_k p_k = exp(max_k s_k - lse) per block: one block-max pass over the scores instead of
@@ -82,22 +91,26 @@ def decode_block_ground_truth_reference(
         scores = torch.einsum("bhgsd,bhkd->bhgsk", qc, kf).mul_(scale)  # [B, Hkv, g, s, S]
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        visible = visible_all[positions][None]  # [1, s, S]
+        visible = (key_positions[None, :] <= positions[:, None])[None]  # [1, s, S] causal rows of this chunk only
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, :]
         scores.masked_fill_(~visible[:, None, None], float("-inf"))
         if n_earlier == 0:
             continue
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, Hkv, g, s, 1]
-        earlier_scores = scores[..., : n_earlier * block_size]
-        block_max = earlier_scores.unflatten(-1, (n_earlier, block_size)).amax(dim=-1)  # [B, Hkv, g, s, nK - 1]
-        block_prob = torch.exp(block_max - lse).nan_to_num(0.0)  # rows without a visible key: 0
-        group_max = block_prob.amax(dim=2)  # [B, Hkv, s, nK - 1]
+        earlier_scores = scores[..., : n_earlier * block_size].unflatten(-1, (n_earlier, block_size))
+        if target == "max":
+            block_max = earlier_scores.amax(dim=-1)  # [B, Hkv, g, s, nK - 1]
+            block_prob = torch.exp(block_max - lse).nan_to_num(0.0)  # rows without a visible key: 0
+            per_block = block_prob.amax(dim=2)  # [B, Hkv, s, nK - 1]
+        else:
+            probs = torch.exp(earlier_scores - lse[..., None]).nan_to_num(0.0)  # [B, Hkv, g, s, nK - 1, bs]
+            per_block = probs.sum(dim=(-1, 2))  # the group's mass per block [B, Hkv, s, nK - 1]
         rows = positions // block_size
         earlier = torch.arange(n_earlier, device=q.device)[None, :] < rows[:, None]  # [s, nK - 1]
-        group_max = group_max * earlier
-        total = group_max.sum(dim=-1, keepdim=True)
-        target[:, :, start:stop, :n_earlier] = torch.where(total > 0, group_max / total.clamp_min(1e-30), 0.0)
+        per_block = per_block * earlier
+        total = per_block.sum(dim=-1, keepdim=True)
+        result[:, :, start:stop, :n_earlier] = torch.where(total > 0, per_block / total.clamp_min(1e-30), 0.0)
     if key_padding_mask is not None:
-        target = target * key_padding_mask[:, query_rows][:, None, :, None]
-    return target
+        result = result * key_padding_mask[:, query_rows][:, None, :, None]
+    return result
