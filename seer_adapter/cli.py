@@ -228,8 +228,9 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """``(model, tokenizer, device, dtype)`` for ``eval``: the base model wrapped with ``--adapter`` or fresh gates."""
+def _load_for_eval(args: argparse.Namespace, decode_gate: bool = False) -> tuple[Any, Any, Any, Any]:
+    """``(model, tokenizer, device, dtype)`` for ``eval``: the base model wrapped with ``--adapter`` or fresh gates
+    (with an untrained decode gate too when ``decode_gate``)."""
     from .config import SeerAttentionConfig
     from .model import SeerModel, get_seer_model
 
@@ -239,7 +240,7 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     if args.adapter:
         model = SeerModel.from_pretrained(base, args.adapter)
     else:
-        model = get_seer_model(base, SeerAttentionConfig())
+        model = get_seer_model(base, SeerAttentionConfig(decode_gate=decode_gate))
     return model, tokenizer, device, dtype
 
 
@@ -298,7 +299,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.tasks:
         raise SystemExit("seer-adapter eval: error: --decode-budgets / --decode-thresholds do not combine with --tasks")
-    model, tokenizer, device, dtype = _load_for_eval(args)
+    model, tokenizer, device, dtype = _load_for_eval(args, decode_gate=True)
     if not model.peft_config[model.active_adapter].decode_gate:
         raise SystemExit(
             "seer-adapter eval: error: --decode-budgets needs an adapter with a decode gate; train one with "
@@ -750,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=DECODE_SELECTORS,
         default=["gate"],
-        help="sparse decoding: who scores the blocks at each budget/threshold: 'gate' (the decode gate, default), "
+        help="sparse decoding: who scores the blocks at each budget/threshold: 'gate' (the decode gate, default; "
+        "without --adapter an untrained one, the mean-pooling prior), "
         "'oracle' (its distillation target from the full attention: what a perfect gate would pick), "
         "'oracle_mass' (the blocks holding the most attention mass), 'moba' (parameter-free mean-pooled scores)",
     )

@@ -509,8 +509,19 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     text = tmp_path / "text.txt"
     text.write_text(shakespeare_texts()[HELDOUT_WORKS[0]][:20_000])
     common = ["eval", "--model", str(folder), "--data", str(text), "--device", "cpu"]
+    prefill_only = tmp_path / "prefill_only"
+    get_seer_model(tiny_model("llama", vocab_size=VOCAB), SeerAttentionConfig(block_size=16)).save_pretrained(
+        prefill_only
+    )
     with pytest.raises(SystemExit, match="needs an adapter with a decode gate"):
-        cli_main([*common, "--decode-budgets", "32"])
+        cli_main([*common, "--adapter", str(prefill_only), "--decode-budgets", "32"])
+    # no adapter: untrained decode gates (64-token blocks: 3 of 5 kept), and the selectors that need no training
+    bounds = tmp_path / "bounds.json"
+    options = ["--window", "256", "--decode-tokens", "12", "--greedy-tokens", "0", "--decode-budgets", "192"]
+    cli_main([*common, *options, "--decode-selectors", "gate", "oracle", "oracle_mass", "moba", "--out", str(bounds)])
+    rows = json.loads(bounds.read_text())["rows"]
+    assert [r["selector"] for r in rows] == ["dense", "gate", "oracle", "oracle_mass", "moba"]
+    assert all(0.0 < r["decode_density"] < 1.0 for r in rows[1:])
     out = tmp_path / "decode.json"
     gates = ["--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-tokens", "24", "--greedy-tokens", "6"]
     cli_main([*common, *gates, "--decode-budgets", "16", "256", "--decode-prefill", "gate", "--out", str(out)])
