@@ -591,14 +591,14 @@ def evaluate_decode(
 def format_decode_table(rows: list[dict[str, Any]]) -> str:
     """A text table of `evaluate_decode` rows."""
     lines = [
-        f"{'decode':<13} {'selector':<8} {'setting':>10} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6} "
+        f"{'decode':<13} {'selector':<11} {'setting':>10} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6} "
         f"{'greedy%':>8}"
     ]
     for r in rows:
         setting = r.get("token_budget", r.get("threshold", "-"))
         greedy = f"{r['greedy_agreement']:>8.1f}" if "greedy_agreement" in r else f"{'-':>8}"
         lines.append(
-            f"{r['decode_method']:<13} {r.get('selector', 'gate'):<8} {setting!s:>10} {r['decode_density']:>8.3f} "
+            f"{r['decode_method']:<13} {r.get('selector', 'gate'):<11} {setting!s:>10} {r['decode_density']:>8.3f} "
             f"{r['ppl']:>9.3f} "
             f"{r['ppl_delta_pct']:>+7.2f} {r['top1_agreement']:>6.1f} {greedy}"
         )
