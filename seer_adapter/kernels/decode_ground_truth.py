@@ -13,9 +13,9 @@ Rows without any earlier block with a real token (tokens of the first block, pad
 left out of the loss by `seer_adapter.distill.block_kl_loss`.
 
 ``target="mass"`` replaces steps 2-3 by the attention mass: the sum of the probabilities inside each block, summed
-over the group's query heads — the quantity a top-k selection under a budget should keep most of. (On SmolLM2 at a
-quarter of a 2k context, selecting by the max target from the true attention costs +10.4 % perplexity, by the mass
-+5.5 %; see benchmarks/README.md.)
+over the group's query heads — the quantity a top-k selection under a budget should keep most of. (SmolLM2 on the
+CPU, a quarter of a 2k context: selecting by the max target from the true attention costs +10.4 % perplexity, by
+the mass +5.5 %; gates trained on either at 1k, +23.1 vs +19.0 %; benchmarks/README.md.)
 """
 
 from __future__ import annotations
