@@ -43,9 +43,9 @@ from .decode import (
     CompressedKeys,
     DecodeCacheError,
     as_seer_cache,
-    current_block_score,
     select_scored_blocks,
     update_compressed_keys,
+    with_current_block,
 )
 from .gate import block_has_tokens
 from .kernels import (
@@ -623,7 +623,7 @@ def _decode_attention(
             )  # [B, Hkv, 1, nB], the current block last
         else:
             logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"))
-            scores = torch.cat((logits.float()[:, :, None], current_block_score(logits, batch, logits.shape[1])), -1)
+            scores = with_current_block(logits)  # [B, Hkv, 1, nB]
         valid = compressed.block_valid_through(n_blocks)  # [B, nB]
         # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
         if padding is None:

@@ -421,18 +421,21 @@ def select_decode_blocks(
             f"logits [B, Hkv, n_blocks - 1] and candidate_valid [B, n_blocks - 1] expected for n_blocks={n_blocks}, "
             f"got {tuple(logits.shape)} and {tuple(candidate_valid.shape)}"
         )
-    scores = torch.cat((logits.float()[:, :, None], current_block_score(logits, batch, hkv)), dim=-1)
+    scores = with_current_block(logits)
     valid = torch.cat((candidate_valid, candidate_valid.new_ones(batch, 1)), dim=-1)  # [B, nB]
     return select_scored_blocks(
         scores, valid, sink_block, method=method, block_size=block_size, token_budget=token_budget, threshold=threshold
     )
 
 
-def current_block_score(like: torch.Tensor, batch: int, hkv: int) -> torch.Tensor:
-    """fp32 ``[B, Hkv, 1, 1]`` of the lowest finite float, the current block's score: the block is never scored
-    and always kept, so it must take no softmax mass (threshold) and rank last, and a row with nothing earlier must
-    stay free of NaN."""
-    return like.new_full((batch, hkv, 1, 1), torch.finfo(torch.float32).min, dtype=torch.float32)
+def with_current_block(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, Hkv, n]`` of the earlier blocks -> fp32 selection scores ``[B, Hkv, 1, n + 1]``.
+
+    The appended current block gets the lowest finite float: it is never scored and always kept, so it must take no
+    softmax mass (threshold) and rank last, and a row with nothing earlier must stay free of NaN."""
+    batch, hkv, _ = logits.shape
+    current = logits.new_full((batch, hkv, 1), torch.finfo(torch.float32).min, dtype=torch.float32)
+    return torch.cat((logits.float(), current), dim=-1)[:, :, None]
 
 
 def select_scored_blocks(
@@ -449,7 +452,7 @@ def select_scored_blocks(
 
     Args:
         scores: fp32 ``[B, Hkv, 1, n_blocks]``: the earlier blocks' logits, then the current block's, which must
-            be the lowest finite float (`current_block_score`).
+            be the lowest finite float (`with_current_block`).
         valid: bool ``[B, n_blocks]``: the block holds a real token (the current one does).
         sink_block, method, block_size, token_budget, threshold: as `select_decode_blocks`.
     """
