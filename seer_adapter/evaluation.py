@@ -13,6 +13,7 @@ their densities match by construction):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -157,17 +158,20 @@ def moba_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_ma
     return torch.einsum("bhd,bhkd->bhk", q_mean, k_mean)  # [B, Hkv, n_earlier]
 
 
-def oracle_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap):
-    """The decode gate's distillation target at this step, as logits (an upper bound: needs the full attention).
+def oracle_decode_scorer(
+    module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap, target: str = "max"
+) -> torch.Tensor:
+    """A decode-gate distillation target at this step, as logits (an upper bound: needs the full attention).
 
-    Per strictly earlier block, the largest attention probability of any query head of the group, renormalised
-    (`seer_adapter.kernels.decode_block_ground_truth` for the last cache slot); its log is returned, so the
-    threshold method's softmax gives back the target itself."""
+    ``target="max"``: per strictly earlier block, the largest attention probability of any query head of the group
+    (what the decode gate is trained to imitate by default); ``"mass"``: the group's probability mass per block
+    (what a top-k budget keeps most of). Renormalised (`seer_adapter.kernels.decode_block_ground_truth` for the last
+    cache slot); the log is returned, so the threshold method's softmax gives back the target itself."""
     from .kernels import decode_block_ground_truth
 
     batch, hq, _, head_dim = query.shape
     kv_len = key.shape[2]
-    target = decode_block_ground_truth(
+    probs = decode_block_ground_truth(
         query.expand(batch, hq, kv_len, head_dim),  # only the last row is computed: the query is the last slot
         key,
         block_size=layer.runtime.config.block_size,
@@ -175,41 +179,23 @@ def oracle_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_
         key_padding_mask=key_padding_mask,
         softcap=softcap,
         query_rows=torch.full((1,), kv_len - 1, dtype=torch.long, device=query.device),
+        target=target,
     )[:, :, 0, :n_earlier]  # [B, Hkv, n_earlier]
-    return target.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-def oracle_mass_decode_scorer(
-    module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap
-) -> torch.Tensor:
-    """The attention mass of each strictly earlier block, summed over the group's query heads (log): top-k on it
-    keeps the most probability mass a block budget can keep (needs the full attention)."""
-    batch, hq, _, head_dim = query.shape
-    hkv = key.shape[1]
-    block = layer.runtime.config.block_size
-    scale = scaling if scaling is not None else head_dim**-0.5
-    grouped = query.float().view(batch, hkv, hq // hkv, head_dim)
-    scores = torch.einsum("bhgd,bhsd->bhgs", grouped, key.float()) * scale  # [B, Hkv, g, Sk]
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)[..., : n_earlier * block]
-    mass = probs.unflatten(-1, (n_earlier, block)).sum(dim=(-1, 2))  # [B, Hkv, n_earlier]
-    return mass.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 DECODE_SCORERS: dict[str, Any] = {
     "moba": moba_decode_scorer,
     "oracle": oracle_decode_scorer,
-    "oracle_mass": oracle_mass_decode_scorer,
+    "oracle_mass": functools.partial(oracle_decode_scorer, target="mass"),
 }
 DECODE_SELECTORS = ("gate", *DECODE_SCORERS)
 
 
 @contextmanager
 def decode_block_scorer(model: Any, name: str | None) -> Iterator[None]:
-    """Score decoding steps with a parameter-free scorer (``oracle``, ``moba``) instead of the decode gate."""
+    """Score decoding steps with a parameter-free scorer (``oracle``, ``oracle_mass``, ``moba``) instead of the
+    decode gate."""
     if name is not None and name not in DECODE_SCORERS:
         raise ValueError(f"unknown decode selector {name!r}; expected one of {DECODE_SELECTORS}")
     previous = model.runtime.decode_block_scorer

@@ -679,15 +679,17 @@ def test_evaluate_decode_full_budget_equals_dense_and_small_budget_differs():
     assert "token_budget" in format_decode_table(rows)
 
 
-def _naive_decode_oracle(query, key, padding, block_size, scale, n_earlier):
-    """log of: per strictly earlier block, the largest attention probability of the group's heads, renormalised."""
+def _naive_decode_oracle(query, key, padding, block_size, scale, n_earlier, target="max"):
+    """log of: per strictly earlier block, the largest attention probability of the group's heads (or their summed
+    probability mass), renormalised."""
     batch, hq, _, head_dim = query.shape
     hkv = key.shape[1]
     scores = torch.einsum("bhgd,bhsd->bhgs", query.view(batch, hkv, hq // hkv, head_dim).double(), key.double())
     scores = (scores * scale).masked_fill(~padding[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)[..., : n_earlier * block_size]
-    block_max = probs.unflatten(-1, (n_earlier, block_size)).amax(-1).amax(2)  # [B, Hkv, n_earlier]
-    return (block_max / block_max.sum(-1, keepdim=True)).log()
+    blocks = probs.unflatten(-1, (n_earlier, block_size))  # [B, Hkv, g, n_earlier, bs]
+    per_block = blocks.amax(-1).amax(2) if target == "max" else blocks.sum(dim=(-1, 2))  # [B, Hkv, n_earlier]
+    return (per_block / per_block.sum(-1, keepdim=True)).log()
 
 
 def test_decode_scorers_match_their_definitions_and_replace_the_gate():
@@ -705,6 +707,9 @@ def test_decode_scorers_match_their_definitions_and_replace_the_gate():
     assert got.shape == (batch, hkv, 3)
     want = _naive_decode_oracle(query, key, padding, BLOCK, 0.3, 3)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    mass = DECODE_SCORERS["oracle_mass"](None, layer, query, key, padding, 0.3, 3, None)
+    torch.testing.assert_close(mass.double(), _naive_decode_oracle(query, key, padding, BLOCK, 0.3, 3, "mass"),
+                               atol=1e-5, rtol=0)  # fmt: skip
     moba = moba_decode_scorer(None, layer, query, key, padding, 0.3, 3, None)
     k_mean = torch.stack([key[1, :, 7:BLOCK].mean(1), key[1, :, BLOCK : 2 * BLOCK].mean(1)], dim=1)  # row 1, blocks 0-1
     q_mean = query[1, :, 0].view(hkv, hq // hkv, head_dim).mean(1)
