@@ -758,6 +758,10 @@ def test_evaluate_decode_runs_every_selector():
     # scorers really select differently at three blocks of budget (current and sink forced: one block chosen)
     assert len({round(by_setting[name, 3 * BLOCK]["ppl"], 6) for name in ("gate", "oracle", "moba")}) == 3
     assert "oracle" in format_decode_table(rows)
+    from seer_adapter import cli
+    from seer_adapter.evaluation import DECODE_SELECTORS
+
+    assert sorted(cli.DECODE_SELECTORS) == sorted(DECODE_SELECTORS)  # the CLI spells them out (no torch import)
     with pytest.raises(ValueError, match="decode selectors must be among"):
         evaluate_decode(model, ids, 100, 20, selectors=("random",), progress=False)
 

@@ -35,8 +35,7 @@ from .sparse_decode import sparse_decode_reference
 ENV_BACKEND = "SEER_ADAPTER_KERNEL"
 # Operation -> backend name -> implementation. "attention": `block_sparse_attention`; "select": `select_block_lists`;
 # "decode": `sparse_decode_attention`; "decode_ground_truth": `decode_block_ground_truth`; "decode_scores":
-# `decode_gate_scores`; "gate_pooling" and
-# "ground_truth" register themselves from their modules.
+# `decode_gate_scores`; "gate_pooling" and "ground_truth" register themselves from their modules.
 _OPS: dict[str, dict[str, Callable[..., object]]] = {
     "attention": {"reference": block_sparse_attention_reference},
     "select": {"reference": select_block_lists_reference},
