@@ -19,7 +19,8 @@ which is every decoding step). Speed-ups are against the fastest dense variant.
 
 Writes ``benchmarks/results/bench_generate_<time>.json`` (``meta`` with ``gpu``; rows with ``variant``,
 ``budget``, ``batch``, ``context``, ``new_tokens``, ``s``, ``tokens_per_s``, ``ms_per_step``,
-``speedup_vs_dense``) and prints a table last.
+``speedup_vs_dense``, and ``gpu_ms_per_step`` / ``gpu_speedup_vs_dense``: the kernels' device time per step, what
+a step would cost with the host out of the way) and prints a table last.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def timed_generate(model, prompt: torch.Tensor, cache: SeerDynamicCache, cache_n
         raise RuntimeError(f"generate() returned {out.shape[1] - prompt.shape[1]} tokens, expected {new_tokens}")
     cache.crop(cached - cache.get_seq_length())  # a negative count: every transformers 5.x release takes it
     return seconds
+
+
+def gpu_ms_per_step(model, prompt: torch.Tensor, cache: SeerDynamicCache, cache_name: str, steps: int) -> float:
+    """GPU busy time of one decoding step (ms): the kernels' summed device time over ``steps`` steps (torch profiler).
+
+    Eager `generate()` at small batch is paced by the host; this is what a step would cost with the host out of the
+    way (CUDA graphs), so the ratio of two variants' GPU times is the speed-up such a decode loop could show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_generate(model, prompt, cache, cache_name, steps)
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1000 / steps
 
 
 def use_layer_class(cache: SeerDynamicCache, layer_class: type) -> None:
@@ -156,6 +169,8 @@ def main() -> None:
                 timed_generate(model, prompt, cache, cache_name, args.new_tokens) for _ in range(args.repeats)
             )
         s = seconds[len(seconds) // 2]
+        with sdpa():
+            gpu_ms = gpu_ms_per_step(model, prompt, cache, cache_name, 16)
         density = None
         if budget is not None:
             stats = [r for r in model.sparsity_stats() if r.get("phase") == "decode"]
@@ -170,6 +185,7 @@ def main() -> None:
                 "s": s,
                 "tokens_per_s": args.batch * args.new_tokens / s,
                 "ms_per_step": 1000 * s / args.new_tokens,
+                "gpu_ms_per_step": gpu_ms,
                 "decode_density": density,
             }
         )
@@ -177,8 +193,10 @@ def main() -> None:
     if args.profile or args.python_profile:
         return
     dense_s = min(row["s"] for row in rows if row["variant"].startswith("dense"))
+    dense_gpu_ms = min(row["gpu_ms_per_step"] for row in rows if row["variant"].startswith("dense"))
     for row in rows:
         row["speedup_vs_dense"] = dense_s / row["s"]
+        row["gpu_speedup_vs_dense"] = dense_gpu_ms / row["gpu_ms_per_step"]
     meta = benchmark_meta(
         device,
         script="benchmarks/bench_generate.py",
@@ -192,11 +210,15 @@ def main() -> None:
     path = out / f"bench_generate_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}")
-    print(f"{'variant':<12} {'budget':>7} {'B':>3} {'context':>8} {'ms/step':>8} {'tok/s':>8} {'x dense':>8}")
+    print(
+        f"{'variant':<12} {'budget':>7} {'B':>3} {'context':>8} {'ms/step':>8} {'tok/s':>8} {'x dense':>8} "
+        f"{'GPU ms':>7} {'GPU x':>6}"
+    )
     for r in rows:
         print(
             f"{r['variant']:<12} {r['budget'] or '-':>7} {r['batch']:>3} {r['context']:>8} {r['ms_per_step']:>8.2f} "
-            f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_dense']:>8.2f}"
+            f"{r['tokens_per_s']:>8.1f} {r['speedup_vs_dense']:>8.2f} {r['gpu_ms_per_step']:>7.2f} "
+            f"{r['gpu_speedup_vs_dense']:>6.2f}"
         )
 
 
