@@ -25,7 +25,13 @@ from nbformat.v4 import new_code_cell, new_notebook
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 GATES = EXAMPLES / "gates" / "smollm2-135m-8k"
-NOTEBOOKS = ("distillation.ipynb", "kernel_speed.ipynb", "quickstart.ipynb", "save_push_load.ipynb")
+NOTEBOOKS = (
+    "distillation.ipynb",
+    "kernel_speed.ipynb",
+    "quickstart.ipynb",
+    "save_push_load.ipynb",
+    "sparse_decoding.ipynb",
+)
 REPORT_MARKER = "NOTEBOOK-REPORT "
 
 
@@ -213,6 +219,34 @@ def test_distillation(tmp_path):
     logged = [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()]
     assert logged == report["losses"]
     assert images(nb) == 1  # the loss curve
+
+
+@pytest.mark.slow
+def test_sparse_decoding(tmp_path):
+    output = tmp_path / "gates"
+    nb, report = run_notebook(
+        "sparse_decoding.ipynb",
+        tmp_path,
+        {
+            "prompt_tokens": 256,
+            "decode_tokens": 8,
+            "budgets": (192,),
+            "max_new_tokens": 4,
+            "train_steps": 2,
+            "seq_len": 256,
+            "output_dir": str(output),
+            "device": "cpu",
+        },
+        '{"density": decode_density, "untrained": [[r["selector"], r["decode_density"]] for r in rows_untrained],'
+        ' "trained": [r["selector"] for r in rows_trained], "steps": [r["step"] for r in records],'
+        ' "decode_gate": reloaded.decode_gate, "method": reloaded.decode_method, "new": sparse_ids.shape[1] - 256}',
+    )
+    assert 0 < report["density"] < 1  # 3 of 5 blocks at the last step (260 slots, budget 192)
+    assert [s for s, _ in report["untrained"]] == ["dense", "gate", "oracle", "oracle_mass", "moba"]
+    assert all(0 < density < 1 for _, density in report["untrained"][1:])
+    assert report["trained"] == ["dense", "gate"] and report["steps"] == [1, 2]
+    assert report["decode_gate"] is True and report["method"] == "threshold" and report["new"] == 4
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in output.iterdir()}
 
 
 @pytest.mark.slow
