@@ -575,8 +575,8 @@ def _decode_attention(
     """One new token per sequence: sparse with the layer's decode gate, else the base model's dense attention.
 
     Sparse decoding scores the strictly earlier blocks of the K-compression cache with the merged query of each GQA
-    group, selects blocks per KV head (`select_decode_blocks`; the new token's block and the sink block always) and
-    attends through `sparse_decode_attention`.
+    group (`decode_gate_scores`, or an evaluation scorer), selects blocks per KV head (`select_scored_blocks`; the new
+    token's block and the sink block always) and attends through `sparse_decode_attention`.
     """
     config = state.runtime.config
     decode_gate = module.seer_gate[state.runtime.active_adapter].decode
