@@ -7,7 +7,7 @@
 from .attention import ATTN_IMPLEMENTATION, register_attention
 from .auto import AutoSeerModelForCausalLM
 from .config import SeerAttentionConfig, SeerConfigError
-from .decode import DecodeCacheError, SeerDynamicCache
+from .decode import DecodeCacheError, SeerDynamicCache, SeerStaticCache
 from .gate import AttnGate, DecodeGate
 from .model import AdapterMismatchError, SeerModel, UnsupportedModelError, get_seer_model
 from .peft_integration import register_with_peft
@@ -27,6 +27,7 @@ __all__ = [
     "SeerAttentionConfig",
     "SeerConfigError",
     "SeerDynamicCache",
+    "SeerStaticCache",
     "SeerModel",
     "UnsupportedModelError",
     "get_seer_model",

@@ -42,9 +42,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .decode import (
     CompressedKeys,
     DecodeCacheError,
+    SeerStaticCache,
     as_seer_cache,
     select_scored_blocks,
     update_compressed_keys,
+    update_compressed_keys_static,
     with_current_block,
 )
 from .gate import block_has_tokens
@@ -539,6 +541,9 @@ def _track_compressed_keys(
     cos = sin = None
     if state.position_embeddings is not None:
         cos, sin = _rope_tables(module, state, "the decode gate needs pre-RoPE keys")
+    if _static_step(state) is not None:
+        _track_compressed_keys_static(state, cache, decode_gate, key, mask, cos, sin)
+        return
     try:
         with torch.no_grad():
             state.compressed_keys = update_compressed_keys(
@@ -559,6 +564,151 @@ def _track_compressed_keys(
         # Dense decoding does not need the compressed keys: forget them; switching to a sparse decode_method later
         # in this generation raises then.
         cache.seer_keys.pop(state.layer_idx, None)
+
+
+def _static_step(state: SeerLayerState) -> SeerStaticCache | None:
+    """The layer's cache when this call is a shape-static decoding step (`SeerStaticCache.begin_static_step`)."""
+    cache = state.cache
+    return cache if isinstance(cache, SeerStaticCache) and cache.static_slot is not None else None
+
+
+def _track_compressed_keys_static(
+    state: SeerLayerState,
+    cache: SeerStaticCache,
+    decode_gate: torch.nn.Module,
+    key: torch.Tensor,
+    mask: SeerAttentionMask,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> None:
+    """`_track_compressed_keys` for a static step: recompress the current block in place (no host sync)."""
+    layer_idx = state.layer_idx
+    compressed = cache.seer_keys.get(layer_idx)
+    adapter = state.runtime.active_adapter
+    problem = None
+    if compressed is None:
+        problem = "has no compressed keys (the prompt was not prefilled with this decode gate on)"
+    elif compressed.adapter_name != adapter:
+        problem = f"holds compressed keys of adapter {compressed.adapter_name!r}, not the active {adapter!r}"
+    elif compressed.n_slots != cache.get_seq_length():
+        problem = f"holds compressed keys of {compressed.n_slots} slots, the KV cache {cache.get_seq_length()}"
+    if problem is not None:
+        cache.seer_keys.pop(layer_idx, None)
+        if state.runtime.config.decode_method != "dense":
+            raise DecodeCacheError(f"layer {layer_idx}: this SeerStaticCache {problem}; start from an empty cache.")
+        return
+    if mask.key_padding_mask is None:
+        raise DecodeCacheError("a static decoding step needs the [B, max_cache_len] padding mask of its runner")
+    with torch.no_grad():
+        update_compressed_keys_static(
+            compressed,
+            decode_gate,
+            key,
+            cache.static_slot,
+            mask.key_padding_mask,
+            None if cos is None else cos[..., -1:, :],
+            None if sin is None else sin[..., -1:, :],
+            state.rope_style or "half",
+        )
+    cache.mark_static_update(layer_idx)
+    state.compressed_keys = compressed
+
+
+def _static_sparse_decode(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: SeerAttentionMask,
+    scaling: float | None,
+    state: SeerLayerState,
+    cache: SeerStaticCache,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`_decode_attention`'s sparse step with fixed shapes: every tensor is sized by the cache capacity, positions
+    come from the device-side slot, so the step can be captured once and replayed as a CUDA graph.
+
+    The kept blocks equal the dynamic step's: the earlier blocks are those before the slot's block (later ones are
+    not yet written and are masked out), the selection picks among them with one block less of budget (the
+    current block is appended after selection, as the dynamic step forces it), and the attention reads the whole
+    buffers with the padding mask, which is False past the slot.
+    """
+    runtime = state.runtime
+    if runtime.decode_block_scorer is not None or runtime.record_gate_outputs:
+        raise NotImplementedError(
+            "decode block scorers and record_gate_outputs read host-side lengths, which a static decoding step does "
+            "not have: evaluate and record with a SeerDynamicCache."
+        )
+    config = runtime.config
+    decode_gate = module.seer_gate[runtime.active_adapter].decode
+    compressed = state.compressed_keys
+    if compressed is None:
+        raise DecodeCacheError(f"layer {state.layer_idx}: sparse decoding needs the K-compression cache")
+    block_size = decode_gate.block_size
+    padding = mask.key_padding_mask  # [B, C]: real tokens written so far
+    batch, capacity = query.shape[0], key.shape[2]
+    n_blocks = -(-capacity // block_size)
+    slot = cache.static_slot  # [1]
+    current = torch.div(slot, block_size, rounding_mode="floor")  # [1]
+    with torch.no_grad():
+        keys, valid_blocks, _, _ = compressed.static_buffers()
+        cos = sin = None
+        if state.position_embeddings is not None:
+            cos, sin = (table[:, -1] if table.dim() == 3 else table[-1:] for table in state.position_embeddings)
+        scores = decode_gate_scores(
+            query[:, :, 0],
+            cos,
+            sin,
+            decode_gate.q_proj.weight,
+            keys[:, :, :n_blocks],
+            n_blocks - 1,
+            rope_style=state.rope_style or "half",
+            scale=1.0 / math.sqrt(decode_gate.gate_dim),
+        )  # [B, Hkv, 1, nCap]; columns from the current block on are masked out below
+        block_ids = torch.arange(n_blocks, device=query.device)
+        candidates = valid_blocks[:, :n_blocks] & (block_ids < current)  # [B, nCap]: real blocks before the current
+        # blocks holding a real token, the current one included (the density denominator, as the dynamic step's)
+        allowed = (candidates.sum(dim=-1, dtype=torch.int32) + 1)[:, None].expand(batch, keys.shape[1])
+        sink = mask.first_real_block(block_size)  # [B]
+        budget = config.decode_token_budget
+        if config.decode_method == "token_budget" and budget < 2 * block_size:
+            # one block of budget: the dynamic step keeps the current block and the sink only
+            candidates = candidates & (block_ids == sink[:, None])
+        lists, _ = select_block_lists(
+            scores,
+            method=config.decode_method,
+            block_size=block_size,
+            q_len=1,
+            kv_len=n_blocks * block_size,
+            block_valid=candidates,
+            threshold=config.decode_threshold,
+            token_budget=max(block_size, budget - block_size),
+            sink_block=sink,
+            force_local_block=False,
+        )
+        indices = torch.nn.functional.pad(lists.indices[:, :, 0], (0, 1))  # [B, Hkv, W + 1]: room for the current
+        counts = lists.counts[:, :, 0]  # [B, Hkv]
+        indices.scatter_(2, counts[..., None].long(), current.to(indices.dtype).expand(*counts.shape, 1))
+        counts = counts + 1
+    out = sparse_decode_attention(
+        query[:, :, 0],
+        key,
+        value,
+        indices,
+        counts,
+        block_size=block_size,
+        scale=scaling,
+        key_padding_mask=padding,
+        softcap=kwargs.get("softcap"),
+    )  # [B, Hq, D]
+    state.runtime.stats[state.layer_idx] = {
+        "mode": "sparse",
+        "phase": "decode",
+        "q_len": 1,
+        "kept_blocks": counts,
+        "causal_blocks": allowed,
+    }
+    return out[:, None].contiguous(), None
 
 
 def _decode_attention(
@@ -593,6 +743,9 @@ def _decode_attention(
         return _dense_attention(*args, "attention dropout is on (module in training mode)", **kwargs)
     if kwargs.get("s_aux") is not None:
         return _dense_attention(*args, "the layer uses attention sinks (s_aux)", **kwargs)
+    static_cache = _static_step(state)
+    if static_cache is not None:
+        return _static_sparse_decode(module, query, key, value, attention_mask, scaling, state, static_cache, **kwargs)
     compressed = state.compressed_keys
     if compressed is None:
         raise DecodeCacheError(

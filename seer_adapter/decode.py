@@ -23,6 +23,8 @@ tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -153,14 +155,40 @@ class CompressedKeys:
         return self._valid[:, :n_blocks]
 
     def select_batch(self, indices: torch.Tensor) -> None:
-        """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection."""
+        """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection.
+
+        A reordering that keeps the batch size writes into the same buffers (their addresses stay valid for a captured
+        CUDA graph); a new batch size makes new buffers."""
         self._flush_tables()
         indices = indices.to(self._keys.device)
-        self._keys = self._keys.index_select(0, indices)
-        self._valid = self._valid.index_select(0, indices)
+        same_size = indices.numel() == self.batch_size
+        buffers = ["_keys", "_valid"] + ([] if self._cos is None else ["_cos", "_sin"])
+        for name in buffers:
+            selected = getattr(self, name).index_select(0, indices)
+            if same_size:
+                getattr(self, name).copy_(selected)
+            else:
+                setattr(self, name, selected)
+
+    def reserve(self, n_slots: int, block_size: int) -> None:
+        """Allocate every buffer for ``n_slots`` cache slots now, so that shape-static decoding steps
+        (`update_compressed_keys_static`) write in place at device-side positions."""
+        self._flush_tables()
+        n_blocks = -(-n_slots // block_size)
+        self._keys, self._valid = _grown(self._keys, 2, n_blocks), _grown(self._valid, 1, n_blocks)
         if self._cos is not None:
-            self._cos = self._cos.index_select(0, indices)
-            self._sin = self._sin.index_select(0, indices)
+            self._cos, self._sin = _grown(self._cos, 1, n_slots), _grown(self._sin, 1, n_slots)
+
+    def static_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The whole buffers ``(keys [B, Hkv, nCap, G], valid [B, nCap], cos, sin [B, Cap, r])`` (after `reserve`)."""
+        return self._keys, self._valid, self._cos, self._sin
+
+    def advance_static(self, n_slots: int, block_size: int) -> None:
+        """Host bookkeeping after shape-static steps brought the cache to ``n_slots`` slots (the device buffers were
+        written by `update_compressed_keys_static`, the current block's validity included)."""
+        self.n_slots = n_slots
+        self.n_blocks = n_slots // block_size
+        self._marked_partial = self.n_blocks if n_slots % block_size else None
 
     def crop(self, n_slots: int, block_size: int) -> None:
         """Forget slots from ``n_slots`` on (blocks no longer complete are recompressed when they complete again)."""
@@ -188,6 +216,9 @@ class GrowableDynamicLayer(DynamicLayer):
     into a fresh buffer at the next append.
     """
 
+    # Fixed capacity in slots (`SeerStaticCache`): buffers are allocated once at exactly this size and never grow.
+    capacity_limit: int | None = None
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +241,31 @@ class GrowableDynamicLayer(DynamicLayer):
             and current.shape[-1] == buffer.shape[-1]
             and buffer.dtype == new.dtype
         )
-        if not in_buffer or needed > buffer.shape[-2]:
+        reusable = (  # a fixed-capacity buffer keeps its address (captured CUDA graphs point at it)
+            not in_buffer
+            and self.capacity_limit is not None
+            and buffer is not None
+            and needed <= buffer.shape[-2]
+            and current.dim() == 4
+            and buffer.shape[:2] == current.shape[:2]
+            and buffer.shape[-1] == new.shape[-1]
+            and buffer.dtype == new.dtype
+            and buffer.device == new.device
+        )
+        if reusable:
+            buffer[..., :length, :].copy_(current)
+        elif not in_buffer or needed > buffer.shape[-2]:
             capacity = needed + max(_KV_GROWTH_MIN, needed // _KV_GROWTH_FRACTION)
-            grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+            if self.capacity_limit is not None:
+                if needed > self.capacity_limit:
+                    raise DecodeCacheError(
+                        f"SeerStaticCache(max_cache_len={self.capacity_limit}) cannot hold {needed} tokens; create it "
+                        "with a max_cache_len of at least the prompt length plus max_new_tokens."
+                    )
+                capacity = self.capacity_limit
+            # A fixed-capacity buffer is read whole by static steps (masked, but 0 * NaN garbage is NaN): zeroed.
+            allocate = new.new_empty if self.capacity_limit is None else new.new_zeros
+            grown = allocate(*new.shape[:2], capacity, new.shape[-1])
             if length:
                 grown[..., :length, :].copy_(current)
             buffer = grown
@@ -284,6 +337,137 @@ class SeerDynamicCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.seer_keys.clear()
+
+
+def _capacity_limited_layer(capacity: int) -> GrowableDynamicLayer:
+    layer = GrowableDynamicLayer()
+    layer.capacity_limit = capacity
+    return layer
+
+
+class SeerStaticCache(SeerDynamicCache):
+    """A `SeerDynamicCache` of fixed capacity whose decoding steps are shape-static, so they can run as a CUDA graph.
+
+    Every full-attention layer's keys and values live in one buffer of ``max_cache_len`` slots, allocated at the
+    first write (the K-compression buffers are sized at the first decoding step). Forwards of more than one token
+    (the prompt) append like the dynamic cache. A single-token forward of a model wrapped by seer_adapter runs as a
+    **static step** (`seer_adapter.cuda_graphs`): the new token is written at a slot held in a device tensor, the
+    attention reads the whole buffers with a padding mask of ``max_cache_len`` slots, the decode gate recompresses
+    the current block in place, and nothing depends on the cache length on the host, so one captured CUDA graph
+    serves every step (``cuda_graph=True``, on CUDA). Its results equal the dynamic cache's (tested).
+
+    Args:
+        config: the model config (as for ``DynamicCache``), so that a layer per decoder layer exists up front.
+        max_cache_len: slots of every layer: at least the prompt length plus ``max_new_tokens``.
+        cuda_graph: capture and replay decoding steps as a CUDA graph on CUDA (ignored on other devices, where
+            static steps run eagerly).
+
+    Sliding-window layers are not supported (use `SeerDynamicCache`); beam search works (reordering copies rows
+    within the same buffers, so a captured graph stays valid).
+    """
+
+    def __init__(self, *args, max_cache_len: int, cuda_graph: bool = True, **kwargs) -> None:
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        super().__init__(*args, **kwargs)
+        self.max_cache_len = max_cache_len
+        self.cuda_graph = cuda_graph
+        # during a static step: long [1] on the device, the new token's slot (see begin_static_step)
+        self.static_slot: torch.Tensor | None = None
+        self._slot_buffer: torch.Tensor | None = None
+        self._static_written: set[int] = set()  # layers whose compressed keys the current static step updated
+        self.graph_runner: object | None = None  # seer_adapter.cuda_graphs keeps its captured step here
+        for layer in self.layers:
+            if type(layer) is GrowableDynamicLayer:
+                layer.capacity_limit = max_cache_len
+        if self.layer_class_to_replicate is GrowableDynamicLayer:
+            self.layer_class_to_replicate = functools.partial(_capacity_limited_layer, max_cache_len)
+
+    # -- shape-static decoding steps ------------------------------------------------------------------------
+    def begin_static_step(self) -> int:
+        """Prepare a shape-static single-token step; returns the new token's slot (== the cached length).
+
+        Checks that every layer holds its keys in a full-capacity buffer, sizes the K-compression buffers, and writes
+        the slot into the device tensor `static_slot` that the step reads. Runs on the host, before a graph replay.
+
+        Raises:
+            DecodeCacheError: empty cache (prefill first), cache full, or a layer this cache cannot run statically.
+        """
+        length = self.get_seq_length()
+        if length == 0:
+            raise DecodeCacheError("a static decoding step needs a prefilled cache; run the prompt through it first")
+        if length + 1 > self.max_cache_len:
+            raise DecodeCacheError(
+                f"SeerStaticCache(max_cache_len={self.max_cache_len}) is full ({length} tokens); create it with a "
+                "max_cache_len of at least the prompt length plus max_new_tokens."
+            )
+        device = None
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, GrowableDynamicLayer) or layer.capacity_limit != self.max_cache_len:
+                raise DecodeCacheError(
+                    f"layer {index} of this SeerStaticCache is a {type(layer).__name__} (sliding window or another "
+                    "layer type); static decoding needs full-attention layers: use SeerDynamicCache for this model."
+                )
+            if not layer.is_initialized or layer.keys.shape[-2] != length:
+                raise DecodeCacheError(f"layer {index} holds a different number of tokens than layer 0 ({length})")
+            # re-adopt keys/values replaced since the last append (beam reordering) into the same buffers
+            layer.keys = layer._append(layer.keys, layer.keys[..., :0, :], "_key_buffer")
+            layer.values = layer._append(layer.values, layer.values[..., :0, :], "_value_buffer")
+            device = layer.keys.device
+        for compressed in self.seer_keys.values():
+            compressed.reserve(self.max_cache_len, self.seer_block_size or 1)
+        if self._slot_buffer is None or self._slot_buffer.device != device:
+            self._slot_buffer = torch.zeros(1, dtype=torch.long, device=device)
+        self._slot_buffer.fill_(length)
+        self.static_slot = self._slot_buffer
+        self._static_written.clear()
+        return length
+
+    def mark_static_update(self, layer_idx: int) -> None:
+        """Record that the current static step updated layer ``layer_idx``'s compressed keys."""
+        self._static_written.add(layer_idx)
+
+    def end_static_step(self, completed: bool) -> None:
+        """Leave the static step; when it ``completed``, advance the host-side lengths by the one new token.
+
+        Compressed keys of layers the step did not update (adapter switched off, dense fallback) are dropped: a later
+        sparse step of such a layer raises instead of reading stale blocks."""
+        slot = self.static_slot
+        self.static_slot = None
+        if slot is None or not completed:
+            return
+        length = self.get_seq_length() + 1
+        for layer in self.layers:
+            layer.keys = layer._key_buffer[..., :length, :]
+            layer.values = layer._value_buffer[..., :length, :]
+        for layer_idx in list(self.seer_keys):
+            if layer_idx in self._static_written:
+                self.seer_keys[layer_idx].advance_static(length, self.seer_block_size or 1)
+            else:
+                del self.seer_keys[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.static_slot is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        layer._key_buffer.index_copy_(2, self.static_slot, key_states)
+        layer._value_buffer.index_copy_(2, self.static_slot, value_states)
+        return layer._key_buffer, layer._value_buffer
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if self.static_slot is None:
+            return super().get_mask_sizes(query_length, layer_idx)
+        return self.max_cache_len, 0
+
+    def get_query_offset(self, layer_idx: int = 0):
+        # A device tensor during a static step, so masks built inside a captured graph follow the step's slot.
+        if self.static_slot is None:
+            return super().get_query_offset(layer_idx)
+        return self.static_slot[0]
+
+    def reset(self) -> None:
+        super().reset()
+        self.graph_runner = None
 
 
 def as_seer_cache(cache: object) -> SeerDynamicCache | None:
@@ -381,6 +565,56 @@ def update_compressed_keys(
         layer.append_blocks(new_keys, new_valid)
     layer.mark_partial_block(block_size)
     return layer
+
+
+def update_compressed_keys_static(
+    layer: CompressedKeys,
+    gate: DecodeGate,
+    key: torch.Tensor,
+    slot: torch.Tensor,
+    token_valid: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rope_style: str,
+) -> None:
+    """The K-compression update of one shape-static decoding step (no host synchronisation, CUDA-graph capturable).
+
+    Writes the new token's RoPE tables at ``slot`` and recompresses the block holding it from its slots written so
+    far: every step, so the block's compressed key is final at its last slot, when it becomes an earlier block (the
+    dynamic path compresses it once, then; both pool the same slots with the same kernel). The buffers must have been
+    sized by `CompressedKeys.reserve`.
+
+    Args:
+        key: the layer's whole key buffer ``[B, Hkv, C, D]`` (post-RoPE, the new token written at ``slot``).
+        slot: long ``[1]`` on the device: the new token's cache slot.
+        token_valid: bool ``[B, C]``: the slot holds a real token written so far (False for padding and for slots
+            after ``slot``).
+        cos, sin: RoPE tables of the new token ``[B or 1, 1, r]`` (``None``: no RoPE).
+    """
+    batch, _, capacity, _ = key.shape
+    block_size = gate.block_size
+    keys, valid_blocks, cos_buffer, sin_buffer = layer.static_buffers()
+    if cos is not None:
+        cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
+        sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
+    block = torch.div(slot, block_size, rounding_mode="floor")  # [1]
+    wanted = block * block_size + torch.arange(block_size, device=key.device)  # [bs] slots of the block
+    rows = wanted.clamp(max=capacity - 1)  # a capacity that is not a multiple of block_size: a shorter last block
+    valid = token_valid.index_select(1, rows) & (wanted < capacity)  # [B, bs]
+    tables = (None, None) if cos is None else (cos_buffer.index_select(1, rows), sin_buffer.index_select(1, rows))
+    pooled = pool_pre_rope_blocks(
+        key.index_select(2, rows),
+        *tables,
+        rope_style=rope_style,
+        block_size=block_size,
+        poolings=gate.k_pooling,
+        token_valid=valid,
+    )  # [B, Hkv, 1, Pk·D] fp32
+    block_tables = (None, None) if cos is None else (tables[0][:, :1], tables[1][:, :1])
+    with torch.no_grad():
+        new_key = gate.keys(pooled, *block_tables, rope_style=rope_style)  # [B, Hkv, 1, G]
+    keys.index_copy_(2, block, new_key.to(keys.dtype))
+    valid_blocks.index_copy_(1, block, valid.any(dim=-1, keepdim=True))
 
 
 def select_decode_blocks(

@@ -36,6 +36,7 @@ from .config import (
     SeerAttentionConfig,
     SeerConfigError,
 )
+from .cuda_graphs import install_static_decoding, uninstall_static_decoding
 from .gate import AttnGate, DecodeGate
 from .rope import detect_rope_style
 
@@ -336,6 +337,7 @@ class SeerAdapterMixin:
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             self.unload()
             raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation={ATTN_IMPLEMENTATION!r}.")
+        install_static_decoding(model, self.runtime)  # single-token steps on a SeerStaticCache (CUDA graphs)
 
     def _set_adapter_enabled(self, enabled: bool) -> None:
         """Switch between the gated attention and the base model's own attention implementation."""
@@ -440,6 +442,7 @@ class SeerAdapterMixin:
             delattr(module, STATE_ATTR)
             delattr(module, GATE_ATTR)
         model.set_attn_implementation(self.runtime.original_attn_implementation)
+        uninstall_static_decoding(model)
         if hasattr(model, "_seer_runtime"):
             del model._seer_runtime
         self.runtime.stats.clear()
