@@ -12,7 +12,10 @@ layer cache at every step: what a user has without the adapter), ``dense`` (``de
 model's attention over the whole cache, SDPA, with the adapter's in-place `GrowableDynamicLayer`) and the decode
 gate at each ``--budgets`` token budget; ``dense_flash`` is ``dense`` with SDPA restricted to its FlashAttention-2
 backend (PyTorch's default pick on the H200, cuDNN, builds an execution plan on the host for every new KV length,
-which is every decoding step). Speed-ups are against the fastest dense variant.
+which is every decoding step). ``dense_graph`` and ``seer_graph`` decode with a `SeerStaticCache`: shape-static steps
+captured once and replayed as a CUDA graph (`seer_adapter.cuda_graphs`), dense (the base model's SDPA over the
+whole buffers with a padding mask) and with the decode gate at each budget. Speed-ups are against the fastest
+dense variant.
 
     python benchmarks/bench_generate.py                          # H200: 64k context, batch 8, budgets 2k 4k
     python benchmarks/bench_generate.py --context 32768 --batch 16 --layers 8
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_e2e import llama_8b_shaped  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
-from seer_adapter import SeerAttentionConfig, SeerDynamicCache, get_seer_model  # noqa: E402
+from seer_adapter import SeerAttentionConfig, SeerDynamicCache, SeerStaticCache, get_seer_model  # noqa: E402
 from seer_adapter.benchmarking import benchmark_meta  # noqa: E402
 from seer_adapter.decode import GrowableDynamicLayer  # noqa: E402
 from seer_adapter.evaluation import cache_argument  # noqa: E402
@@ -105,6 +108,7 @@ def main() -> None:
         help="print the Python functions taking the most host time (cProfile) per variant (no JSON): what the "
         "torch profiler cannot see (Triton's launcher, the adapter's own Python)",
     )
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -116,7 +120,11 @@ def main() -> None:
     )
     cache_name = cache_argument(base)
     ids = torch.randint(0, config.vocab_size, (1, args.context + 1), device=device)
-    cache = SeerDynamicCache(config=base.config)
+    block_size = model.peft_config["default"].block_size
+    # One cache for every variant, of the capacity the longest run needs; its class picks eager (dynamic) or static
+    # decoding steps per variant.
+    capacity = args.context + 1 + max(args.new_tokens, 2 * block_size) + block_size
+    cache = SeerStaticCache(config=base.config, max_cache_len=capacity)
     started = time.perf_counter()
     with torch.no_grad():
         base(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **{cache_name: cache})
@@ -128,8 +136,12 @@ def main() -> None:
 
     variants = [("dense_stock", None), ("dense", None), ("dense_flash", None)]
     variants += [("seer_decode", b) for b in args.budgets]
+    if not args.no_graph:
+        variants += [("dense_graph", None)] + [("seer_graph", b) for b in args.budgets]
     rows = []
     for variant, budget in variants:
+        cache.__class__ = SeerStaticCache if variant.endswith("_graph") else SeerDynamicCache
+        captures_before = getattr(cache.graph_runner, "captures", 0)
 
         def sdpa(flash_only: bool = variant == "dense_flash"):  # a fresh context manager per use
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash_only else contextlib.nullcontext()
@@ -141,7 +153,7 @@ def main() -> None:
             model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
         with sdpa():
             # warm-up past a block boundary: a completing block compiles the pooling kernels (Triton, allocator)
-            timed_generate(model, prompt, cache, cache_name, 2 * model.peft_config["default"].block_size)
+            timed_generate(model, prompt, cache, cache_name, 2 * block_size)
         if args.python_profile:
             import cProfile
             import pstats
@@ -189,6 +201,8 @@ def main() -> None:
                 "decode_density": density,
             }
         )
+        if variant.endswith("_graph"):
+            rows[-1]["graph_captures"] = cache.graph_runner.captures - captures_before
         print(rows[-1], flush=True)
     if args.profile or args.python_profile:
         return

@@ -1,0 +1,202 @@
+"""Shape-static decoding steps (`SeerStaticCache`) and their CUDA graphs (`seer_adapter.cuda_graphs`).
+
+On CPU the static steps run eagerly: every test compares them with the dynamic cache, which the rest of the suite
+checks against the base model. The CUDA-graph tests need a GPU and are skipped here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_decode import BLOCK, _cache, _config, _generate_logits, _inputs, _randomise_decode_gates
+from tiny_models import tiny_model
+
+from seer_adapter import DecodeCacheError, SeerDynamicCache, SeerStaticCache, get_seer_model
+from seer_adapter.cuda_graphs import StaticStepRunner
+
+ON_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+
+
+def _both_caches(model, ids, mask, capacity, **kwargs):
+    """(sequences, logits) of generate() with a SeerDynamicCache and with a SeerStaticCache, and the static cache."""
+    config = model.base_model.config
+    dynamic = _generate_logits(model, ids, mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    dynamic_stats = model.sparsity_stats()
+    static_cache = SeerStaticCache(config=config, max_cache_len=capacity)
+    static = _generate_logits(model, ids, mask, **kwargs, **_cache(static_cache))
+    assert model.sparsity_stats() == dynamic_stats  # the last step's kept and causal blocks per layer
+    return dynamic, static, static_cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi", "gpt_neox", "gemma", "gpt2", "opt"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"decode_token_budget": BLOCK},  # one block: the current block and the sink only
+        {"decode_token_budget": 3 * BLOCK},
+        {"decode_method": "threshold", "decode_threshold": 0.3},
+    ],
+    ids=["one_block", "three_blocks", "threshold"],
+)
+def test_static_steps_equal_dynamic_decoding(family, settings):
+    """Padded rows of different lengths, a capacity that is not a multiple of the block size, prompt ending inside a
+    block: the static cache decodes the same tokens with the same logits and the same kept-block statistics."""
+    model = get_seer_model(tiny_model(family), _config(**settings))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 30), seed=3)
+    (want_seq, want), (got_seq, got), cache = _both_caches(model, ids, mask, 90, max_new_tokens=40, do_sample=False)
+    assert isinstance(cache.graph_runner, StaticStepRunner) and cache.get_seq_length() == 84
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    stats = model.sparsity_stats()
+    assert {row["phase"] for row in stats} == {"decode"} and any(row["density"] < 1 for row in stats)
+
+
+def test_static_stats_and_compressed_keys_equal_dynamic():
+    """After the same generation both caches hold the same compressed keys, and the last step's kept blocks match."""
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=40, pad_left=(5, 0), seed=8)
+    config = model.base_model.config
+    results = []
+    for cache in (SeerDynamicCache(config=config), SeerStaticCache(config=config, max_cache_len=100)):
+        model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, **_cache(cache))
+        stats = [(row["kept_blocks"], row["causal_blocks"]) for row in model.sparsity_stats()]
+        keys = {i: (layer.keys.clone(), layer.block_valid.clone()) for i, layer in cache.seer_keys.items()}
+        results.append((stats, keys, cache.get_seq_length()))
+    (want_stats, want_keys, want_len), (got_stats, got_keys, got_len) = results
+    assert got_stats == want_stats and got_len == want_len == 69
+    assert want_keys.keys() == got_keys.keys()
+    for index, (keys, valid) in want_keys.items():
+        torch.testing.assert_close(got_keys[index][0], keys, atol=1e-6, rtol=1e-6)
+        assert torch.equal(got_keys[index][1], valid)
+
+
+def test_static_dense_paths_equal_the_base_model():
+    """decode_method='dense' and the adapter switched off both run the base model's attention over the whole
+    buffers, with the mask made from the device-side slot (the mask a graph would replay)."""
+    base = tiny_model("qwen2")
+    ids, mask = _inputs(batch=2, length=37, pad_left=(0, 9), seed=2)
+    want_seq, want = _generate_logits(base, ids, mask, max_new_tokens=20, do_sample=False)
+    model = get_seer_model(base, _config(decode_method="dense"))
+    config = base.config
+    got_seq, got = _generate_logits(
+        model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(SeerStaticCache(config=config, max_cache_len=64))
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK)
+    with model.disable_adapter():
+        cache = SeerStaticCache(config=config, max_cache_len=64)
+        got_seq, got = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(cache))
+    assert isinstance(cache.graph_runner, StaticStepRunner)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+
+
+def test_static_sampling_beam_search_and_prompt_lookup_equal_dynamic():
+    """Sampling, beam search (reordering within the same buffers) and prompt-lookup decoding (multi-token verify
+    forwards and crops between static steps)."""
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=40, pad_left=(3, 0), seed=4)
+    config = model.base_model.config
+    runs = {
+        "sample": dict(do_sample=True, top_k=0, max_new_tokens=15),
+        "beams": dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=15),
+    }
+    for name, kwargs in runs.items():
+        outputs = []
+        for cache in (SeerDynamicCache(config=config), SeerStaticCache(config=config, max_cache_len=64)):
+            torch.manual_seed(0)
+            outputs.append(model.generate(ids, attention_mask=mask, pad_token_id=0, **kwargs, **_cache(cache)))
+        assert torch.equal(outputs[0], outputs[1]), name
+    repeated = torch.cat((ids[:1], ids[:1, :20]), dim=1)  # a repetition, so the lookup proposes candidates
+    kwargs = dict(attention_mask=torch.ones_like(repeated), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    want = model.generate(repeated, prompt_lookup_num_tokens=4, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    cache = SeerStaticCache(config=config, max_cache_len=128)
+    got = model.generate(repeated, prompt_lookup_num_tokens=4, **kwargs, **_cache(cache))
+    assert torch.equal(got, want)
+
+
+def test_static_cache_edges_and_bad_input():
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    config = model.base_model.config
+    # a one-token prompt (its forward is a prefill, not a static step) and a prompt ending on a block boundary
+    for length in (1, 2 * BLOCK):
+        ids, mask = _inputs(batch=1, length=length, pad_left=(0,), seed=length)
+        (want_seq, want), (got_seq, got), _ = _both_caches(model, ids, mask, 70, max_new_tokens=20, do_sample=False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got_seq, want_seq)
+    ids, mask = _inputs(batch=1, length=30, pad_left=(0,), seed=1)
+    with pytest.raises(DecodeCacheError, match="max_cache_len=40.*max_new_tokens"):
+        model.generate(ids, max_new_tokens=20, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=40)))
+    with pytest.raises(DecodeCacheError, match=r"max_cache_len=20\) cannot hold 30"):
+        model.generate(ids, max_new_tokens=5, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=20)))
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        SeerStaticCache(config=config, max_cache_len=0)
+    model.runtime.record_gate_outputs = True
+    with pytest.raises(NotImplementedError, match="SeerDynamicCache"):
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=40)))
+    model.runtime.record_gate_outputs = False
+    # sliding-window layers cannot decode statically
+    gemma2 = get_seer_model(tiny_model("gemma2"), _config())
+    ids, mask = _inputs(batch=1, length=20, pad_left=(0,), seed=1)
+    with pytest.raises(DecodeCacheError, match="sliding window.*SeerDynamicCache"):
+        gemma2.generate(
+            ids, max_new_tokens=3, pad_token_id=0, **_cache(SeerStaticCache(config=gemma2.config, max_cache_len=40))
+        )
+
+
+def test_unload_removes_the_forward_wrapper():
+    base = tiny_model("llama")
+    model = get_seer_model(base, _config())
+    assert "forward" in vars(base)
+    assert model.unload() is base and "forward" not in vars(base)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA graphs (GPU)
+# ------------------------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("settings", [{"decode_token_budget": 2 * BLOCK}, {"decode_method": "dense"}])
+def test_cuda_graph_steps_equal_eager_static_and_dynamic(settings):
+    """One capture serves a whole generation; its tokens and logits equal eager static steps and the dynamic cache
+    (same Triton kernels); changing the sparsity settings re-captures instead of replaying a stale graph."""
+    model = get_seer_model(tiny_model("llama").cuda(), _config(**settings))
+    _randomise_decode_gates(model)
+    ids, mask = (t.cuda() for t in _inputs(batch=2, length=45, pad_left=(0, 30), seed=3))
+    config = model.base_model.config
+    kwargs = dict(max_new_tokens=40, do_sample=False)
+    want_seq, want = _generate_logits(model, ids, mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    eager_cache = SeerStaticCache(config=config, max_cache_len=90, cuda_graph=False)
+    eager_seq, eager = _generate_logits(model, ids, mask, **kwargs, **_cache(eager_cache))
+    graph_cache = SeerStaticCache(config=config, max_cache_len=90)
+    got_seq, got = _generate_logits(model, ids, mask, **kwargs, **_cache(graph_cache))
+    assert eager_cache.graph_runner.captures == 0 and graph_cache.graph_runner.captures == 1
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_seq, eager_seq) and torch.equal(got_seq, want_seq)
+    # a second generation from a fresh cache of the same shape captures again (new buffers); a settings change too
+    model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK)
+    graph_cache.crop(-40)
+    got_seq, _ = _generate_logits(model, ids, mask, **kwargs, **_cache(graph_cache))
+    assert graph_cache.graph_runner.captures == 2
+    want_seq, _ = _generate_logits(model, ids, mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    assert torch.equal(got_seq, want_seq)
+
+
+@needs_gpu
+def test_cuda_graph_beam_search_keeps_one_capture():
+    """Beam reordering copies rows within the captured buffers, so the graph stays valid across steps."""
+    model = get_seer_model(tiny_model("llama").cuda(), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = (t.cuda() for t in _inputs(batch=2, length=40, pad_left=(3, 0), seed=4))
+    config = model.base_model.config
+    kwargs = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=15, pad_token_id=0)
+    want = model.generate(ids, attention_mask=mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    cache = SeerStaticCache(config=config, max_cache_len=64)
+    got = model.generate(ids, attention_mask=mask, **kwargs, **_cache(cache))
+    assert torch.equal(got, want) and cache.graph_runner.captures == 1
