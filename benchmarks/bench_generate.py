@@ -14,7 +14,9 @@ gate at each ``--budgets`` token budget; ``dense_flash`` is ``dense`` with SDPA 
 backend (PyTorch's default pick on the H200, cuDNN, builds an execution plan on the host for every new KV length,
 which is every decoding step). ``dense_graph`` and ``seer_graph`` decode with a `SeerStaticCache`: shape-static steps
 captured once and replayed as a CUDA graph (`seer_adapter.cuda_graphs`), dense (the base model's SDPA over the
-whole buffers with a padding mask) and with the decode gate at each budget. Speed-ups are against the fastest
+whole buffers with a padding mask), ``dense_splitkv_graph`` (the decode gate's pipeline with a budget covering the
+whole cache: exact dense attention through the split-KV decode kernel, the fastest dense step a graph can replay
+here) and with the decode gate at each budget. Speed-ups are against the fastest
 dense variant.
 
     python benchmarks/bench_generate.py                          # H200: 64k context, batch 8, budgets 2k 4k
@@ -109,6 +111,7 @@ def main() -> None:
         "torch profiler cannot see (Triton's launcher, the adapter's own Python)",
     )
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. dense_stock dense_graph)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -137,7 +140,9 @@ def main() -> None:
     variants = [("dense_stock", None), ("dense", None), ("dense_flash", None)]
     variants += [("seer_decode", b) for b in args.budgets]
     if not args.no_graph:
-        variants += [("dense_graph", None)] + [("seer_graph", b) for b in args.budgets]
+        variants += [("dense_graph", None), ("dense_splitkv_graph", capacity)]
+        variants += [("seer_graph", b) for b in args.budgets]
+    variants = [(variant, budget) for variant, budget in variants if variant not in args.skip]
     rows = []
     for variant, budget in variants:
         cache.__class__ = SeerStaticCache if variant.endswith("_graph") else SeerDynamicCache

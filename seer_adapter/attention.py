@@ -610,7 +610,7 @@ def _track_compressed_keys_static(
             None if sin is None else sin[..., -1:, :],
             state.rope_style or "half",
         )
-    cache.mark_static_update(layer_idx)
+    cache.mark_static_updates((layer_idx,))
     state.compressed_keys = compressed
 
 

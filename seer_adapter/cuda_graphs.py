@@ -140,6 +140,8 @@ class StaticStepRunner:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_output: Any = None
         self._signature: tuple | None = None
+        self._updated_layers: set[int] = set()  # layers whose compressed keys the captured step updates
+        self._stats: dict[int, dict[str, Any]] = {}  # runtime.stats entries the captured step writes
         self.captures = 0
 
     def __call__(self, kwargs: dict[str, Any]) -> Any:
@@ -157,6 +159,9 @@ class StaticStepRunner:
                     self._capture(inputs, device)
                     self._signature = signature
                 self._graph.replay()
+                # the Python side effects of a step, which a replay does not run: what the capture recorded
+                cache.mark_static_updates(self._updated_layers)
+                self.runtime.stats.update(self._stats)
                 output = _clone_outputs(self._graph_output)
             completed = True
             return output
@@ -232,4 +237,6 @@ class StaticStepRunner:
         with torch.cuda.graph(graph):
             output = self.forward(**inputs)
         self._graph, self._graph_output = graph, output
+        self._updated_layers = set(self.cache.static_updates)
+        self._stats = {layer: dict(stats) for layer, stats in self.runtime.stats.items()}
         self.captures += 1

@@ -24,6 +24,7 @@ tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -370,7 +371,7 @@ class SeerStaticCache(SeerDynamicCache):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         super().__init__(*args, **kwargs)
-        self.max_cache_len = max_cache_len
+        self._capacity = max_cache_len
         self.cuda_graph = cuda_graph
         # during a static step: long [1] on the device, the new token's slot (see begin_static_step)
         self.static_slot: torch.Tensor | None = None
@@ -382,6 +383,11 @@ class SeerStaticCache(SeerDynamicCache):
                 layer.capacity_limit = max_cache_len
         if self.layer_class_to_replicate is GrowableDynamicLayer:
             self.layer_class_to_replicate = functools.partial(_capacity_limited_layer, max_cache_len)
+
+    @property
+    def max_cache_len(self) -> int:
+        """Slots of every layer (transformers' ``Cache.max_cache_len``)."""
+        return self._capacity
 
     # -- shape-static decoding steps ------------------------------------------------------------------------
     def begin_static_step(self) -> int:
@@ -423,9 +429,14 @@ class SeerStaticCache(SeerDynamicCache):
         self._static_written.clear()
         return length
 
-    def mark_static_update(self, layer_idx: int) -> None:
-        """Record that the current static step updated layer ``layer_idx``'s compressed keys."""
-        self._static_written.add(layer_idx)
+    def mark_static_updates(self, layer_indices: Iterable[int]) -> None:
+        """Record that the current static step updated these layers' compressed keys."""
+        self._static_written.update(layer_indices)
+
+    @property
+    def static_updates(self) -> set[int]:
+        """Layers whose compressed keys the current static step updated so far."""
+        return self._static_written
 
     def end_static_step(self, completed: bool) -> None:
         """Leave the static step; when it ``completed``, advance the host-side lengths by the one new token.
