@@ -177,9 +177,9 @@ def main() -> None:
             with sdpa(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 timed_generate(model, prompt, cache, cache_name, 8)
             print(f"=== {variant} {budget}: by device time", flush=True)
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60))
             print(f"=== {variant} {budget}: by CPU time", flush=True)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
             continue
         with sdpa():
             seconds = sorted(
