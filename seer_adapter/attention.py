@@ -43,8 +43,10 @@ from .decode import (
     CompressedKeys,
     DecodeCacheError,
     SeerStaticCache,
+    StaticStepBlocks,
     as_seer_cache,
     select_scored_blocks,
+    static_step_blocks,
     update_compressed_keys,
     update_compressed_keys_static,
     with_current_block,
@@ -98,7 +100,7 @@ class SeerAttentionMask:
             and mask_kwargs.get("local_size") is None
         )
         self._materialised: dict[str, Any] = {}
-        self._first_real_block: dict[int, torch.Tensor] = {}
+        self._first_real_block: dict[Any, Any] = {}  # per block size (and static-step blocks), once per forward
 
     def materialize(self, attn_implementation: str) -> Any:
         """The mask ``attn_implementation``'s own mask function makes from the same arguments (cached)."""
@@ -116,6 +118,16 @@ class SeerAttentionMask:
                 raise ValueError("no padding mask: every row's first real token is in block 0")
             self._first_real_block[block_size] = padding.to(torch.int8).argmax(dim=-1) // block_size
         return self._first_real_block[block_size]
+
+    def static_step_blocks(self, slot: torch.Tensor, block_size: int) -> StaticStepBlocks:
+        """`seer_adapter.decode.StaticStepBlocks` of a static decoding step at ``slot`` (computed once per forward and
+        block size: every layer of the step shares them)."""
+        key = ("static", block_size)
+        if key not in self._first_real_block:
+            if self.key_padding_mask is None:
+                raise DecodeCacheError("a static decoding step needs the [B, max_cache_len] padding mask of its runner")
+            self._first_real_block[key] = static_step_blocks(slot, self.key_padding_mask, block_size)
+        return self._first_real_block[key]
 
     def _not_a_tensor(self) -> TypeError:
         return TypeError(
@@ -597,15 +609,13 @@ def _track_compressed_keys_static(
         if state.runtime.config.decode_method != "dense":
             raise DecodeCacheError(f"layer {layer_idx}: this SeerStaticCache {problem}; start from an empty cache.")
         return
-    if mask.key_padding_mask is None:
-        raise DecodeCacheError("a static decoding step needs the [B, max_cache_len] padding mask of its runner")
     with torch.no_grad():
         update_compressed_keys_static(
             compressed,
             decode_gate,
             key,
             cache.static_slot,
-            mask.key_padding_mask,
+            mask.static_step_blocks(cache.static_slot, decode_gate.block_size),
             None if cos is None else cos[..., -1:, :],
             None if sin is None else sin[..., -1:, :],
             state.rope_style or "half",
@@ -628,10 +638,10 @@ def _static_sparse_decode(
     """`_decode_attention`'s sparse step with fixed shapes: every tensor is sized by the cache capacity, positions
     come from the device-side slot, so the step can be captured once and replayed as a CUDA graph.
 
-    The kept blocks equal the dynamic step's: the earlier blocks are those before the slot's block (later ones are
-    not yet written and are masked out), the selection picks among them with one block less of budget (the
-    current block is appended after selection, as the dynamic step forces it), and the attention reads the whole
-    buffers with the padding mask, which is False past the slot.
+    The kept blocks equal the dynamic step's: the scores and the selection read the current block from the device
+    (`decode_gate_scores` with a tensor ``n_earlier``, `select_block_lists` with ``local_block``: blocks after it
+    are not written yet and not allowed), and the attention reads the whole buffers with the padding mask, which is
+    False past the slot.
     """
     runtime = state.runtime
     if runtime.decode_block_scorer is not None or runtime.record_gate_outputs:
@@ -646,10 +656,8 @@ def _static_sparse_decode(
         raise DecodeCacheError(f"layer {state.layer_idx}: sparse decoding needs the K-compression cache")
     block_size = decode_gate.block_size
     padding = mask.key_padding_mask  # [B, C]: real tokens written so far
-    batch, capacity = query.shape[0], key.shape[2]
-    n_blocks = -(-capacity // block_size)
-    slot = cache.static_slot  # [1]
-    current = torch.div(slot, block_size, rounding_mode="floor")  # [1]
+    n_blocks = -(-key.shape[2] // block_size)
+    current = mask.static_step_blocks(cache.static_slot, block_size).block  # [1]
     with torch.no_grad():
         keys, valid_blocks, _, _ = compressed.static_buffers()
         cos = sin = None
@@ -661,35 +669,24 @@ def _static_sparse_decode(
             sin,
             decode_gate.q_proj.weight,
             keys[:, :, :n_blocks],
-            n_blocks - 1,
+            current,
             rope_style=state.rope_style or "half",
             scale=1.0 / math.sqrt(decode_gate.gate_dim),
-        )  # [B, Hkv, 1, nCap]; columns from the current block on are masked out below
-        block_ids = torch.arange(n_blocks, device=query.device)
-        candidates = valid_blocks[:, :n_blocks] & (block_ids < current)  # [B, nCap]: real blocks before the current
-        # blocks holding a real token, the current one included (the density denominator, as the dynamic step's)
-        allowed = (candidates.sum(dim=-1, dtype=torch.int32) + 1)[:, None].expand(batch, keys.shape[1])
-        sink = mask.first_real_block(block_size)  # [B]
-        budget = config.decode_token_budget
-        if config.decode_method == "token_budget" and budget < 2 * block_size:
-            # one block of budget: the dynamic step keeps the current block and the sink only
-            candidates = candidates & (block_ids == sink[:, None])
-        lists, _ = select_block_lists(
+        )  # [B, Hkv, 1, nCap]: blocks before the current one scored, the lowest float from it on
+        lists, allowed = select_block_lists(
             scores,
             method=config.decode_method,
             block_size=block_size,
             q_len=1,
             kv_len=n_blocks * block_size,
-            block_valid=candidates,
+            block_valid=valid_blocks[:, :n_blocks],
             threshold=config.decode_threshold,
-            token_budget=max(block_size, budget - block_size),
-            sink_block=sink,
-            force_local_block=False,
+            token_budget=config.decode_token_budget,
+            sink_block=mask.first_real_block(block_size),
+            force_local_block=True,
+            local_block=current,  # blocks after it are not allowed (not written yet)
         )
-        indices = torch.nn.functional.pad(lists.indices[:, :, 0], (0, 1))  # [B, Hkv, W + 1]: room for the current
-        counts = lists.counts[:, :, 0]  # [B, Hkv]
-        indices.scatter_(2, counts[..., None].long(), current.to(indices.dtype).expand(*counts.shape, 1))
-        counts = counts + 1
+        indices, counts, allowed = lists.indices[:, :, 0], lists.counts[:, :, 0], allowed[:, :, 0]
     out = sparse_decode_attention(
         query[:, :, 0],
         key,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -377,6 +378,9 @@ class SeerStaticCache(SeerDynamicCache):
         self.static_slot: torch.Tensor | None = None
         self._slot_buffer: torch.Tensor | None = None
         self._static_written: set[int] = set()  # layers whose compressed keys the current static step updated
+        # begin_static_step checked every layer and no append/crop/reorder happened since: skip the checks (~1 ms of
+        # host time per step at 32 layers, more than the rest of the step's host work)
+        self._layers_ready = False
         self.graph_runner: object | None = None  # seer_adapter.cuda_graphs keeps its captured step here
         for layer in self.layers:
             if type(layer) is GrowableDynamicLayer:
@@ -407,6 +411,11 @@ class SeerStaticCache(SeerDynamicCache):
                 f"SeerStaticCache(max_cache_len={self.max_cache_len}) is full ({length} tokens); create it with a "
                 "max_cache_len of at least the prompt length plus max_new_tokens."
             )
+        if self._layers_ready:
+            self._slot_buffer.fill_(length)
+            self.static_slot = self._slot_buffer
+            self._static_written.clear()
+            return length
         device = None
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, GrowableDynamicLayer) or layer.capacity_limit != self.max_cache_len:
@@ -427,6 +436,7 @@ class SeerStaticCache(SeerDynamicCache):
         self._slot_buffer.fill_(length)
         self.static_slot = self._slot_buffer
         self._static_written.clear()
+        self._layers_ready = True
         return length
 
     def mark_static_updates(self, layer_indices: Iterable[int]) -> None:
@@ -459,6 +469,7 @@ class SeerStaticCache(SeerDynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.static_slot is None:
+            self._layers_ready = False
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         layer._key_buffer.index_copy_(2, self.static_slot, key_states)
@@ -479,6 +490,24 @@ class SeerStaticCache(SeerDynamicCache):
     def reset(self) -> None:
         super().reset()
         self.graph_runner = None
+        self._layers_ready = False
+
+    # Anything that replaces or shortens the layers' tensors makes the next static step check them again.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._layers_ready = False
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._layers_ready = False
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._layers_ready = False
+        super().batch_select_indices(indices)
+
+    def crop(self, max_length: int) -> None:
+        self._layers_ready = False
+        super().crop(max_length)
 
 
 def as_seer_cache(cache: object) -> SeerDynamicCache | None:
@@ -578,12 +607,39 @@ def update_compressed_keys(
     return layer
 
 
+class StaticStepBlocks(NamedTuple):
+    """Where a static decoding step's token sits, as device tensors shared by every layer of the step.
+
+    Attributes:
+        block: long ``[1]``: the key block holding the new token (the current block).
+        rows: long ``[block_size]``: the cache slots of that block (clamped to the capacity).
+        valid: bool ``[B, block_size]``: those slots hold a real token written so far.
+        block_valid: bool ``[B, 1]``: the block holds one (always True: the new token is real).
+    """
+
+    block: torch.Tensor
+    rows: torch.Tensor
+    valid: torch.Tensor
+    block_valid: torch.Tensor
+
+
+def static_step_blocks(slot: torch.Tensor, token_valid: torch.Tensor, block_size: int) -> StaticStepBlocks:
+    """`StaticStepBlocks` of the token at ``slot`` (long ``[1]``) given the padding mask ``token_valid [B, C]``."""
+    capacity = token_valid.shape[1]
+    device = token_valid.device
+    block = torch.div(slot, block_size, rounding_mode="floor")  # [1]
+    wanted = block * block_size + torch.arange(block_size, device=device)  # [bs]
+    rows = wanted.clamp(max=capacity - 1)  # a capacity that is not a multiple of block_size: a shorter last block
+    valid = token_valid.index_select(1, rows) & (wanted < capacity)  # [B, bs]
+    return StaticStepBlocks(block, rows, valid, valid.any(dim=-1, keepdim=True))
+
+
 def update_compressed_keys_static(
     layer: CompressedKeys,
     gate: DecodeGate,
     key: torch.Tensor,
     slot: torch.Tensor,
-    token_valid: torch.Tensor,
+    blocks: StaticStepBlocks,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     rope_style: str,
@@ -598,20 +654,16 @@ def update_compressed_keys_static(
     Args:
         key: the layer's whole key buffer ``[B, Hkv, C, D]`` (post-RoPE, the new token written at ``slot``).
         slot: long ``[1]`` on the device: the new token's cache slot.
-        token_valid: bool ``[B, C]``: the slot holds a real token written so far (False for padding and for slots
-            after ``slot``).
+        blocks: the step's `StaticStepBlocks` (from the padding mask: True for real tokens written so far).
         cos, sin: RoPE tables of the new token ``[B or 1, 1, r]`` (``None``: no RoPE).
     """
-    batch, _, capacity, _ = key.shape
+    batch = key.shape[0]
     block_size = gate.block_size
     keys, valid_blocks, cos_buffer, sin_buffer = layer.static_buffers()
     if cos is not None:
         cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
         sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
-    block = torch.div(slot, block_size, rounding_mode="floor")  # [1]
-    wanted = block * block_size + torch.arange(block_size, device=key.device)  # [bs] slots of the block
-    rows = wanted.clamp(max=capacity - 1)  # a capacity that is not a multiple of block_size: a shorter last block
-    valid = token_valid.index_select(1, rows) & (wanted < capacity)  # [B, bs]
+    block, rows, valid = blocks.block, blocks.rows, blocks.valid
     tables = (None, None) if cos is None else (cos_buffer.index_select(1, rows), sin_buffer.index_select(1, rows))
     pooled = pool_pre_rope_blocks(
         key.index_select(2, rows),
@@ -625,7 +677,7 @@ def update_compressed_keys_static(
     with torch.no_grad():
         new_key = gate.keys(pooled, *block_tables, rope_style=rope_style)  # [B, Hkv, 1, G]
     keys.index_copy_(2, block, new_key.to(keys.dtype))
-    valid_blocks.index_copy_(1, block, valid.any(dim=-1, keepdim=True))
+    valid_blocks.index_copy_(1, block, blocks.block_valid)
 
 
 def select_decode_blocks(

@@ -50,6 +50,7 @@ def select_blocks(
     sink_block: torch.Tensor | None = None,
     force_local_block: bool = True,
     dense_last_query_blocks: int = 0,
+    local_block: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turn gate probabilities into a block mask.
 
@@ -63,6 +64,8 @@ def select_blocks(
             that block is always kept (``None`` = no forced sink).
         force_local_block: always keep the diagonal block of every query block.
         dense_last_query_blocks: keep every allowed block in this many final query-block rows.
+        local_block: optional long ``[B or 1]`` (one query-block row): the block ``force_local_block`` keeps instead
+            of the diagonal (shape-static decoding steps, whose current block is not the last column).
 
     Returns:
         bool ``[B, H, nQ, nK]``.
@@ -70,7 +73,10 @@ def select_blocks(
     allowed = allowed.expand_as(probs)
     n_q_blocks, n_k_blocks = probs.shape[-2:]
     forced = torch.zeros(n_q_blocks, n_k_blocks, dtype=torch.bool, device=probs.device)
-    if force_local_block:
+    if force_local_block and local_block is not None:
+        local = torch.arange(n_k_blocks, device=probs.device)[None, :] == local_block[:, None]  # [B or 1, nK]
+        forced = forced | local[:, None, None, :]
+    elif force_local_block:
         diagonal = torch.arange(n_q_blocks, device=probs.device) + (n_k_blocks - n_q_blocks)
         forced[torch.arange(n_q_blocks, device=probs.device), diagonal] = True
     if sink_block is not None:

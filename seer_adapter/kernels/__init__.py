@@ -251,7 +251,7 @@ def decode_gate_scores(
     sin: torch.Tensor | None,
     q_weight: torch.Tensor,
     keys: torch.Tensor,
-    n_earlier: int,
+    n_earlier: int | torch.Tensor,
     *,
     rope_style: str = "half",
     scale: float = 1.0,
@@ -262,7 +262,8 @@ def decode_gate_scores(
     Args:
         q: post-RoPE queries of the new token ``[B, Hq, D]``; cos, sin: its RoPE tables ``[B or 1, r]`` (or
             ``None``); q_weight: the decode gate's query merge ``[Hkv, G, g·D]``; keys: the compressed keys
-            ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored.
+            ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored (an int, or a long ``[1]`` device
+            tensor for shape-static steps: then the result is ``nC`` wide, the lowest float from ``n_earlier`` on).
         rope_style, scale: the model's RoPE convention; the dot-product scale (``1 / sqrt(G)``).
 
     Returns:
@@ -288,6 +289,7 @@ def select_block_lists(
     sink_block: torch.Tensor | None = None,
     force_local_block: bool = True,
     dense_last_query_blocks: int = 0,
+    local_block: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[BlockLists, torch.Tensor]:
     """Gate scores ``[B, H, nQ, nK]`` -> sorted kept-block lists: the single entry point to block selection.
@@ -310,6 +312,7 @@ def select_block_lists(
         sink_block=sink_block,
         force_local_block=force_local_block,
         dense_last_query_blocks=dense_last_query_blocks,
+        local_block=local_block,
     )
 
 

@@ -159,6 +159,39 @@ def selection_top_k(method: str, n_k_blocks: int, *, block_size: int, nz_ratio: 
     return n_k_blocks
 
 
+def check_selection_inputs(
+    scores: torch.Tensor,
+    method: str,
+    block_size: int,
+    q_len: int,
+    kv_len: int,
+    block_valid: torch.Tensor | None,
+    local_block: torch.Tensor | None,
+) -> None:
+    """Validate a block-selection call; raise ValueError naming the bad argument."""
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown sparsity method {method!r}; expected one of {SELECTION_METHODS}")
+    if scores.dim() != 4 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a float [B, H, nQ, nK] tensor, got {scores.dtype} {tuple(scores.shape)}")
+    batch, _, n_q_blocks, n_k_blocks = scores.shape
+    if n_q_blocks != math.ceil(q_len / block_size) or n_k_blocks != math.ceil(kv_len / block_size):
+        raise ValueError(
+            f"scores {tuple(scores.shape)} do not fit q_len={q_len}, kv_len={kv_len} at block_size={block_size}"
+        )
+    if block_valid is not None and (block_valid.dtype != torch.bool or block_valid.shape != (batch, n_k_blocks)):
+        raise ValueError(f"block_valid must be bool [B, nK] = ({batch}, {n_k_blocks}), got {tuple(block_valid.shape)}")
+    if local_block is not None and (
+        n_q_blocks != 1
+        or local_block.dim() != 1
+        or local_block.shape[0] not in (1, batch)
+        or local_block.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"local_block must be an int [B or 1] tensor for a single query-block row, got {local_block.dtype} "
+            f"{tuple(local_block.shape)} with {n_q_blocks} query blocks"
+        )
+
+
 def select_block_lists_reference(
     scores: torch.Tensor,
     *,
@@ -174,6 +207,7 @@ def select_block_lists_reference(
     sink_block: torch.Tensor | None = None,
     force_local_block: bool = True,
     dense_last_query_blocks: int = 0,
+    local_block: torch.Tensor | None = None,
 ) -> tuple[BlockLists, torch.Tensor]:
     """Gate scores -> kept-block lists, through a boolean mask (`seer_adapter.masks.select_blocks`).
 
@@ -186,19 +220,24 @@ def select_block_lists_reference(
         sink_block: optional long ``[B]``: key block always kept (the first real token's block).
         force_local_block: always keep the diagonal block.
         dense_last_query_blocks: keep every allowed block in this many final query-block rows.
+        local_block: optional long ``[B or 1]`` on the device, for a single query-block row (shape-static decoding
+            steps): the row's current block; only blocks up to it are allowed, and it is the local block.
 
     Returns:
         `BlockLists` (per head of ``scores``) and ``allowed_counts`` int32 ``[B, H, nQ]`` (allowed blocks per row).
     """
     from ..masks import select_blocks
 
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"unknown sparsity method {method!r}; expected one of {SELECTION_METHODS}")
+    check_selection_inputs(scores, method, block_size, q_len, kv_len, block_valid, local_block)
     n_q_blocks, n_k_blocks = scores.shape[-2:]
     allowed = causal_block_allowed(
         n_q_blocks, n_k_blocks, block_size=block_size, q_len=q_len, kv_len=kv_len, block_valid=block_valid,
         device=scores.device,
-    ).expand_as(scores)  # fmt: skip
+    )  # fmt: skip
+    if local_block is not None:
+        up_to_local = torch.arange(n_k_blocks, device=scores.device)[None, :] <= local_block[:, None]  # [B or 1, nK]
+        allowed = allowed & up_to_local[:, None, None, :]
+    allowed = allowed.expand_as(scores)
     probs = scores.float()
     if apply_softmax:
         probs = torch.softmax(probs.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -213,6 +252,7 @@ def select_block_lists_reference(
         sink_block=sink_block,
         force_local_block=force_local_block,
         dense_last_query_blocks=dense_last_query_blocks,
+        local_block=local_block,
     )
     indices, counts = block_mask_to_indices(keep, block_size=block_size, q_len=q_len, kv_len=kv_len)
     return BlockLists(indices, counts, n_k_blocks), allowed.sum(dim=-1, dtype=torch.int32)

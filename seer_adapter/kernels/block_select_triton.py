@@ -12,14 +12,12 @@ allowed blocks (for density statistics) are written.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from . import on_tensor_device, register_backend
-from .block_lists import SELECTION_METHODS, BlockLists, selection_top_k
+from .block_lists import BlockLists, check_selection_inputs, selection_top_k
 
 __all__ = ["select_block_lists_triton"]
 
@@ -28,9 +26,9 @@ _METHOD_CODES = {"dense": 0, "threshold": 1, "nz_ratio": 2, "token_budget": 2}
 
 @triton.jit
 def _select_block_lists_kernel(
-    Scores, BlockValid, SinkBlock, Indices, Counts, AllowedCounts,
+    Scores, BlockValid, SinkBlock, LocalBlock, Indices, Counts, AllowedCounts,
     stride_sb, stride_sh, stride_sq, stride_sk,
-    stride_vb,
+    stride_vb, stride_lb,
     stride_ib, stride_ih, stride_iq,
     stride_cb, stride_ch,
     n_q_blocks, n_k_blocks, q_len, kv_len, threshold, top_k, dense_last_query_blocks,
@@ -41,6 +39,7 @@ def _select_block_lists_kernel(
     HAS_BLOCK_VALID: tl.constexpr,
     HAS_SINK: tl.constexpr,
     FORCE_LOCAL: tl.constexpr,
+    HAS_LOCAL_TENSOR: tl.constexpr,
 ):  # fmt: skip
     """Grid: (nQ, H, B). Scores [B, H, nQ, nK] float; BlockValid int8 [B, nK]; SinkBlock int64 [B];
     Indices int32 [B, H, nQ, W]; Counts, AllowedCounts int32 [B, H, nQ]. METHOD: 0 dense, 1 threshold, 2 top-k."""
@@ -49,8 +48,13 @@ def _select_block_lists_kernel(
     batch = tl.program_id(2).to(tl.int64)
 
     offs = tl.arange(0, NK_PAD)  # [NK_PAD] key-block ids
-    last_row = tl.minimum((q_block + 1) * BLOCK_SIZE, q_len) - 1 + (kv_len - q_len)
-    allowed = (offs < n_k_blocks) & (offs * BLOCK_SIZE <= last_row)
+    if HAS_LOCAL_TENSOR:  # one query row whose current block is read from the device (shape-static steps)
+        local = tl.load(LocalBlock + batch * stride_lb)
+        allowed = (offs < n_k_blocks) & (offs <= local)
+    else:
+        last_row = tl.minimum((q_block + 1) * BLOCK_SIZE, q_len) - 1 + (kv_len - q_len)
+        allowed = (offs < n_k_blocks) & (offs * BLOCK_SIZE <= last_row)
+        local = q_block + (n_k_blocks - n_q_blocks)
     if HAS_BLOCK_VALID:
         allowed = allowed & (tl.load(BlockValid + batch * stride_vb + offs, mask=offs < n_k_blocks, other=0) != 0)
     row_ptr = Scores + batch * stride_sb + head * stride_sh + q_block.to(tl.int64) * stride_sq
@@ -67,7 +71,7 @@ def _select_block_lists_kernel(
 
     forced = offs < 0  # all False
     if FORCE_LOCAL:
-        forced = forced | (offs == q_block + (n_k_blocks - n_q_blocks))
+        forced = forced | (offs == local)
     if HAS_SINK:
         forced = forced | (offs == tl.load(SinkBlock + batch))
     forced = forced & allowed
@@ -128,23 +132,15 @@ def select_block_lists_triton(
     sink_block: torch.Tensor | None = None,
     force_local_block: bool = True,
     dense_last_query_blocks: int = 0,
+    local_block: torch.Tensor | None = None,
 ) -> tuple[BlockLists, torch.Tensor]:
     """Same contract as `block_lists.select_block_lists_reference`, one Triton program per query-block row.
 
     The lists are ``W = min(k + 2, nK)`` wide for top-k methods (k plus at most the two forced blocks) and ``nK``
     wide otherwise; entries past each row's count are unspecified. No host synchronisation.
     """
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"unknown sparsity method {method!r}; expected one of {SELECTION_METHODS}")
-    if scores.dim() != 4 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float [B, H, nQ, nK] tensor, got {scores.dtype} {tuple(scores.shape)}")
+    check_selection_inputs(scores, method, block_size, q_len, kv_len, block_valid, local_block)
     batch, heads, n_q_blocks, n_k_blocks = scores.shape
-    if n_q_blocks != math.ceil(q_len / block_size) or n_k_blocks != math.ceil(kv_len / block_size):
-        raise ValueError(
-            f"scores {tuple(scores.shape)} do not fit q_len={q_len}, kv_len={kv_len} at block_size={block_size}"
-        )
-    if block_valid is not None and (block_valid.dtype != torch.bool or block_valid.shape != (batch, n_k_blocks)):
-        raise ValueError(f"block_valid must be bool [B, nK] = ({batch}, {n_k_blocks}), got {tuple(block_valid.shape)}")
     top_k = selection_top_k(method, n_k_blocks, block_size=block_size, nz_ratio=nz_ratio, token_budget=token_budget)
     topk_method = method in ("nz_ratio", "token_budget")
     width = min(top_k + 2, n_k_blocks) if topk_method and dense_last_query_blocks == 0 else n_k_blocks
@@ -160,12 +156,14 @@ def select_block_lists_triton(
         else torch.ones(1, 1, dtype=torch.int8, device=device)
     )
     sink = sink_block.to(torch.int64).contiguous() if sink_block is not None else valid.new_zeros(1, dtype=torch.int64)
+    local = sink if local_block is None else local_block.to(torch.int64).contiguous()
+    local_stride = 1 if local_block is not None and local_block.shape[0] == batch and batch > 1 else 0
     nk_pad = max(16, triton.next_power_of_2(n_k_blocks))
     with on_tensor_device(scores):
         _select_block_lists_kernel[(n_q_blocks, heads, batch)](
-            scores, valid, sink, indices, counts, allowed_counts,
+            scores, valid, sink, local, indices, counts, allowed_counts,
             *scores.stride(),
-            valid.stride(0),
+            valid.stride(0), local_stride,
             indices.stride(0), indices.stride(1), indices.stride(2),
             counts.stride(0), counts.stride(1),
             n_q_blocks, n_k_blocks, q_len, kv_len, float(threshold), top_k, dense_last_query_blocks,
@@ -176,6 +174,7 @@ def select_block_lists_triton(
             HAS_BLOCK_VALID=block_valid is not None,
             HAS_SINK=sink_block is not None,
             FORCE_LOCAL=force_local_block,
+            HAS_LOCAL_TENSOR=local_block is not None,
             num_warps=_select_num_warps(nk_pad),
         )  # fmt: skip
     return BlockLists(indices, counts, n_k_blocks), allowed_counts

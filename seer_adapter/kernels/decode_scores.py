@@ -27,7 +27,7 @@ def check_decode_score_inputs(
     sin: torch.Tensor | None,
     q_weight: torch.Tensor,
     keys: torch.Tensor,
-    n_earlier: int,
+    n_earlier: int | torch.Tensor,
     rope_style: str,
 ) -> None:
     """Validate a decode-score call; raise ValueError naming the bad argument."""
@@ -42,7 +42,13 @@ def check_decode_score_inputs(
         raise ValueError(f"q_weight {tuple(q_weight.shape)} does not merge {hq} query heads of {head_dim} into {hkv}")
     if tuple(keys.shape[:2]) != (batch, hkv) or keys.shape[3] != gate_dim:
         raise ValueError(f"keys must be [B={batch}, Hkv={hkv}, nC, G={gate_dim}], got {tuple(keys.shape)}")
-    if not 0 <= n_earlier <= keys.shape[2]:
+    if isinstance(n_earlier, torch.Tensor):  # a device tensor: its value cannot be checked without a sync
+        if n_earlier.shape != (1,) or n_earlier.dtype not in (torch.int32, torch.int64) or n_earlier.device != q.device:
+            raise ValueError(
+                f"a tensor n_earlier must be an int32/int64 [1] tensor on {q.device}, got {n_earlier.dtype} "
+                f"{tuple(n_earlier.shape)} on {n_earlier.device}"
+            )
+    elif not 0 <= n_earlier <= keys.shape[2]:
         raise ValueError(f"n_earlier={n_earlier} must be within the {keys.shape[2]} compressed blocks")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin come together (both None for models without RoPE)")
@@ -62,7 +68,7 @@ def decode_gate_scores_reference(
     sin: torch.Tensor | None,
     q_weight: torch.Tensor,
     keys: torch.Tensor,
-    n_earlier: int,
+    n_earlier: int | torch.Tensor,
     *,
     rope_style: str = "half",
     scale: float = 1.0,
@@ -74,11 +80,14 @@ def decode_gate_scores_reference(
         cos, sin: RoPE tables at the new token's position ``[B or 1, r]`` (``None``: no RoPE).
         q_weight: the query merge ``[Hkv, G, g·D]`` (gate dtype; the merge runs in that dtype).
         keys: compressed keys ``[B, Hkv, nC, G]``; the first ``n_earlier`` are scored.
+        n_earlier: an int, or a long ``[1]`` device tensor (shape-static decoding steps: no host sync; it must be
+            below ``nC``).
         rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"`` (`seer_adapter.rope`).
         scale: multiplies the dot products (the gate uses ``1 / sqrt(G)``).
 
     Returns:
-        fp32 ``[B, Hkv, 1, n_earlier + 1]``: the scores, then the lowest finite float for the current block.
+        fp32 ``[B, Hkv, 1, n_earlier + 1]``: the scores, then the lowest finite float for the current block. With a
+        tensor ``n_earlier``: ``[B, Hkv, 1, nC]``, the lowest finite float from column ``n_earlier`` on.
     """
     check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
     batch, hq, head_dim = q.shape
@@ -92,6 +101,11 @@ def decode_gate_scores_reference(
     merged = torch.einsum("bhni,hoi->bhno", grouped, q_weight)  # [B, Hkv, 1, G]
     if cos is not None:
         merged = apply_rope(merged, *tables, rope_style)
+    lowest = torch.finfo(torch.float32).min
+    if isinstance(n_earlier, torch.Tensor):
+        scores = torch.einsum("bhng,bhkg->bhnk", merged, keys).float() * scale  # [B, Hkv, 1, nC]
+        scored = torch.arange(keys.shape[2], device=keys.device) < n_earlier
+        return torch.where(scored, scores, lowest)
     scores = torch.einsum("bhng,bhkg->bhnk", merged, keys[:, :, :n_earlier]).float() * scale
-    current = scores.new_full((batch, hkv, 1, 1), torch.finfo(torch.float32).min)
+    current = scores.new_full((batch, hkv, 1, 1), lowest)
     return torch.cat((scores, current), dim=-1)

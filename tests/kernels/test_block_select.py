@@ -76,6 +76,17 @@ def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> 
     assert torch.equal(got.counts.cpu(), expected.counts.cpu())
     assert lists_as_rows(got) == lists_as_rows(expected)
     assert all(row[-1] == n_blocks - 1 for row in lists_as_rows(got))  # the current block is always kept
+    # The same step laid out as a shape-static step does: a wider buffer (stale scores and validity after the
+    # current block), the current block read from the device through local_block.
+    spare = 5
+    wide_scores = torch.cat((scores, torch.randn(batch, heads, 1, spare, generator=gen) * 9), dim=-1)
+    wide_valid = torch.cat((block_valid, torch.rand(batch, spare, generator=gen) > 0.5), dim=-1)
+    wide = dict(kwargs, kv_len=(n_blocks + spare) * block_size, block_valid=wide_valid.to(DEVICE))
+    local = torch.tensor([n_blocks - 1], device=DEVICE)
+    for select in (select_block_lists_reference, select_block_lists_triton):
+        static, static_allowed = select(wide_scores.to(DEVICE), local_block=local, **wide)
+        assert torch.equal(static_allowed.cpu(), expected_allowed.cpu()), select.__name__
+        assert lists_as_rows(static) == lists_as_rows(expected), select.__name__
 
 
 @pytest.mark.parametrize(
@@ -193,6 +204,9 @@ def test_select_block_lists_rejects_bad_input() -> None:
         select_block_lists_triton(
             scores, method="dense", block_size=16, q_len=64, kv_len=64, block_valid=torch.ones(1, 3, dtype=torch.bool)
         )
+    for select in (select_block_lists_reference, select_block_lists_triton):  # local_block: one query row only
+        with pytest.raises(ValueError, match="local_block must be an int"):
+            select(scores, method="dense", block_size=16, q_len=64, kv_len=64, local_block=torch.tensor([1]))
 
 
 def _selection_and_attention(q, k, v, scores, block):

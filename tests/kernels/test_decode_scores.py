@@ -68,6 +68,8 @@ def test_reference_rejects_bad_input():
         decode_gate_scores_reference(q, torch.ones(1, 8), None, w, keys, 2)
     with pytest.raises(ValueError, match="rotary width"):
         decode_gate_scores_reference(q, torch.ones(1, 10), torch.ones(1, 10), w, keys, 2)
+    with pytest.raises(ValueError, match="tensor n_earlier must be an int32/int64"):
+        decode_gate_scores_reference(q, None, None, w, keys, torch.tensor([1.0]))
 
 
 CASES = [
@@ -102,6 +104,17 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
     assert got.shape == (batch, hkv, 1, n_earlier + 1) and not got.isnan().any()
     tolerance = 1e-4 if gate_dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=tolerance, rtol=tolerance)
+    # n_earlier on the device (shape-static steps): every column of the whole buffer, the lowest float from it on
+    args[4] = buffer.to(DEVICE)
+    count = torch.tensor([n_earlier], device=DEVICE)
+    got_static = decode_gate_scores_triton(*args, count, **kwargs)
+    want_static = decode_gate_scores_reference(*[t if t is None else t.float() for t in args[:3]], *args[3:], count,
+                                               **kwargs)  # fmt: skip
+    assert got_static.shape == (batch, hkv, 1, capacity)
+    torch.testing.assert_close(got_static.cpu(), want_static.cpu(), atol=tolerance, rtol=tolerance)
+    common = min(n_earlier + 1, capacity)  # the static layout has one column per buffer slot
+    torch.testing.assert_close(want_static[..., :common].cpu(), want[..., :common].cpu())
+    assert bool((want_static[..., n_earlier:] == torch.finfo(torch.float32).min).all())
 
 
 def test_dispatch_picks_triton_on_cuda_and_reference_elsewhere():
