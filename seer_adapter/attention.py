@@ -134,7 +134,9 @@ class SeerAttentionMask:
             "a SeerAttentionMask (the lazy mask seer_adapter's attention builds inside the model) was handed back to "
             "the model as its attention_mask: transformers prepares masks outside the forward for static caches and "
             "compiled generation (generate(cache_implementation='static'), StaticCache), which seer_adapter does not "
-            "support. Generate with the default dynamic cache (seer_adapter.SeerDynamicCache for sparse decoding)."
+            "support. Generate with the default dynamic cache (seer_adapter.SeerDynamicCache for sparse decoding), or "
+            "pass past_key_values=seer_adapter.SeerStaticCache(config=..., max_cache_len=...) for fixed-capacity "
+            "decoding replayed as a CUDA graph."
         )
 
     @property
