@@ -112,8 +112,11 @@ def _select_block_lists_kernel(
     tl.store(AllowedCounts + count_offset, n_allowed)
 
 
-def _select_num_warps(nk_pad: int) -> int:
-    # A row lives in registers: at most 32 values per thread.
+def _select_num_warps(nk_pad: int, programs: int) -> int:
+    # A row lives in registers: at most 32 values per thread. With few rows (a decoding step: one per row and KV
+    # head) the GPU is nearly idle and each row's 32 bisection passes set the time: spread a row over more warps.
+    if programs < 1024:
+        return max(1, min(8, nk_pad // 256))
     return max(1, min(8, nk_pad // 1024))
 
 
@@ -175,7 +178,7 @@ def select_block_lists_triton(
             HAS_SINK=sink_block is not None,
             FORCE_LOCAL=force_local_block,
             HAS_LOCAL_TENSOR=local_block is not None,
-            num_warps=_select_num_warps(nk_pad),
+            num_warps=_select_num_warps(nk_pad, n_q_blocks * heads * batch),
         )  # fmt: skip
     return BlockLists(indices, counts, n_k_blocks), allowed_counts
 
