@@ -19,6 +19,10 @@ whether it was prefilled at once or decoded token by token (tested).
 
 To compress a block that completes, and to rebuild the block a `crop` cuts into, the cache keeps each layer's RoPE
 tables per slot (``[B, S, r]``, ``r`` = rotary width): ``r / (Hkv · D)`` of the K cache.
+
+`SeerStaticCache` is the fixed-capacity variant whose single-token steps are shape-static (the new token's slot in
+a device tensor, whole buffers read with a padding mask, the current block recompressed in place every step by
+`update_compressed_keys_static`), so that `seer_adapter.cuda_graphs` can replay them as one CUDA graph.
 """
 
 from __future__ import annotations

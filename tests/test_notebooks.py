@@ -239,13 +239,15 @@ def test_sparse_decoding(tmp_path):
         },
         '{"density": decode_density, "untrained": [[r["selector"], r["decode_density"]] for r in rows_untrained],'
         ' "trained": [r["selector"] for r in rows_trained], "steps": [r["step"] for r in records],'
-        ' "decode_gate": reloaded.decode_gate, "method": reloaded.decode_method, "new": sparse_ids.shape[1] - 256}',
+        ' "decode_gate": reloaded.decode_gate, "method": reloaded.decode_method, "new": sparse_ids.shape[1] - 256,'
+        ' "static_same": static_same}',
     )
     assert 0 < report["density"] < 1  # 3 of 5 blocks at the last step (260 slots, budget 192)
     assert [s for s, _ in report["untrained"]] == ["dense", "gate", "oracle", "oracle_mass", "moba"]
     assert all(0 < density < 1 for _, density in report["untrained"][1:])
     assert report["trained"] == ["dense", "gate"] and report["steps"] == [1, 2]
     assert report["decode_gate"] is True and report["method"] == "threshold" and report["new"] == 4
+    assert report["static_same"] is True  # SeerStaticCache decodes the same tokens (static steps, eager on the CPU)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in output.iterdir()}
 
 
