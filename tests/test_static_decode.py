@@ -131,15 +131,20 @@ def test_static_cache_edges_and_bad_input():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got_seq, want_seq)
     ids, mask = _inputs(batch=1, length=30, pad_left=(0,), seed=1)
+
+    def generate(capacity: int, new_tokens: int):
+        cache = SeerStaticCache(config=config, max_cache_len=capacity)
+        return model.generate(ids, max_new_tokens=new_tokens, pad_token_id=0, **_cache(cache))
+
     with pytest.raises(DecodeCacheError, match="max_cache_len=40.*max_new_tokens"):
-        model.generate(ids, max_new_tokens=20, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=40)))
+        generate(40, 20)
     with pytest.raises(DecodeCacheError, match=r"max_cache_len=20\) cannot hold 30"):
-        model.generate(ids, max_new_tokens=5, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=20)))
+        generate(20, 5)
     with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
         SeerStaticCache(config=config, max_cache_len=0)
     model.runtime.record_gate_outputs = True
     with pytest.raises(NotImplementedError, match="SeerDynamicCache"):
-        model.generate(ids, max_new_tokens=3, pad_token_id=0, **_cache(SeerStaticCache(config=config, max_cache_len=40)))
+        generate(40, 3)
     model.runtime.record_gate_outputs = False
     # sliding-window layers cannot decode statically
     gemma2 = get_seer_model(tiny_model("gemma2"), _config())
