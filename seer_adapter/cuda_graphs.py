@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -59,26 +60,29 @@ def _step_cache(args: tuple, kwargs: dict[str, Any]) -> SeerStaticCache | None:
     return cache
 
 
-def install_static_decoding(model: nn.Module, runtime: Any) -> None:
+def install_static_decoding(model: nn.Module) -> None:
     """Route single-token forwards of ``model`` on a `SeerStaticCache` through `StaticStepRunner` (idempotent).
 
-    ``runtime`` is the adapter's `SeerRuntime`, part of a capture's signature."""
+    The wrapper is a method bound to ``model`` with the class's ``forward`` signature (transformers inspects it), so
+    a deep copy of the model rebinds it to the copy. The adapter's `SeerRuntime` (``model._seer_runtime``) is part
+    of a capture's signature."""
     if _ORIGINAL_FORWARD_ATTR in model.__dict__:
         return
-    original = model.forward
+    class_forward = type(model).forward
 
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(class_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        original = functools.partial(class_forward, self)
         cache = _step_cache(args, kwargs)
         if cache is None:
             return original(*args, **kwargs)
         runner = cache.graph_runner
-        if not isinstance(runner, StaticStepRunner) or runner.forward is not original:
-            runner = cache.graph_runner = StaticStepRunner(cache, original, runtime)
+        if not isinstance(runner, StaticStepRunner) or runner.model is not self:
+            runner = cache.graph_runner = StaticStepRunner(cache, self)
         return runner(kwargs)
 
-    model.__dict__[_ORIGINAL_FORWARD_ATTR] = original
-    model.forward = forward
+    model.__dict__[_ORIGINAL_FORWARD_ATTR] = class_forward
+    model.forward = types.MethodType(forward, model)
 
 
 def uninstall_static_decoding(model: nn.Module) -> None:
@@ -123,18 +127,19 @@ class StaticStepRunner:
 
     Args:
         cache: the cache the steps decode into.
-        forward: the model's own ``forward`` (unwrapped).
-        runtime: the adapter's `SeerRuntime`.
+        model: the transformers model (wrapped by `install_static_decoding`; its class's ``forward`` runs the step,
+            its ``_seer_runtime`` holds the adapter's state).
 
     Attributes:
         captures: how many times a graph was captured (tests and benchmarks read it).
     """
 
-    def __init__(self, cache: SeerStaticCache, forward: Callable[..., Any], runtime: Any):
+    def __init__(self, cache: SeerStaticCache, model: nn.Module):
         self.cache = cache
-        self.forward = forward
-        self.runtime = runtime
-        parameters = inspect.signature(forward).parameters
+        self.model = model
+        self.forward: Callable[..., Any] = functools.partial(type(model).forward, model)
+        self.runtime = model._seer_runtime
+        parameters = inspect.signature(type(model).forward).parameters
         self._derived = [name for name in ("position_ids", "cache_position") if name in parameters]
         self._buffers: dict[str, torch.Tensor] = {}
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -337,7 +337,7 @@ class SeerAdapterMixin:
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             self.unload()
             raise UnsupportedModelError(f"{type(model).__name__} refused attn_implementation={ATTN_IMPLEMENTATION!r}.")
-        install_static_decoding(model, self.runtime)  # single-token steps on a SeerStaticCache (CUDA graphs)
+        install_static_decoding(model)  # single-token steps on a SeerStaticCache (CUDA graphs)
 
     def _set_adapter_enabled(self, enabled: bool) -> None:
         """Switch between the gated attention and the base model's own attention implementation."""

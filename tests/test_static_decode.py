@@ -6,6 +6,9 @@ checks against the base model. The CUDA-graph tests need a GPU and are skipped h
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import pytest
 import torch
 from test_decode import BLOCK, _cache, _config, _generate_logits, _inputs, _randomise_decode_gates
@@ -155,10 +158,19 @@ def test_static_cache_edges_and_bad_input():
         )
 
 
-def test_unload_removes_the_forward_wrapper():
+def test_forward_wrapper_keeps_the_signature_follows_deep_copies_and_unloads():
     base = tiny_model("llama")
     model = get_seer_model(base, _config())
     assert "forward" in vars(base)
+    # transformers reads forward's parameters (position_ids, logits_to_keep, ...) to build its inputs
+    assert inspect.signature(base.forward).parameters == inspect.signature(type(base).forward.__get__(base)).parameters
+    twin = copy.deepcopy(base)
+    assert twin.forward.__self__ is twin and base.forward.__self__ is base
+    ids, mask = _inputs(batch=1, length=20, pad_left=(0,), seed=2)
+    for wrapped in (base, twin):
+        cache = SeerStaticCache(config=wrapped.config, max_cache_len=30)
+        wrapped.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, **_cache(cache))
+        assert cache.graph_runner.model is wrapped
     assert model.unload() is base and "forward" not in vars(base)
 
 
