@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .decode import SeerStaticCache
+from .kernels import ENV_BACKEND
 
 _CACHE_KWARGS = ("past_key_values", "cache")
 _ORIGINAL_FORWARD_ATTR = "_seer_original_forward"
@@ -100,7 +101,7 @@ def _runtime_signature(runtime: Any) -> tuple:
         runtime.distillation is None,
         runtime.decode_block_scorer is None,
         runtime.record_gate_outputs,
-        os.environ.get("SEER_ADAPTER_KERNEL", ""),
+        os.environ.get(ENV_BACKEND, ""),
     )
 
 
