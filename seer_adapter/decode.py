@@ -432,6 +432,11 @@ class SeerStaticCache(SeerDynamicCache):
             # re-adopt keys/values replaced since the last append (beam reordering) into the same buffers
             layer.keys = layer._append(layer.keys, layer.keys[..., :0, :], "_key_buffer")
             layer.values = layer._append(layer.values, layer.values[..., :0, :], "_value_buffer")
+            if device is not None and layer.keys.device != device:
+                raise DecodeCacheError(
+                    f"layer {index} of this SeerStaticCache is on {layer.keys.device}, layer 0 on {device}: static "
+                    "decoding needs the model on one device; use SeerDynamicCache with a model split over devices."
+                )
             device = layer.keys.device
         for compressed in self.seer_keys.values():
             compressed.reserve(self.max_cache_len, self.seer_block_size or 1)
