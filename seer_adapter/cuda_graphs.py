@@ -240,8 +240,15 @@ class StaticStepRunner:
                 self.forward(**inputs)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.forward(**inputs)
+        try:
+            with torch.cuda.graph(graph):
+                output = self.forward(**inputs)
+        except RuntimeError as error:  # e.g. a host synchronisation inside the model (dynamic RoPE scaling)
+            raise RuntimeError(
+                f"capturing the decoding step of {type(self.model).__name__} as a CUDA graph failed ({error}); "
+                "create the cache with SeerStaticCache(..., cuda_graph=False) to run the same static steps eagerly, "
+                "or decode with SeerDynamicCache."
+            ) from error
         self._graph, self._graph_output = graph, output
         self._updated_layers = set(self.cache.static_updates)
         self._stats = {layer: dict(stats) for layer, stats in self.runtime.stats.items()}
