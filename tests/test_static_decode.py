@@ -89,7 +89,15 @@ def test_static_dense_paths_equal_the_base_model():
     )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_seq, want_seq)
-    model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK)
+    # an adapter without a decode gate (prefill gates only) decodes dense through static steps as well
+    no_decode_gate = get_seer_model(model.unload(), _config(decode_gate=False))
+    got_seq, got = _generate_logits(
+        no_decode_gate, ids, mask, max_new_tokens=20, do_sample=False,
+        **_cache(SeerStaticCache(config=config, max_cache_len=64)),
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_seq, want_seq)
+    model = get_seer_model(no_decode_gate.unload(), _config(decode_token_budget=BLOCK))
     with model.disable_adapter():
         cache = SeerStaticCache(config=config, max_cache_len=64)
         got_seq, got = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(cache))
