@@ -12,7 +12,7 @@ import inspect
 import pytest
 import torch
 from test_decode import BLOCK, _cache, _config, _generate_logits, _inputs, _randomise_decode_gates
-from tiny_models import tiny_model
+from tiny_models import FAMILIES, tiny_model
 
 from seer_adapter import DecodeCacheError, SeerDynamicCache, SeerStaticCache, get_seer_model
 from seer_adapter.cuda_graphs import StaticStepRunner
@@ -54,6 +54,26 @@ def test_static_steps_equal_dynamic_decoding(family, settings):
     assert torch.equal(got_seq, want_seq)
     stats = model.sparsity_stats()
     assert {row["phase"] for row in stats} == {"decode"} and any(row["density"] < 1 for row in stats)
+
+
+SLIDING_FAMILIES = {"gemma2", "gemma3_text"}  # sliding-window layers: the static cache refuses them
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_decodes_statically_like_the_dynamic_cache(family):
+    """Breadth: every tiny family's static steps give the dynamic cache's tokens and logits; families with
+    sliding-window layers get the clear error instead."""
+    model = get_seer_model(tiny_model(family), _config(decode_token_budget=3 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 30), seed=3)
+    if family in SLIDING_FAMILIES:
+        cache = SeerStaticCache(config=model.base_model.config, max_cache_len=70)
+        with pytest.raises(DecodeCacheError, match="sliding window.*use SeerDynamicCache"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, **_cache(cache))
+        return
+    (want_seq, want), (got_seq, got), _ = _both_caches(model, ids, mask, 70, max_new_tokens=20, do_sample=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_seq, want_seq)
 
 
 def test_static_stats_and_compressed_keys_equal_dynamic():
