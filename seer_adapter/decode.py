@@ -367,15 +367,26 @@ class SeerStaticCache(SeerDynamicCache):
         max_cache_len: slots of every layer: at least the prompt length plus ``max_new_tokens``.
         cuda_graph: capture and replay decoding steps as a CUDA graph on CUDA (ignored on other devices, where
             static steps run eagerly).
+        full_sliding_layers: keep the model's sliding-window layers at full capacity as well (they then hold every
+            token, not just the window: more memory; their masks still apply the window), so that models with
+            sliding-window layers (Gemma 2 / 3, Mistral with a window) decode statically. Off by default: such a
+            model is refused at the first static step.
 
-    Sliding-window layers are not supported (use `SeerDynamicCache`); beam search works (reordering copies rows
-    within the same buffers, so a captured graph stays valid).
+    Beam search works (reordering copies rows within the same buffers, so a captured graph stays valid).
     """
 
-    def __init__(self, *args, max_cache_len: int, cuda_graph: bool = True, **kwargs) -> None:
+    def __init__(
+        self, *args, max_cache_len: int, cuda_graph: bool = True, full_sliding_layers: bool = False, **kwargs
+    ) -> None:
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         super().__init__(*args, **kwargs)
+        if full_sliding_layers:
+            for index, layer in enumerate(self.layers):
+                if getattr(layer, "is_sliding", False):
+                    if layer.is_initialized:
+                        raise ValueError(f"layer {index} holds tokens: full_sliding_layers needs an empty cache")
+                    self.layers[index] = GrowableDynamicLayer()
         self._capacity = max_cache_len
         self.cuda_graph = cuda_graph
         # during a static step: long [1] on the device, the new token's slot (see begin_static_step)
@@ -425,7 +436,8 @@ class SeerStaticCache(SeerDynamicCache):
             if not isinstance(layer, GrowableDynamicLayer) or layer.capacity_limit != self.max_cache_len:
                 raise DecodeCacheError(
                     f"layer {index} of this SeerStaticCache is a {type(layer).__name__} (sliding window or another "
-                    "layer type); static decoding needs full-attention layers: use SeerDynamicCache for this model."
+                    "layer type); static decoding needs full-capacity layers: create the cache with "
+                    "full_sliding_layers=True (every token kept in sliding layers too), or use SeerDynamicCache."
                 )
             if not layer.is_initialized or layer.keys.shape[-2] != length:
                 raise DecodeCacheError(f"layer {index} holds a different number of tokens than layer 0 ({length})")

@@ -21,12 +21,12 @@ ON_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 
 
-def _both_caches(model, ids, mask, capacity, **kwargs):
+def _both_caches(model, ids, mask, capacity, full_sliding_layers=False, **kwargs):
     """(sequences, logits) of generate() with a SeerDynamicCache and with a SeerStaticCache, and the static cache."""
     config = model.base_model.config
     dynamic = _generate_logits(model, ids, mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
     dynamic_stats = model.sparsity_stats()
-    static_cache = SeerStaticCache(config=config, max_cache_len=capacity)
+    static_cache = SeerStaticCache(config=config, max_cache_len=capacity, full_sliding_layers=full_sliding_layers)
     static = _generate_logits(model, ids, mask, **kwargs, **_cache(static_cache))
     assert model.sparsity_stats() == dynamic_stats  # the last step's kept and causal blocks per layer
     return dynamic, static, static_cache
@@ -56,22 +56,25 @@ def test_static_steps_equal_dynamic_decoding(family, settings):
     assert {row["phase"] for row in stats} == {"decode"} and any(row["density"] < 1 for row in stats)
 
 
-SLIDING_FAMILIES = {"gemma2", "gemma3_text"}  # sliding-window layers: the static cache refuses them
+SLIDING_FAMILIES = {"gemma2", "gemma3_text"}  # sliding-window layers: refused unless full_sliding_layers=True
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_decodes_statically_like_the_dynamic_cache(family):
     """Breadth: every tiny family's static steps give the dynamic cache's tokens and logits; families with
-    sliding-window layers get the clear error instead."""
+    sliding-window layers get the clear error, then decode statically with full-capacity sliding layers."""
     model = get_seer_model(tiny_model(family), _config(decode_token_budget=3 * BLOCK))
     _randomise_decode_gates(model)
     ids, mask = _inputs(batch=2, length=45, pad_left=(0, 30), seed=3)
+    options = {}
     if family in SLIDING_FAMILIES:
         cache = SeerStaticCache(config=model.base_model.config, max_cache_len=70)
-        with pytest.raises(DecodeCacheError, match="sliding window.*use SeerDynamicCache"):
+        with pytest.raises(DecodeCacheError, match="sliding window.*full_sliding_layers=True.*SeerDynamicCache"):
             model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, **_cache(cache))
-        return
-    (want_seq, want), (got_seq, got), _ = _both_caches(model, ids, mask, 70, max_new_tokens=20, do_sample=False)
+        options = {"full_sliding_layers": True}  # every token kept; the masks still apply the window (32 < 65)
+    (want_seq, want), (got_seq, got), _ = _both_caches(
+        model, ids, mask, 70, max_new_tokens=20, do_sample=False, **options
+    )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_seq, want_seq)
 
