@@ -100,7 +100,7 @@ class SeerAttentionMask:
             and mask_kwargs.get("local_size") is None
         )
         self._materialised: dict[str, Any] = {}
-        self._first_real_block: dict[Any, Any] = {}  # per block size (and static-step blocks), once per forward
+        self._per_forward: dict[Any, Any] = {}  # sink blocks and static-step blocks per block size, once per forward
 
     def materialize(self, attn_implementation: str) -> Any:
         """The mask ``attn_implementation``'s own mask function makes from the same arguments (cached)."""
@@ -112,22 +112,22 @@ class SeerAttentionMask:
     def first_real_block(self, block_size: int) -> torch.Tensor:
         """long ``[B]``: the key block of each row's first real token (the sink block), computed once per forward
         and block size (every layer of a forward shares this mask)."""
-        if block_size not in self._first_real_block:
+        if block_size not in self._per_forward:
             padding = self.key_padding_mask
             if padding is None:
                 raise ValueError("no padding mask: every row's first real token is in block 0")
-            self._first_real_block[block_size] = padding.to(torch.int8).argmax(dim=-1) // block_size
-        return self._first_real_block[block_size]
+            self._per_forward[block_size] = padding.to(torch.int8).argmax(dim=-1) // block_size
+        return self._per_forward[block_size]
 
     def static_step_blocks(self, slot: torch.Tensor, block_size: int) -> StaticStepBlocks:
         """`seer_adapter.decode.StaticStepBlocks` of a static decoding step at ``slot`` (computed once per forward and
         block size: every layer of the step shares them)."""
         key = ("static", block_size)
-        if key not in self._first_real_block:
+        if key not in self._per_forward:
             if self.key_padding_mask is None:
                 raise DecodeCacheError("a static decoding step needs the [B, max_cache_len] padding mask of its runner")
-            self._first_real_block[key] = static_step_blocks(slot, self.key_padding_mask, block_size)
-        return self._first_real_block[key]
+            self._per_forward[key] = static_step_blocks(slot, self.key_padding_mask, block_size)
+        return self._per_forward[key]
 
     def _not_a_tensor(self) -> TypeError:
         return TypeError(
@@ -626,90 +626,6 @@ def _track_compressed_keys_static(
     state.compressed_keys = compressed
 
 
-def _static_sparse_decode(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: SeerAttentionMask,
-    scaling: float | None,
-    state: SeerLayerState,
-    cache: SeerStaticCache,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """`_decode_attention`'s sparse step with fixed shapes: every tensor is sized by the cache capacity, positions
-    come from the device-side slot, so the step can be captured once and replayed as a CUDA graph.
-
-    The kept blocks equal the dynamic step's: the scores and the selection read the current block from the device
-    (`decode_gate_scores` with a tensor ``n_earlier``, `select_block_lists` with ``local_block``: blocks after it
-    are not written yet and not allowed), and the attention reads the whole buffers with the padding mask, which is
-    False past the slot.
-    """
-    runtime = state.runtime
-    if runtime.decode_block_scorer is not None or runtime.record_gate_outputs:
-        raise NotImplementedError(
-            "decode block scorers and record_gate_outputs read host-side lengths, which a static decoding step does "
-            "not have: evaluate and record with a SeerDynamicCache."
-        )
-    config = runtime.config
-    decode_gate = module.seer_gate[runtime.active_adapter].decode
-    compressed = state.compressed_keys
-    if compressed is None:
-        raise DecodeCacheError(f"layer {state.layer_idx}: sparse decoding needs the K-compression cache")
-    block_size = decode_gate.block_size
-    padding = mask.key_padding_mask  # [B, C]: real tokens written so far
-    n_blocks = -(-key.shape[2] // block_size)
-    current = mask.static_step_blocks(cache.static_slot, block_size).block  # [1]
-    with torch.no_grad():
-        keys, valid_blocks, _, _ = compressed.static_buffers()
-        cos = sin = None
-        if state.position_embeddings is not None:
-            cos, sin = (table[:, -1] if table.dim() == 3 else table[-1:] for table in state.position_embeddings)
-        scores = decode_gate_scores(
-            query[:, :, 0],
-            cos,
-            sin,
-            decode_gate.q_proj.weight,
-            keys[:, :, :n_blocks],
-            current,
-            rope_style=state.rope_style or "half",
-            scale=1.0 / math.sqrt(decode_gate.gate_dim),
-        )  # [B, Hkv, 1, nCap]: blocks before the current one scored, the lowest float from it on
-        lists, allowed = select_block_lists(
-            scores,
-            method=config.decode_method,
-            block_size=block_size,
-            q_len=1,
-            kv_len=n_blocks * block_size,
-            block_valid=valid_blocks[:, :n_blocks],
-            threshold=config.decode_threshold,
-            token_budget=config.decode_token_budget,
-            sink_block=mask.first_real_block(block_size),
-            force_local_block=True,
-            local_block=current,  # blocks after it are not allowed (not written yet)
-        )
-        indices, counts, allowed = lists.indices[:, :, 0], lists.counts[:, :, 0], allowed[:, :, 0]
-    out = sparse_decode_attention(
-        query[:, :, 0],
-        key,
-        value,
-        indices,
-        counts,
-        block_size=block_size,
-        scale=scaling,
-        key_padding_mask=padding,
-        softcap=kwargs.get("softcap"),
-    )  # [B, Hq, D]
-    state.runtime.stats[state.layer_idx] = {
-        "mode": "sparse",
-        "phase": "decode",
-        "q_len": 1,
-        "kept_blocks": counts,
-        "causal_blocks": allowed,
-    }
-    return out[:, None].contiguous(), None
-
-
 def _decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -725,7 +641,8 @@ def _decode_attention(
 
     Sparse decoding scores the strictly earlier blocks of the K-compression cache with the merged query of each GQA
     group (`decode_gate_scores`, or an evaluation scorer), selects blocks per KV head (`select_scored_blocks`; the new
-    token's block and the sink block always) and attends through `sparse_decode_attention`.
+    token's block and the sink block always) and attends through `sparse_decode_attention`. On a `SeerStaticCache`
+    step the same path runs shape-static: whole buffers, the current block read from the device.
     """
     config = state.runtime.config
     decode_gate = module.seer_gate[state.runtime.active_adapter].decode
@@ -742,9 +659,6 @@ def _decode_attention(
         return _dense_attention(*args, "attention dropout is on (module in training mode)", **kwargs)
     if kwargs.get("s_aux") is not None:
         return _dense_attention(*args, "the layer uses attention sinks (s_aux)", **kwargs)
-    static_cache = _static_step(state)
-    if static_cache is not None:
-        return _static_sparse_decode(module, query, key, value, attention_mask, scaling, state, static_cache, **kwargs)
     compressed = state.compressed_keys
     if compressed is None:
         raise DecodeCacheError(
@@ -757,6 +671,23 @@ def _decode_attention(
     padding = attention_mask.key_padding_mask  # [B, Sk] or None
     batch, kv_len = query.shape[0], key.shape[2]
     n_blocks = -(-kv_len // block_size)
+    static_cache = _static_step(state)
+    if static_cache is None:  # the cache's own length: the current block is the last one
+        keys, valid = compressed.keys, compressed.block_valid_through(n_blocks)  # [B, Hkv, nB - 1, G], [B, nB]
+        n_earlier: int | torch.Tensor = n_blocks - 1
+        current = None
+    else:
+        # A shape-static step (CUDA graphs): whole buffers of the capacity, the current block read from the device;
+        # blocks after it are not written yet and not allowed, so the kept blocks equal the dynamic step's.
+        if state.runtime.decode_block_scorer is not None or state.runtime.record_gate_outputs:
+            raise NotImplementedError(
+                "decode block scorers and record_gate_outputs read host-side lengths, which a static decoding step "
+                "does not have: evaluate and record with a SeerDynamicCache."
+            )
+        keys, valid, _, _ = compressed.static_buffers()
+        keys, valid = keys[:, :, :n_blocks], valid[:, :n_blocks]
+        current = attention_mask.static_step_blocks(static_cache.static_slot, block_size).block  # long [1]
+        n_earlier = current
     with torch.no_grad():
         scorer = state.runtime.decode_block_scorer
         if scorer is None:  # one fused kernel on CUDA: inverse RoPE, group merge, RoPE, dot products
@@ -768,15 +699,14 @@ def _decode_attention(
                 cos,
                 sin,
                 decode_gate.q_proj.weight,
-                compressed.keys,
-                n_blocks - 1,
+                keys,
+                n_earlier,
                 rope_style=state.rope_style or "half",
                 scale=1.0 / math.sqrt(decode_gate.gate_dim),
-            )  # [B, Hkv, 1, nB], the current block last
+            )  # [B, Hkv, 1, nB], the lowest float from the current block on
         else:
             logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"))
             scores = with_current_block(logits)  # [B, Hkv, 1, nB]
-        valid = compressed.block_valid_through(n_blocks)  # [B, nB]
         # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
         if padding is None:
             sink = query.new_zeros(batch, dtype=torch.long)
@@ -790,6 +720,7 @@ def _decode_attention(
             block_size=block_size,
             token_budget=config.decode_token_budget,
             threshold=config.decode_threshold,
+            current_block=current,
         )
     out = sparse_decode_attention(
         query[:, :, 0],

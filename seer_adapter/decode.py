@@ -765,6 +765,7 @@ def select_scored_blocks(
     block_size: int,
     token_budget: int,
     threshold: float,
+    current_block: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`select_decode_blocks` on scores already laid out for selection (what `decode_gate_scores` returns).
 
@@ -773,6 +774,8 @@ def select_scored_blocks(
             be the lowest finite float (`with_current_block`).
         valid: bool ``[B, n_blocks]``: the block holds a real token (the current one does).
         sink_block, method, block_size, token_budget, threshold: as `select_decode_blocks`.
+        current_block: long ``[1]`` on the device (shape-static steps): the current block, when it is not the last
+            column; the blocks after it are not allowed (their scores must be the lowest float as well).
     """
     from .kernels import select_block_lists
 
@@ -792,5 +795,6 @@ def select_scored_blocks(
         token_budget=token_budget,
         sink_block=sink_block,
         force_local_block=True,
+        local_block=current_block,
     )
     return lists.indices[:, :, 0], lists.counts[:, :, 0], allowed[:, :, 0]
