@@ -543,6 +543,26 @@ def as_seer_cache(cache: object) -> SeerDynamicCache | None:
     return None
 
 
+def compress_key_blocks(
+    gate: DecodeGate,
+    key: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    token_valid: torch.Tensor | None,
+    rope_style: str,
+) -> torch.Tensor:
+    """Compressed keys ``[B, Hkv, n, G]`` of the ``n`` whole blocks of post-RoPE ``key [B, Hkv, n · block_size, D]``:
+    pooled pre-RoPE (RoPE undone with the slots' tables ``cos, sin [B, n · block_size, r]``; ``token_valid``
+    ``[B, n · block_size]`` keeps padding out), projected, and rotated at each block's first slot."""
+    block_size = gate.block_size
+    pooled = pool_pre_rope_blocks(
+        key, cos, sin, rope_style=rope_style, block_size=block_size, poolings=gate.k_pooling, token_valid=token_valid
+    )  # [B, Hkv, n, Pk·D] fp32
+    block_tables = (None, None) if cos is None else (cos[:, ::block_size], sin[:, ::block_size])
+    with torch.no_grad():
+        return gate.keys(pooled, *block_tables, rope_style=rope_style)
+
+
 def update_compressed_keys(
     cache: SeerDynamicCache,
     layer_idx: int,
@@ -607,17 +627,7 @@ def update_compressed_keys(
         start, stop = done * block_size, complete * block_size
         valid = None if token_valid is None else token_valid[:, start:stop]
         tables = (None, None) if cos is None else (layer.cos[:, start:stop], layer.sin[:, start:stop])
-        pooled = pool_pre_rope_blocks(
-            key[:, :, start:stop],
-            *tables,
-            rope_style=rope_style,
-            block_size=block_size,
-            poolings=gate.k_pooling,
-            token_valid=valid,
-        )  # [B, Hkv, n_new, Pk·D] fp32
-        block_tables = (None, None) if cos is None else (tables[0][:, ::block_size], tables[1][:, ::block_size])
-        with torch.no_grad():
-            new_keys = gate.keys(pooled, *block_tables, rope_style=rope_style)  # [B, Hkv, n_new, G]
+        new_keys = compress_key_blocks(gate, key[:, :, start:stop], *tables, valid, rope_style)  # [B, Hkv, n_new, G]
         new_valid = (
             torch.ones(batch, complete - done, dtype=torch.bool, device=key.device)
             if valid is None
@@ -679,24 +689,13 @@ def update_compressed_keys_static(
         cos, sin: RoPE tables of the new token ``[B or 1, 1, r]`` (``None``: no RoPE).
     """
     batch = key.shape[0]
-    block_size = gate.block_size
     keys, valid_blocks, cos_buffer, sin_buffer = layer.static_buffers()
     if cos is not None:
         cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
         sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
     block, rows, valid = blocks.block, blocks.rows, blocks.valid
     tables = (None, None) if cos is None else (cos_buffer.index_select(1, rows), sin_buffer.index_select(1, rows))
-    pooled = pool_pre_rope_blocks(
-        key.index_select(2, rows),
-        *tables,
-        rope_style=rope_style,
-        block_size=block_size,
-        poolings=gate.k_pooling,
-        token_valid=valid,
-    )  # [B, Hkv, 1, Pk·D] fp32
-    block_tables = (None, None) if cos is None else (tables[0][:, :1], tables[1][:, :1])
-    with torch.no_grad():
-        new_key = gate.keys(pooled, *block_tables, rope_style=rope_style)  # [B, Hkv, 1, G]
+    new_key = compress_key_blocks(gate, key.index_select(2, rows), *tables, valid, rope_style)  # [B, Hkv, 1, G]
     keys.index_copy_(2, block, new_key.to(keys.dtype))
     valid_blocks.index_copy_(1, block, blocks.block_valid)
 
