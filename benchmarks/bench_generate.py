@@ -146,7 +146,6 @@ def main() -> None:
     rows = []
     for variant, budget in variants:
         cache.__class__ = SeerStaticCache if variant.endswith("_graph") else SeerDynamicCache
-        cache._layers_ready = False  # eager steps appended behind the static cache's back: check the layers again
         captures_before = getattr(cache.graph_runner, "captures", 0)
 
         def sdpa(flash_only: bool = variant == "dense_flash"):  # a fresh context manager per use

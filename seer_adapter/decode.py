@@ -28,7 +28,7 @@ a device tensor, whole buffers read with a padding mask, the current block recom
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -393,9 +393,10 @@ class SeerStaticCache(SeerDynamicCache):
         self.static_slot: torch.Tensor | None = None
         self._slot_buffer: torch.Tensor | None = None
         self._static_written: set[int] = set()  # layers whose compressed keys the current static step updated
-        # begin_static_step checked every layer and no append/crop/reorder happened since: skip the checks (~1 ms of
-        # host time per step at 32 layers, more than the rest of the step's host work)
-        self._layers_ready = False
+        # the keys/values views the last static step left in the layers: while every layer still holds them, nothing
+        # (append, crop, reorder, reset) changed the layers and begin_static_step skips its checks (~1 ms of host
+        # time per step at 32 layers, more than the rest of the step's host work)
+        self._static_views: list[torch.Tensor] = []
         self.graph_runner: object | None = None  # seer_adapter.cuda_graphs keeps its captured step here
         for layer in self.layers:
             if type(layer) is GrowableDynamicLayer:
@@ -426,7 +427,10 @@ class SeerStaticCache(SeerDynamicCache):
                 f"SeerStaticCache(max_cache_len={self.max_cache_len}) is full ({length} tokens); create it with a "
                 "max_cache_len of at least the prompt length plus max_new_tokens."
             )
-        if self._layers_ready:
+        tensors = list(self._layer_tensors())
+        if len(self._static_views) == len(tensors) and all(
+            a is b for a, b in zip(self._static_views, tensors, strict=True)
+        ):
             self._slot_buffer.fill_(length)
             self.static_slot = self._slot_buffer
             self._static_written.clear()
@@ -457,8 +461,13 @@ class SeerStaticCache(SeerDynamicCache):
         self._slot_buffer.fill_(length)
         self.static_slot = self._slot_buffer
         self._static_written.clear()
-        self._layers_ready = True
+        self._static_views = list(self._layer_tensors())
         return length
+
+    def _layer_tensors(self) -> Iterator[torch.Tensor]:
+        for layer in self.layers:
+            yield layer.keys
+            yield layer.values
 
     def mark_static_updates(self, layer_indices: Iterable[int]) -> None:
         """Record that the current static step updated these layers' compressed keys."""
@@ -482,6 +491,7 @@ class SeerStaticCache(SeerDynamicCache):
         for layer in self.layers:
             layer.keys = layer._key_buffer[..., :length, :]
             layer.values = layer._value_buffer[..., :length, :]
+        self._static_views = list(self._layer_tensors())
         for layer_idx in list(self.seer_keys):
             if layer_idx in self._static_written:
                 self.seer_keys[layer_idx].advance_static(length, self.seer_block_size or 1)
@@ -490,7 +500,6 @@ class SeerStaticCache(SeerDynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.static_slot is None:
-            self._layers_ready = False
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         layer._key_buffer.index_copy_(2, self.static_slot, key_states)
@@ -511,24 +520,6 @@ class SeerStaticCache(SeerDynamicCache):
     def reset(self) -> None:
         super().reset()
         self.graph_runner = None
-        self._layers_ready = False
-
-    # Anything that replaces or shortens the layers' tensors makes the next static step check them again.
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._layers_ready = False
-        super().reorder_cache(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._layers_ready = False
-        super().batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._layers_ready = False
-        super().batch_select_indices(indices)
-
-    def crop(self, max_length: int) -> None:
-        self._layers_ready = False
-        super().crop(max_length)
 
 
 def as_seer_cache(cache: object) -> SeerDynamicCache | None:
