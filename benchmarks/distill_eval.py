@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--adapter-in", default=None, help="evaluate these saved gates (no training)")
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
+    parser.add_argument(
+        "--decode-token-fraction", type=float, default=0.25, help="tokens whose decode target is computed (0, 1]"
+    )
     parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
     parser.add_argument("--decode-budgets", type=int, nargs="*", default=None, help="decode-gate budgets to evaluate")
     parser.add_argument("--decode-thresholds", type=float, nargs="*", default=[])
@@ -119,6 +122,7 @@ def main() -> None:
                 save_total_limit=1,
                 progress=False,
                 decode_target=args.decode_target,
+                decode_token_fraction=args.decode_token_fraction,
             ),
         )
         train_s = time.perf_counter() - started
@@ -137,6 +141,7 @@ def main() -> None:
         distillation = {"steps": records[-1]["step"], "lr": args.lr, "seq_len": args.seq_len,
                         "batch_size": args.batch_size, "decode_gate": args.decode_gate or bool(args.adapter_in),
                         "decode_target": None if args.adapter_in else args.decode_target,
+                        "decode_token_fraction": None if args.adapter_in else args.decode_token_fraction,
                         "train_seconds": train_s or None, "tokens_per_s": tokens_per_s,
                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
                         "final_decode_loss": records[-1].get("decode_loss")}  # fmt: skip

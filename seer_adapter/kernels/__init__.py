@@ -236,7 +236,8 @@ def decode_block_ground_truth(
     ``query_rows`` (long ``[R]``) computes the rows of those token positions only (``[B, Hkv, R, nK]``);
     ``target`` is ``"max"`` (SeerAttention-R's) or ``"mass"`` (probability mass per block).
 
-    Only the PyTorch reference exists so far; on CUDA it runs chunked in fp32 (one extra pass over Q·Kᵀ).
+    Backends: the PyTorch reference (chunked fp32 scores) and one Triton kernel (``decode_ground_truth_triton``,
+    the default on CUDA: two passes over ``Q·Kᵀ`` in registers, no score tensor).
     """
     fn = backend_for("decode_ground_truth", q.device, backend)
     return fn(
@@ -336,7 +337,13 @@ __all__ = [
 ]
 
 try:  # Triton kernels register themselves as backend "triton" (default on CUDA) when triton is importable.
-    from . import block_select_triton, block_sparse_triton, decode_scores_triton, sparse_decode_triton  # noqa: E402, F401
+    from . import (  # noqa: E402, F401
+        block_select_triton,
+        block_sparse_triton,
+        decode_ground_truth_triton,
+        decode_scores_triton,
+        sparse_decode_triton,
+    )
 except ImportError as _triton_error:  # pragma: no cover - triton not installed
     if torch.cuda.is_available():
         import warnings

@@ -55,36 +55,22 @@ def decode_block_ground_truth_reference(
         fp32 ``[B, Hkv, R, nK]`` (``R = S`` by default) with ``nK = ceil(S / block_size)``: the row of token ``t``
         sums to 1 over blocks ``< t // block_size`` (or is all zero).
     """
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B, Hq, S, D] and k [B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    query_rows = check_decode_target_inputs(q, k, key_padding_mask, query_rows, target)
     batch, hq, length, head_dim = q.shape
     hkv = k.shape[1]
-    if hq % hkv or k.shape[2] != length:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq % Hkv == 0 and equal lengths")
-    if target not in DECODE_TARGETS:
-        raise ValueError(f"decode target must be one of {DECODE_TARGETS}, got {target!r}")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, length):
-        raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
-    if query_rows is None:
-        query_rows = torch.arange(length, device=q.device)
-    elif query_rows.dim() != 1 or (
-        query_rows.numel() and not 0 <= int(query_rows.min()) <= int(query_rows.max()) < length
-    ):
-        raise ValueError(f"query_rows must be 1-D token positions in [0, {length})")
-    query_rows = query_rows.to(q.device)
     n_rows = query_rows.numel()
     group = hq // hkv
     n_blocks = math.ceil(length / block_size)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     kf = k.float()
-    result = torch.zeros(batch, hkv, n_rows, n_blocks, dtype=torch.float32, device=q.device)
-    key_positions = torch.arange(length, device=q.device)
-    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
     # The last key block is never strictly earlier than any token, so only the n_blocks - 1 full blocks before it
     # are scored, and max_k p_k = exp(max_k s_k - lse) per block: one block-max pass over the scores instead of
     # materialising the probabilities (softmax, NaN cleanup and padding each cost a pass of their own).
     n_earlier = n_blocks - 1
-    for start in range(0, n_rows, chunk):
+    per_block = torch.zeros(batch, hkv, n_rows, n_earlier, dtype=torch.float32, device=q.device)
+    key_positions = torch.arange(length, device=q.device)
+    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * hq * length))
+    for start in range(0, n_rows if n_earlier else 0, chunk):
         stop = min(n_rows, start + chunk)
         positions = query_rows[start:stop]  # [s] token positions of this chunk
         qc = q[:, :, positions].float().view(batch, hkv, group, stop - start, head_dim)
@@ -95,22 +81,64 @@ def decode_block_ground_truth_reference(
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, :]
         scores.masked_fill_(~visible[:, None, None], float("-inf"))
-        if n_earlier == 0:
-            continue
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, Hkv, g, s, 1]
         earlier_scores = scores[..., : n_earlier * block_size].unflatten(-1, (n_earlier, block_size))
         if target == "max":
             block_max = earlier_scores.amax(dim=-1)  # [B, Hkv, g, s, nK - 1]
             block_prob = torch.exp(block_max - lse).nan_to_num(0.0)  # rows without a visible key: 0
-            per_block = block_prob.amax(dim=2)  # [B, Hkv, s, nK - 1]
+            chunk_blocks = block_prob.amax(dim=2)  # [B, Hkv, s, nK - 1]
         else:
             probs = torch.exp(earlier_scores - lse[..., None]).nan_to_num(0.0)  # [B, Hkv, g, s, nK - 1, bs]
-            per_block = probs.sum(dim=(-1, 2))  # the group's mass per block [B, Hkv, s, nK - 1]
-        rows = positions // block_size
-        earlier = torch.arange(n_earlier, device=q.device)[None, :] < rows[:, None]  # [s, nK - 1]
-        per_block = per_block * earlier
-        total = per_block.sum(dim=-1, keepdim=True)
-        result[:, :, start:stop, :n_earlier] = torch.where(total > 0, per_block / total.clamp_min(1e-30), 0.0)
+            chunk_blocks = probs.sum(dim=(-1, 2))  # the group's mass per block [B, Hkv, s, nK - 1]
+        earlier = torch.arange(n_earlier, device=q.device)[None, :] < (positions // block_size)[:, None]
+        per_block[:, :, start:stop] = chunk_blocks * earlier  # [B, Hkv, s, nK - 1]
+    return normalise_decode_target(per_block, query_rows, key_padding_mask)
+
+
+def check_decode_target_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    query_rows: torch.Tensor | None,
+    target: str,
+) -> torch.Tensor:
+    """Shape checks shared by the decode-target backends; returns the query rows (long ``[R]`` on q's device)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [B, Hq, S, D] and k [B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, hq, length, _ = q.shape
+    hkv = k.shape[1]
+    if hq % hkv or k.shape[2] != length:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq % Hkv == 0 and equal lengths")
+    if target not in DECODE_TARGETS:
+        raise ValueError(f"decode target must be one of {DECODE_TARGETS}, got {target!r}")
+    if key_padding_mask is not None and (
+        tuple(key_padding_mask.shape) != (batch, length) or key_padding_mask.dtype != torch.bool
+    ):
+        raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
+    if query_rows is None:
+        return torch.arange(length, device=q.device)
+    if query_rows.dim() != 1 or (
+        query_rows.numel() and not 0 <= int(query_rows.min()) <= int(query_rows.max()) < length
+    ):
+        raise ValueError(f"query_rows must be 1-D token positions in [0, {length})")
+    return query_rows.to(q.device, torch.long)
+
+
+def normalise_decode_target(
+    per_block: torch.Tensor, query_rows: torch.Tensor, key_padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The target from the un-normalised values of the strictly earlier blocks.
+
+    Args:
+        per_block: fp32 ``[B, Hkv, R, nK - 1]``, zero on blocks not strictly earlier than the row's token.
+        query_rows: long ``[R]`` token positions of the rows; key_padding_mask: optional bool ``[B, S]``.
+
+    Returns:
+        fp32 ``[B, Hkv, R, nK]``: each row divided by its sum (all-zero rows and padding tokens' rows stay zero), the
+        last block's column zero (no token has it strictly earlier).
+    """
+    total = per_block.sum(dim=-1, keepdim=True)
+    result = torch.where(total > 0, per_block / total.clamp_min(1e-30), 0.0)
     if key_padding_mask is not None:
-        result = result * key_padding_mask[:, query_rows][:, None, :, None]
-    return result
+        result = torch.where(key_padding_mask[:, query_rows][:, None, :, None], result, 0.0)
+    return torch.nn.functional.pad(result, (0, 1))

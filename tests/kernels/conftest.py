@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
         importlib.reload(_compiled)
         for name in (
             "seer_adapter.kernels.ground_truth",
+            "seer_adapter.kernels.decode_ground_truth_triton",
             "seer_adapter.kernels.block_select_triton",
             "seer_adapter.kernels.sparse_decode_triton",
             "seer_adapter.kernels.decode_scores_triton",
