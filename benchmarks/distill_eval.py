@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
     parser.add_argument(
-        "--decode-token-fraction", type=float, default=0.25, help="tokens whose decode target is computed (0, 1]"
+        "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"
     )
     parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
     parser.add_argument("--decode-budgets", type=int, nargs="*", default=None, help="decode-gate budgets to evaluate")

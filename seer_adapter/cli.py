@@ -628,8 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--decode-token-fraction",
         type=float,
-        default=0.25,
-        help="fraction of the tokens whose decode-gate target is computed each step (evenly strided; default 0.25)",
+        default=None,
+        help="fraction of the tokens whose decode-gate target is computed each step (evenly strided; default: all "
+        "on CUDA, where the target is a Triton kernel, 0.25 on the CPU)",
     )
     distill.add_argument(
         "--decode-target",

@@ -37,8 +37,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .attention import SeerAttentionMask, SeerLayerState, compute_decode_gate_logits, compute_gate_logits
-from .kernels import decode_block_ground_truth
-from .kernels.decode_ground_truth import DECODE_TARGETS
+from .kernels import backend_for, decode_block_ground_truth
+from .kernels.decode_ground_truth import DECODE_TARGETS, decode_block_ground_truth_reference
 from .kernels.ground_truth import attention_with_block_ground_truth
 from .model import SeerModel
 
@@ -88,6 +88,14 @@ def decode_target_rows(length: int, skip_first_fraction: float, fraction: float,
     return torch.arange(length - 1, start - 1, -stride, device=device).flip(0)
 
 
+def default_decode_token_fraction(device: torch.device) -> float:
+    """The decode-token fraction used when none is given: 1.0 where the decode target runs as the Triton kernel (a
+    Qwen2.5-0.5B-shaped step at 16k costs the same with every token as with a quarter: 0.23 s on an H200), 0.25 on
+    the PyTorch reference, whose fp32 scores made the target most of a step (benchmarks/README.md)."""
+    on_reference = backend_for("decode_ground_truth", device) is decode_block_ground_truth_reference
+    return 0.25 if on_reference else 1.0
+
+
 class GateDistillationHook:
     """The `DistillationHook` installed during a distillation forward: ground truth + gate loss per layer."""
 
@@ -95,10 +103,10 @@ class GateDistillationHook:
         self,
         skip_first_fraction: float = 0.25,
         decode_loss_weight: float = 1.0,
-        decode_token_fraction: float = 1.0,
+        decode_token_fraction: float | None = None,
         decode_target: str = "max",
     ):
-        if not 0.0 < decode_token_fraction <= 1.0:
+        if decode_token_fraction is not None and not 0.0 < decode_token_fraction <= 1.0:
             raise ValueError(f"decode_token_fraction must be in (0, 1], got {decode_token_fraction}")
         if decode_target not in DECODE_TARGETS:
             raise ValueError(f"decode_target must be one of {DECODE_TARGETS}, got {decode_target!r}")
@@ -138,9 +146,8 @@ class GateDistillationHook:
             logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
             loss = block_kl_loss(target, logits, self.skip_first_fraction)
         if module.seer_gate[layer.runtime.active_adapter].decode is not None and self.decode_loss_weight > 0:
-            rows = decode_target_rows(
-                query.shape[2], self.skip_first_fraction, self.decode_token_fraction, query.device
-            )
+            fraction = self.decode_token_fraction or default_decode_token_fraction(query.device)
+            rows = decode_target_rows(query.shape[2], self.skip_first_fraction, fraction, query.device)
             with torch.no_grad():
                 decode_target = decode_block_ground_truth(
                     query,
@@ -171,7 +178,7 @@ def distillation_loss(
     skip_first_fraction: float = 0.25,
     loss_scale: float = 10.0,
     decode_loss_weight: float = 1.0,
-    decode_token_fraction: float = 1.0,
+    decode_token_fraction: float | None = None,
     decode_target: str = "max",
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """One distillation forward of the frozen model.
@@ -184,17 +191,29 @@ def distillation_loss(
         decode_loss_weight: weight of the decode-gate loss in each layer's loss (layers with a decode gate only;
             0 trains the prefill gates alone).
         decode_token_fraction: fraction of the (not skipped) tokens whose decode-gate target and loss are computed,
-            evenly strided (`decode_target_rows`; 1.0: every token).
+            evenly strided (`decode_target_rows`; 1.0: every token); default `default_decode_token_fraction`.
         decode_target: what the decode gate imitates: ``"max"`` (the largest probability per key block, max over the
             GQA group: SeerAttention-R's target, the default) or ``"mass"`` (the group's probability mass per block).
 
     Returns:
         ``(loss, per_layer)``: the scalar loss with gradients into the gates only, and ``{layer: loss}`` floats.
     """
+    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight, decode_token_fraction, decode_target)
+    total, per_layer, _ = _run_distillation_forward(model, input_ids, attention_mask, hook, loss_scale)
+    return total, per_layer
+
+
+def _run_distillation_forward(
+    model: SeerModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    hook: GateDistillationHook,
+    loss_scale: float,
+) -> tuple[torch.Tensor, dict[int, float], dict[int, float]]:
+    """The forward of `distillation_loss` with ``hook``; also returns the decode-gate KL per layer (floats)."""
     runtime = model.runtime
     if runtime.distillation is not None:
         raise RuntimeError("a distillation forward is already running on this model")
-    hook = GateDistillationHook(skip_first_fraction, decode_loss_weight, decode_token_fraction, decode_target)
     runtime.distillation = hook
     try:
         with torch.no_grad():
@@ -207,7 +226,8 @@ def distillation_loss(
     losses = list(hook.losses.values())
     # Layers spread over GPUs (device_map) leave their losses on their own devices.
     total = torch.stack([loss.to(losses[0].device) for loss in losses]).sum() * loss_scale
-    return total, {idx: loss.item() for idx, loss in sorted(hook.losses.items())}
+    per_layer = {idx: loss.item() for idx, loss in sorted(hook.losses.items())}
+    return total, per_layer, {idx: loss.item() for idx, loss in sorted(hook.decode_losses.items())}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -232,11 +252,12 @@ class DistillationArguments:
         default=1.0,
         metadata={"help": "Weight of the decode-gate loss in layers that have a decode gate (0: prefill gates only)."},
     )
-    decode_token_fraction: float = field(
-        default=0.25,
+    decode_token_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "Fraction of the tokens whose decode-gate target is computed (evenly strided, the skipped first "
-            "tokens excluded). The target has only a PyTorch path (a full fp32 Q·Kᵀ per layer); 0.25 cuts it 4×."
+            "tokens excluded). Default: every token where the target runs as the Triton kernel (CUDA), 0.25 on the "
+            "PyTorch reference (CPU), which materialises fp32 scores."
         },
     )
     decode_target: str = field(
@@ -257,7 +278,7 @@ class DistillationArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.skip_first_fraction < 1:
             raise ValueError(f"skip_first_fraction must be in [0, 1), got {self.skip_first_fraction}")
-        if not 0 < self.decode_token_fraction <= 1:
+        if self.decode_token_fraction is not None and not 0 < self.decode_token_fraction <= 1:
             raise ValueError(f"decode_token_fraction must be in (0, 1], got {self.decode_token_fraction}")
         if self.decode_target not in DECODE_TARGETS:
             raise ValueError(f"decode_target must be one of {DECODE_TARGETS}, got {self.decode_target!r}")
@@ -418,7 +439,7 @@ def train_gates(
         while step < args.max_steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step_loss, layer_losses = 0.0, {}
+            step_loss, layer_losses, decode_loss = 0.0, {}, None
             for _ in range(args.gradient_accumulation_steps):
                 batch = []
                 for _ in range(args.batch_size * world):
@@ -431,19 +452,17 @@ def train_gates(
                         ) from None
                 seen += len(batch)
                 local = torch.stack(batch[rank::world]).to(device)  # [batch_size, seq_len]
-                loss, per_layer = distillation_loss(
-                    model,
-                    local,
-                    skip_first_fraction=args.skip_first_fraction,
-                    loss_scale=args.loss_scale,
-                    decode_loss_weight=args.decode_loss_weight,
-                    decode_token_fraction=args.decode_token_fraction,
-                    decode_target=args.decode_target,
+                hook = GateDistillationHook(
+                    args.skip_first_fraction, args.decode_loss_weight, args.decode_token_fraction, args.decode_target
                 )
+                loss, per_layer, decode_per_layer = _run_distillation_forward(model, local, None, hook, args.loss_scale)
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / args.gradient_accumulation_steps
                 for idx, value in per_layer.items():
                     layer_losses[idx] = layer_losses.get(idx, 0.0) + value / args.gradient_accumulation_steps
+                if decode_per_layer:
+                    mean_decode = sum(decode_per_layer.values()) / len(decode_per_layer)
+                    decode_loss = (decode_loss or 0.0) + mean_decode / args.gradient_accumulation_steps
             if world > 1:
                 for p in params.values():
                     if p.grad is not None:  # decode gates get none with decode_loss_weight=0 (same on every rank)
@@ -467,6 +486,8 @@ def train_gates(
                 "tokens_per_s": per_step * args.seq_len / elapsed,
                 "seconds": elapsed,
                 "layer_loss": layer_losses,
+                # mean decode-gate KL over the layers with a decode gate (this process's batch; None without one)
+                "decode_loss": decode_loss,
             }
             records.append(record)
             if log_file is not None:

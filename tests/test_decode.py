@@ -538,6 +538,17 @@ def test_decode_target_rows_and_the_subsampled_loss():
     assert decode_target_rows(64, 0.25, 0.5, "cpu").tolist() == list(range(17, 64, 2))
     with pytest.raises(ValueError, match="decode_token_fraction"):
         GateDistillationHook(decode_token_fraction=0.0)
+    # no fraction given: all tokens where the target is the Triton kernel, a quarter on the PyTorch reference
+    from seer_adapter.distill import default_decode_token_fraction
+    from seer_adapter.kernels import available_backends
+
+    cpu = torch.device("cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEER_ADAPTER_KERNEL", "reference")
+        assert default_decode_token_fraction(cpu) == 0.25
+        if "triton" in available_backends("decode_ground_truth"):
+            patch.setenv("SEER_ADAPTER_KERNEL", "triton")
+            assert default_decode_token_fraction(cpu) == 1.0
     model = get_seer_model(tiny_model("qwen3"), _config())
     _randomise_decode_gates(model, seed=4)
     ids, mask = _inputs(batch=2, length=70, pad_left=(0, 11), seed=4)
@@ -629,6 +640,26 @@ def test_distillation_trains_the_decode_gate():
 
     with pytest.raises(ValueError, match="decode_target must be one of"):
         DistillationArguments(output_dir="unused", decode_target="sum")
+
+
+def test_train_gates_logs_the_decode_gate_loss(tmp_path):
+    """Each log record carries the decode gates' own KL (mean over layers): it falls on a repeated sequence, and is
+    None for an adapter without decode gates."""
+    from seer_adapter.distill import DistillationArguments, train_gates
+
+    ids, _ = _inputs(batch=1, length=64, pad_left=(0,), seed=12)
+    args = dict(max_steps=12, seq_len=64, warmup_steps=1, learning_rate=3e-2, progress=False)
+    model = get_seer_model(tiny_model("llama"), _config())
+    records = train_gates(model, [ids[0]] * 12, DistillationArguments(output_dir=str(tmp_path / "a"), **args))
+    decode = [r["decode_loss"] for r in records]
+    assert all(isinstance(value, float) and value > 0 for value in decode) and decode[-1] < decode[0]
+    logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["decode_loss"] for r in logged] == decode
+    plain = get_seer_model(tiny_model("llama"), SeerAttentionConfig(block_size=BLOCK))
+    records = train_gates(
+        plain, [ids[0]] * 2, DistillationArguments(output_dir=str(tmp_path / "b"), **args | {"max_steps": 2})
+    )
+    assert [r["decode_loss"] for r in records] == [None, None]
 
 
 def test_peft_route_decodes_sparsely_and_round_trips(tmp_path):
