@@ -88,12 +88,28 @@ def decode_target_rows(length: int, skip_first_fraction: float, fraction: float,
     return torch.arange(length - 1, start - 1, -stride, device=device).flip(0)
 
 
-def default_decode_token_fraction(device: torch.device) -> float:
-    """The decode-token fraction used when none is given: 1.0 where the decode target runs as the Triton kernel (a
-    Qwen2.5-0.5B-shaped step at 16k costs the same with every token as with a quarter: 0.23 s on an H200), 0.25 on
-    the PyTorch reference, whose fp32 scores made the target most of a step (benchmarks/README.md)."""
+# Per layer, the Triton decode target keeps a per-query-head fp32 record [B, Hq, rows, nK]: the default fraction keeps
+# it near 1 GiB (an 8B model at 32k then takes 2/3 of the tokens, at 128k one in 24).
+_DEFAULT_DECODE_RECORD_ELEMENTS = 1 << 28
+
+
+def default_decode_token_fraction(
+    device: torch.device, batch: int = 1, q_heads: int = 1, length: int = 0, block_size: int = 64,
+    skip_first_fraction: float = 0.25,
+) -> float:  # fmt: skip
+    """The decode-token fraction used when none is given, for a layer's ``[batch, q_heads, length, ·]`` queries.
+
+    1.0 where the decode target runs as the Triton kernel (a Qwen2.5-0.5B-shaped step at 16k costs the same with
+    every token as with a quarter: 0.23 s on an H200), 0.25 on the PyTorch reference, whose fp32 scores made the
+    target most of a step (benchmarks/README.md); lower where the target's record would pass about 1 GiB per layer.
+    """
     on_reference = backend_for("decode_ground_truth", device) is decode_block_ground_truth_reference
-    return 0.25 if on_reference else 1.0
+    fraction = 0.25 if on_reference else 1.0
+    rows = length - math.floor(length * skip_first_fraction)
+    elements = batch * q_heads * rows * math.ceil(length / block_size)
+    if elements > _DEFAULT_DECODE_RECORD_ELEMENTS:
+        fraction = min(fraction, _DEFAULT_DECODE_RECORD_ELEMENTS / elements)
+    return fraction
 
 
 class GateDistillationHook:
@@ -146,7 +162,10 @@ class GateDistillationHook:
             logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
             loss = block_kl_loss(target, logits, self.skip_first_fraction)
         if module.seer_gate[layer.runtime.active_adapter].decode is not None and self.decode_loss_weight > 0:
-            fraction = self.decode_token_fraction or default_decode_token_fraction(query.device)
+            batch, q_heads, length, _ = query.shape
+            fraction = self.decode_token_fraction or default_decode_token_fraction(
+                query.device, batch, q_heads, length, config.block_size, self.skip_first_fraction
+            )
             rows = decode_target_rows(query.shape[2], self.skip_first_fraction, fraction, query.device)
             with torch.no_grad():
                 decode_target = decode_block_ground_truth(
@@ -257,7 +276,8 @@ class DistillationArguments:
         metadata={
             "help": "Fraction of the tokens whose decode-gate target is computed (evenly strided, the skipped first "
             "tokens excluded). Default: every token where the target runs as the Triton kernel (CUDA), 0.25 on the "
-            "PyTorch reference (CPU), which materialises fp32 scores."
+            "PyTorch reference (CPU), which materialises fp32 scores; less where the target would pass 1 GiB per "
+            "layer (default_decode_token_fraction)."
         },
     )
     decode_target: str = field(

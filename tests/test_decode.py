@@ -545,10 +545,14 @@ def test_decode_target_rows_and_the_subsampled_loss():
     cpu = torch.device("cpu")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SEER_ADAPTER_KERNEL", "reference")
-        assert default_decode_token_fraction(cpu) == 0.25
+        assert default_decode_token_fraction(cpu, 1, 14, 16384) == 0.25
         if "triton" in available_backends("decode_ground_truth"):
             patch.setenv("SEER_ADAPTER_KERNEL", "triton")
-            assert default_decode_token_fraction(cpu) == 1.0
+            assert default_decode_token_fraction(cpu, 1, 14, 16384) == 1.0
+            # an 8B model (32 query heads) at 128k: the per-layer record stays under 1 GiB of fp32
+            fraction = default_decode_token_fraction(cpu, 1, 32, 131072)
+            rows = decode_target_rows(131072, 0.25, fraction, "cpu").numel()
+            assert 0.03 < fraction < 0.05 and rows * 32 * 2048 * 4 <= 2**30
     model = get_seer_model(tiny_model("qwen3"), _config())
     _randomise_decode_gates(model, seed=4)
     ids, mask = _inputs(batch=2, length=70, pad_left=(0, 11), seed=4)
