@@ -353,7 +353,8 @@ def _load_records(log: list[dict[str, Any]] | str | os.PathLike) -> list[dict[st
 
 def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: str | os.PathLike | None = None) -> Any:
     """Distillation loss (left) and learning rate (right axis) against the optimizer step, from `train_gates`'
-    records, a ``log.jsonl`` file, or the output folder holding it. A resumed run's log continues the same curve."""
+    records, a ``log.jsonl`` file, or the output folder holding it. A resumed run's log continues the same curve.
+    Runs that train decode gates also show the decode gates' own KL (mean over layers, unscaled)."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -362,10 +363,18 @@ def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: 
         raise ValueError("the distillation log is empty")
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    (loss_line,) = ax.plot(steps, [r["loss"] for r in records], marker="o" if len(records) < 30 else None)
+    marker = "o" if len(records) < 30 else None
+    (loss_line,) = ax.plot(steps, [r["loss"] for r in records], marker=marker)
+    handles, labels = [loss_line], ["loss"]
+    losses = [r["loss"] for r in records]
+    decode = [(r["step"], r["decode_loss"]) for r in records if r.get("decode_loss") is not None]
+    if decode:
+        (decode_line,) = ax.plot(*zip(*decode, strict=True), marker=marker, color="tab:green")
+        handles.append(decode_line)
+        labels.append("decode-gate KL (mean over layers)")
+        losses += [value for _, value in decode]
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    losses = [r["loss"] for r in records]
     if max(losses) > 10 * min(losses):  # several decades: label 1, 2, 5 x 10^k only
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_minor_formatter(NullFormatter())
@@ -375,14 +384,14 @@ def plot_distillation_loss(log: list[dict[str, Any]] | str | os.PathLike, path: 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (scaled KL, summed over layers)")
     ax.grid(True, alpha=0.3)
-    handles = [loss_line]
     if all("lr" in r for r in records):
         lr_axis = ax.twinx()
         (lr_line,) = lr_axis.plot(steps, [r["lr"] for r in records], color="tab:grey", linestyle="--", linewidth=1)
         lr_axis.set_ylabel("learning rate")
         lr_axis.set_ylim(bottom=0)
         handles.append(lr_line)
-    ax.legend(handles, ["loss", "learning rate"][: len(handles)], loc="upper right", fontsize=8)
+        labels.append("learning rate")
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
     tokens_per_s = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     speed = f", {sum(tokens_per_s) / len(tokens_per_s):,.0f} tokens/s" if tokens_per_s else ""
     ax.set_title(f"Gate distillation: {len(records)} steps{speed}", fontsize=10)

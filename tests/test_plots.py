@@ -110,3 +110,13 @@ def test_distillation_loss_from_records_or_log(tmp_path):
     assert "5 steps, 50 tokens/s" in figure.axes[0].get_title()
     with pytest.raises(ValueError, match="empty"):
         plot_distillation_loss([])
+    # a run with decode gates: their KL is a second curve (records without one, e.g. before a resume, are skipped)
+    with_decode = [{**r, "decode_loss": None if r["step"] == 1 else 1.0 / r["step"]} for r in records]
+    figure = plot_distillation_loss(with_decode)
+    ax = figure.axes[0]
+    assert list(ax.lines[1].get_xdata()) == [2, 3, 4, 5] and list(ax.lines[1].get_ydata()) == [0.5, 1 / 3, 0.25, 0.2]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "loss",
+        "decode-gate KL (mean over layers)",
+        "learning rate",
+    ]
