@@ -195,7 +195,10 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.init_adapter:
         model = SeerModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
-        model = get_seer_model(base, SeerAttentionConfig(block_size=args.block_size, decode_gate=args.decode_gate))
+        config = SeerAttentionConfig(
+            block_size=args.block_size, decode_gate=args.decode_gate, decode_block_size=args.decode_block_size
+        )
+        model = get_seer_model(base, config)
     train_args = DistillationArguments(
         output_dir=args.output,
         max_steps=args.max_steps,
@@ -621,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--block-size", type=int, default=64)
     distill.add_argument(
         "--decode-gate", action="store_true", help="give fresh gates a decode gate too (sparse decoding) and train it"
+    )
+    distill.add_argument(
+        "--decode-block-size",
+        type=int,
+        default=None,
+        help="tokens per key block of fresh decode gates (default: --block-size); smaller blocks select more finely "
+        "under the same decode token budget",
     )
     distill.add_argument(
         "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"

@@ -156,17 +156,26 @@ class SeerAttentionConfig:
             "trained."
         },
     )
+    decode_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per key block of the decode gate (a power of two; default: block_size). Smaller blocks "
+            "select more finely under the same decode_token_budget (Qwen2.5-Coder-0.5B, budget 2048 after 7936 "
+            "tokens, selections from the true attention: +4.37 % perplexity at 64, +1.73 % at 16) for more compressed "
+            "keys to score per step. Fixed once trained."
+        },
+    )
     decode_method: str = field(
         default="token_budget",
         metadata={
-            "help": "Block selection of the decode gate per step: 'token_budget' (top decode_token_budget/block_size "
+            "help": "Block selection of the decode gate per step: 'token_budget' (top decode_token_budget/block "
             "blocks, first and current block included), 'threshold' (keep blocks whose gate probability exceeds "
             "decode_threshold) or 'dense' (decode with the base model's own attention). Unused without decode_gate."
         },
     )
     decode_token_budget: int = field(
         default=2048,
-        metadata={"help": "Tokens each decoding step may attend to (rounded down to whole blocks; >= block_size)."},
+        metadata={"help": "Tokens each decoding step may attend to (rounded down to whole decode blocks; >= one)."},
     )
     decode_threshold: float = field(
         default=5e-3, metadata={"help": "Keep key blocks whose decode-gate probability exceeds this (0 < t < 1)."}
@@ -279,11 +288,19 @@ class SeerAttentionConfig:
                 raise SeerConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.decode_method not in DECODE_METHODS:
             raise SeerConfigError(f"decode_method must be one of {DECODE_METHODS}, got {self.decode_method!r}.")
+        if self.decode_block_size is not None:
+            _check_int("decode_block_size", self.decode_block_size, minimum=1)
+            if self.decode_block_size & (self.decode_block_size - 1):
+                raise SeerConfigError(
+                    f"decode_block_size must be a power of two (16, 32, 64, ...) or None, got {self.decode_block_size}."
+                )
         _check_int("decode_token_budget", self.decode_token_budget, minimum=1)
-        if self.decode_token_budget < self.block_size:
+        decode_block = self.effective_decode_block_size
+        if self.decode_token_budget < decode_block:
             raise SeerConfigError(
-                f"decode_token_budget={self.decode_token_budget} is below one block ({self.block_size} tokens); "
-                "use at least block_size (the current block alone takes one)."
+                f"decode_token_budget={self.decode_token_budget} is below one block of the decode gate ({decode_block} "
+                "tokens); "
+                "use at least one block (the current block alone takes one)."
             )
         t = self.decode_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t < 1.0) or math.isnan(t):
@@ -295,6 +312,11 @@ class SeerAttentionConfig:
                 raise SeerConfigError(
                     f"target_modules must be a non-empty list of module names, got {self.target_modules!r}."
                 )
+
+    @property
+    def effective_decode_block_size(self) -> int:
+        """Tokens per key block of the decode gate: ``decode_block_size``, or ``block_size`` when that is None."""
+        return self.decode_block_size or self.block_size
 
     # ------------------------------------------------------------------------------------------------
     def sparsity_for_layer(self, layer_idx: int) -> dict[str, Any]:

@@ -161,17 +161,18 @@ class GateDistillationHook:
         with torch.enable_grad():
             logits = compute_gate_logits(layer, module, query.detach(), key.detach(), padding)
             loss = block_kl_loss(target, logits, self.skip_first_fraction)
-        if module.seer_gate[layer.runtime.active_adapter].decode is not None and self.decode_loss_weight > 0:
+        decode_gate = module.seer_gate[layer.runtime.active_adapter].decode
+        if decode_gate is not None and self.decode_loss_weight > 0:
             batch, q_heads, length, _ = query.shape
             fraction = self.decode_token_fraction or default_decode_token_fraction(
-                query.device, batch, q_heads, length, config.block_size, self.skip_first_fraction
+                query.device, batch, q_heads, length, decode_gate.block_size, self.skip_first_fraction
             )
             rows = decode_target_rows(query.shape[2], self.skip_first_fraction, fraction, query.device)
             with torch.no_grad():
                 decode_target = decode_block_ground_truth(
                     query,
                     key,
-                    block_size=config.block_size,
+                    block_size=decode_gate.block_size,
                     scale=scaling,
                     key_padding_mask=padding,
                     softcap=kwargs.get("softcap"),

@@ -150,7 +150,7 @@ def moba_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_ma
     """Mean post-RoPE query of the GQA group · mean-pooled post-RoPE K of each strictly earlier block."""
     batch, hq, _, head_dim = query.shape
     hkv = key.shape[1]
-    block = layer.runtime.config.block_size
+    block = layer.runtime.config.effective_decode_block_size
     earlier = n_earlier * block
     padding = None if key_padding_mask is None else key_padding_mask[:, :earlier]
     k_mean = pool_blocks(key[:, :, :earlier].float(), block, ["avg"], padding)  # [B, Hkv, n_earlier, D]
@@ -174,7 +174,7 @@ def oracle_decode_scorer(
     probs = decode_block_ground_truth(
         query.expand(batch, hq, kv_len, head_dim),  # only the last row is computed: the query is the last slot
         key,
-        block_size=layer.runtime.config.block_size,
+        block_size=layer.runtime.config.effective_decode_block_size,
         scale=scaling,
         key_padding_mask=key_padding_mask,
         softcap=softcap,
@@ -515,8 +515,11 @@ def evaluate_decode(
     if continuation < 2:
         raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
     for budget in budgets:
-        if budget < config.block_size:
-            raise ValueError(f"token budget {budget} is below one block ({config.block_size} tokens)")
+        if budget < config.effective_decode_block_size:
+            raise ValueError(
+                f"token budget {budget} is below one block of the decode gate ({config.effective_decode_block_size} "
+                "tokens)"
+            )
     window = prompt_len + continuation
     n_windows = token_ids.numel() // window
     if max_windows is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 
 import pytest
@@ -376,6 +377,36 @@ def test_prompt_lookup_decoding_crops_and_equals_dense():
     assert any(n < 0 for n in crops)  # some candidates were rejected and cropped
 
 
+def test_decode_block_size_is_the_decode_gates_own():
+    """``decode_block_size`` sets the decode gate's blocks apart from the prefill gate's: validated, fixed once
+    trained, saved; decoding keeps whole decode blocks within the budget and distillation trains at that size."""
+    from seer_adapter.distill import distillation_loss
+
+    with pytest.raises(SeerConfigError, match="decode_block_size must be a power of two"):
+        SeerAttentionConfig(decode_block_size=24)
+    with pytest.raises(SeerConfigError, match="below one block of the decode gate"):
+        SeerAttentionConfig(block_size=64, decode_block_size=32, decode_token_budget=16)
+    config = SeerAttentionConfig(block_size=64, decode_block_size=16, decode_token_budget=32)  # < one prefill block
+    assert config.effective_decode_block_size == 16 and SeerAttentionConfig().effective_decode_block_size == 64
+    assert SeerAttentionConfig.from_dict(config.to_dict()) == config
+    model = get_seer_model(tiny_model("llama"), _config(block_size=4 * BLOCK, decode_block_size=BLOCK))
+    assert all(g.block_size == 4 * BLOCK and g.decode.block_size == BLOCK for g in model.gates().values())
+    with pytest.raises(SeerConfigError, match="decode_block_size"):
+        model.set_sparsity(decode_block_size=2 * BLOCK)
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=100, pad_left=(0, 30), seed=6)
+    model.set_sparsity(decode_token_budget=3 * BLOCK)
+    model.runtime.record_gate_outputs = True
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for module in model.base_model.modules():
+        state = getattr(module, "seer_state", None)
+        if state is not None:
+            kept = state.last_block_mask  # [B, Hkv, nB] of the last step: 105 slots in 16-token blocks
+            assert kept.shape[-1] == 7 and int(kept.sum(-1).max()) <= 3 + 1  # budget, plus the sink
+    _, per_layer = distillation_loss(model, ids, mask)
+    assert all(math.isfinite(v) for v in per_layer.values())
+
+
 def test_small_budget_is_sparse_keeps_forced_blocks_and_handles_ragged_rows():
     """Budget of one block (the current one; the sink comes on top), rows of very different lengths (100 vs 4 real
     tokens), a prompt shorter than one block on the short row."""
@@ -578,13 +609,16 @@ def test_decode_target_rows_and_the_subsampled_loss():
         torch.testing.assert_close(whole.decode_losses[layer], want)
 
 
-def test_training_logits_equal_decoding_logits():
+@pytest.mark.parametrize("prefill_block", [BLOCK, 2 * BLOCK], ids=["one_block_size", "decode_block_smaller"])
+def test_training_logits_equal_decoding_logits(prefill_block):
     """The decode gate sees the same positions in training (every token of a prefill) and in decoding. The budget
-    covers the context so that the layers' inputs are the same in both runs."""
+    covers the context so that the layers' inputs are the same in both runs. With a prefill block twice the decode
+    block, the decode gate still scores (and trains on) its own BLOCK-token blocks."""
     from seer_adapter.attention import compute_decode_gate_logits
     from seer_adapter.kernels import block_sparse_attention_reference
 
-    model = get_seer_model(tiny_model("qwen3"), _config(decode_token_budget=128))
+    config = _config(block_size=prefill_block, decode_block_size=BLOCK, decode_token_budget=128)
+    model = get_seer_model(tiny_model("qwen3"), config)
     _randomise_decode_gates(model, seed=9)
     ids, mask = _inputs(batch=2, length=60, pad_left=(0, 11), seed=9)
     captured = {}
@@ -592,10 +626,11 @@ def test_training_logits_equal_decoding_logits():
     def hook(module, layer, query, key, value, attn_mask, scaling, **kwargs):
         padding = attn_mask.key_padding_mask
         captured[layer.layer_idx] = compute_decode_gate_logits(layer, module, query, key, padding)
-        n = -(-query.shape[2] // BLOCK)
+        assert captured[layer.layer_idx].shape[-1] == -(-query.shape[2] // BLOCK)
+        n = -(-query.shape[2] // prefill_block)
         every = torch.ones(query.shape[0], key.shape[1], n, n, dtype=torch.bool)
         return block_sparse_attention_reference(
-            query, key, value, every, block_size=BLOCK, scale=scaling, key_padding_mask=padding
+            query, key, value, every, block_size=prefill_block, scale=scaling, key_padding_mask=padding
         )
 
     model.runtime.distillation = hook
@@ -727,10 +762,12 @@ def _naive_decode_oracle(query, key, padding, block_size, scale, n_earlier, targ
     return (per_block / per_block.sum(-1, keepdim=True)).log()
 
 
-def test_decode_scorers_match_their_definitions_and_replace_the_gate():
+@pytest.mark.parametrize("prefill_block", [BLOCK, 4 * BLOCK], ids=["one_block_size", "decode_block_smaller"])
+def test_decode_scorers_match_their_definitions_and_replace_the_gate(prefill_block):
+    """The scorers work on the decode gate's blocks (``decode_block_size``), whatever the prefill gate's block."""
     from seer_adapter.evaluation import DECODE_SCORERS, decode_block_scorer, moba_decode_scorer, oracle_decode_scorer
 
-    model = get_seer_model(tiny_model("llama"), _config())
+    model = get_seer_model(tiny_model("llama"), _config(block_size=prefill_block, decode_block_size=BLOCK))
     layer = next(m.seer_state for m in model.base_model.modules() if hasattr(m, "seer_state"))
     gen = torch.Generator().manual_seed(11)
     batch, hq, hkv, head_dim, kv_len = 2, 4, 2, 8, 3 * BLOCK + 5  # the query's block (3) is partial

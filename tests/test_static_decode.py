@@ -39,8 +39,10 @@ def _both_caches(model, ids, mask, capacity, full_sliding_layers=False, **kwargs
         {"decode_token_budget": BLOCK},  # one block: the current block and the sink only
         {"decode_token_budget": 3 * BLOCK},
         {"decode_method": "threshold", "decode_threshold": 0.3},
+        # the prefill gate on 4x larger blocks than the decode gate
+        {"decode_token_budget": 2 * BLOCK, "block_size": 4 * BLOCK, "decode_block_size": BLOCK},
     ],
-    ids=["one_block", "three_blocks", "threshold"],
+    ids=["one_block", "three_blocks", "threshold", "decode_block_smaller"],
 )
 def test_static_steps_equal_dynamic_decoding(family, settings):
     """Padded rows of different lengths, a capacity that is not a multiple of the block size, prompt ending inside a
