@@ -31,7 +31,8 @@ def _decode_line(config: dict[str, Any]) -> str:
         return "Decode gate: none (decoding runs the base model's dense attention)"
     return (
         f"Decode gate: {config['decode_method']} (token budget {config['decode_token_budget']}, threshold "
-        f"{config['decode_threshold']}), K RMSNorm {config.get('decode_k_norm', False)}"
+        f"{config['decode_threshold']}), K RMSNorm {config.get('decode_k_norm', False)}, "
+        f"{config.get('decode_block_size') or config.get('block_size', 64)}-token blocks"
     )
 
 

@@ -467,6 +467,7 @@ def test_save_load_round_trip_with_decode_gate_and_old_adapters(tmp_path):
 
     report = format_report(inspect_adapter(tmp_path / "both"))
     assert "Decode gate: token_budget (token budget 32" in report and "K RMSNorm True" in report
+    assert f"{BLOCK}-token blocks" in report
     assert "| decode_gate | " in (tmp_path / "both" / "README.md").read_text()
     loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "both")
     for a, b in zip(model.gates().values(), loaded.gates().values(), strict=True):
