@@ -299,8 +299,7 @@ class SeerAttentionConfig:
         if self.decode_token_budget < decode_block:
             raise SeerConfigError(
                 f"decode_token_budget={self.decode_token_budget} is below one block of the decode gate ({decode_block} "
-                "tokens); "
-                "use at least one block (the current block alone takes one)."
+                "tokens); use at least one block (the current block alone takes one)."
             )
         t = self.decode_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t < 1.0) or math.isnan(t):
