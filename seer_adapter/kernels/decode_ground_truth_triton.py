@@ -26,7 +26,7 @@ import triton.language as tl
 from . import on_tensor_device, register_backend
 from .block_sparse_triton import _key_tile_scores, check_triton_inputs, key_padding_as_int8, softcap_factors
 from .decode_ground_truth import check_decode_target_inputs, normalise_decode_target
-from .ground_truth import _softmax_stats_tile
+from .ground_truth import _softmax_stats
 
 __all__ = ["decode_block_ground_truth_triton"]
 
@@ -80,20 +80,10 @@ def _decode_target_kernel(
     n_full = (first + 1) // BLOCK_SIZE  # key tiles every valid row sees entirely
 
     # Pass 1: row max and sum of the softmax (log2 units).
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    for tile in range(0, n_full):
-        m_i, l_i = _softmax_stats_tile(
-            m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_SIZE, offs_n, offs_d, row_limit,
-            key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
-            False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
-        )  # fmt: skip
-    for tile in range(n_full, n_tiles):
-        m_i, l_i = _softmax_stats_tile(
-            m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_SIZE, offs_n, offs_d, row_limit,
-            key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
-            True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
-        )  # fmt: skip
+    m_i, l_i = _softmax_stats(
+        q, k_head_ptr, stride_ks, stride_kd, n_full, n_tiles, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
+        qk_scale, softcap_in, softcap_out, d_mask, BLOCK_M, BLOCK_SIZE, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+    )  # fmt: skip
     seen = l_i > 0.0
     # +inf for rows without a visible key: every exp2(score - lse) below is then 0, never NaN.
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))

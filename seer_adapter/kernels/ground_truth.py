@@ -189,6 +189,48 @@ if triton is not None:
         return m_new, l_i
 
     @triton.jit
+    def _softmax_stats(
+        q,
+        k_head_ptr,
+        stride_ks,
+        stride_kd,
+        n_full,
+        n_tiles,
+        offs_n,
+        offs_d,
+        row_limit,
+        key_padding_ptr,
+        kv_len,
+        qk_scale,
+        softcap_in,
+        softcap_out,
+        d_mask,
+        ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HAS_KEY_PADDING: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        EVEN_D: tl.constexpr,
+        IEEE_DOT: tl.constexpr,
+    ):
+        """Row max ``m`` and sum ``l`` of the softmax (log2 units, [ROWS] each) over key tiles ``[0, n_tiles)``:
+        the first ``n_full`` tiles lie wholly before every row's limit (no causal check), the rest are checked."""
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        for tile in range(0, n_full):
+            m_i, l_i = _softmax_stats_tile(
+                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
+                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+            )  # fmt: skip
+        for tile in range(n_full, n_tiles):
+            m_i, l_i = _softmax_stats_tile(
+                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
+                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
+                True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+            )  # fmt: skip
+        return m_i, l_i
+
+    @triton.jit
     def _probability_tile(
         acc,
         m_shift,
@@ -290,20 +332,10 @@ if triton is not None:
             row_real = row_real & (tl.load(key_padding_ptr + row_limit, mask=row_valid, other=0) != 0)
 
         # Pass 1: row max and sum of the softmax (log2 units).
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for tile in range(0, n_full):
-            m_i, l_i = _softmax_stats_tile(
-                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
-                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
-                False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
-            )  # fmt: skip
-        for tile in range(n_full, n_tiles):
-            m_i, l_i = _softmax_stats_tile(
-                m_i, l_i, q, k_head_ptr, stride_ks, stride_kd, tile * BLOCK_N, offs_n, offs_d, row_limit,
-                key_padding_ptr, kv_len, qk_scale, softcap_in, softcap_out, d_mask,
-                True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
-            )  # fmt: skip
+        m_i, l_i = _softmax_stats(
+            q, k_head_ptr, stride_ks, stride_kd, n_full, n_tiles, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
+            qk_scale, softcap_in, softcap_out, d_mask, BLOCK_M, BLOCK_N, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+        )  # fmt: skip
 
         # Pass 2: probabilities exp2(s - m) / l, the output, and the per-key-block maxima.
         m_shift = tl.where(m_i == float("-inf"), 0.0, m_i)
