@@ -6,7 +6,9 @@ keeps the first block, the last (current) block and random other blocks per KV h
 
 Kernels timed (median, `seer_adapter.benchmarking.time_ms`):
 
-* ``seer_decode_triton``: `seer_adapter.kernels.sparse_decode_attention` with the Triton backend;
+* ``seer_decode_triton``: `seer_adapter.kernels.sparse_decode_triton` (what `sparse_decode_attention` runs on CUDA)
+  at each ``--block-sizes`` and ``--tile-slots`` (key slots per ``tl.dot`` tile; blocks smaller than a tile share
+  one, ``--tile-slots`` equal to the block size is one block per tile); rows carry ``block_size`` and ``tile_slots``;
 * ``sdpa_cudnn`` / ``sdpa_flash``: dense SDPA decoding (one query row, no mask) on the cuDNN / FlashAttention-2
   backends (``enable_gqa``; a backend that refuses the call is recorded as skipped, with the reason);
 * ``flex_dense``: FlexAttention decoding, dense (skipped with the reason when unavailable).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import os
 import sys
@@ -44,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter.benchmarking import benchmark_meta, compare_outputs, parse_seq_len, time_ms  # noqa: E402
 from seer_adapter.kernels import sparse_decode_attention  # noqa: E402
+from seer_adapter.kernels.sparse_decode_triton import sparse_decode_triton  # noqa: E402
 
 
 def random_lists(batch: int, hkv: int, n_blocks: int, keep: int, device: torch.device, seed: int):
@@ -113,14 +117,15 @@ def main() -> None:
     parser.add_argument("--hq", type=int, default=32)
     parser.add_argument("--hkv", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--block-sizes", nargs="+", type=int, default=[64], help="decode key-block sizes")
+    parser.add_argument("--tile-slots", nargs="+", type=int, default=[64], help="key slots per tl.dot tile")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter, fp16")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float16
         args.batches, args.seq_lens, args.budgets = [2], ["300"], [128]
-        args.hq, args.hkv, args.head_dim, args.block_size = 8, 2, 32, 32
+        args.hq, args.hkv, args.head_dim, args.block_sizes, args.tile_slots = 8, 2, 32, [16, 32], [16, 64]
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
     rows, checks = [], []
@@ -150,26 +155,26 @@ def main() -> None:
                                  "ms": time_ms(fn, device)})  # fmt: skip
             best_dense = min(dense_ms.values()) if dense_ms else None
             best_dense_graph = min(dense_graph_ms.values()) if dense_graph_ms else None
-            n_blocks = -(-seq // args.block_size)
-            for budget in args.budgets:
-                indices, counts = random_lists(batch, args.hkv, n_blocks, budget // args.block_size, device, budget)
+            for block_size, tile_slots, budget in itertools.product(args.block_sizes, args.tile_slots, args.budgets):
+                n_blocks = -(-seq // block_size)
+                indices, counts = random_lists(batch, args.hkv, n_blocks, budget // block_size, device, budget)
                 call = functools.partial(
-                    sparse_decode_attention, q, k, v, indices, counts, block_size=args.block_size, backend="triton"
+                    sparse_decode_triton, q, k, v, indices, counts, block_size=block_size, tile_slots=tile_slots
                 )
-                reference = sparse_decode_attention(
-                    q, k, v, indices, counts, block_size=args.block_size, backend="reference"
-                )
-                checks.append({**compare_outputs(f"B{batch} S{seq} budget{budget}", call(), reference,
-                                                 atol=2e-2, rtol=2e-2)})  # fmt: skip
+                reference = sparse_decode_attention(q, k, v, indices, counts, block_size=block_size,
+                                                    backend="reference")  # fmt: skip
+                name = f"B{batch} S{seq} budget{budget} block{block_size} tile{tile_slots}"
+                checks.append(compare_outputs(name, call(), reference, atol=2e-2, rtol=2e-2))
                 ms = time_ms(call, device) if not args.smoke else None
                 ms_graph = time_ms(graph_replay(call), device) if not args.smoke else None
-                rows.append({"kernel": "seer_decode_triton", **base, "budget": budget, "status": "ok", "ms": ms,
-                             "ms_graph": ms_graph, "density": float(counts.sum()) / (batch * args.hkv * n_blocks),
+                rows.append({"kernel": "seer_decode_triton", **base, "budget": budget, "block_size": block_size,
+                             "tile_slots": tile_slots, "status": "ok", "ms": ms, "ms_graph": ms_graph,
+                             "density": float(counts.sum()) / (batch * args.hkv * n_blocks),
                              "speedup_vs_dense": best_dense / ms if best_dense and ms else None,
                              "speedup_vs_dense_graph": best_dense_graph / ms_graph if best_dense_graph and ms_graph
                              else None})  # fmt: skip
                 print(rows[-1], checks[-1], flush=True)
-    meta = benchmark_meta(device, script="benchmarks/bench_decode.py", dtype=str(dtype), block_size=args.block_size,
+    meta = benchmark_meta(device, script="benchmarks/bench_decode.py", dtype=str(dtype), block_sizes=args.block_sizes,
                           smoke=args.smoke, command="python " + " ".join(sys.argv))  # fmt: skip
     meta["checks"] = checks
     out = Path(args.out)
@@ -178,7 +183,8 @@ def main() -> None:
     path = out / f"bench_decode{suffix}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}")
-    print(f"{'kernel':<20} {'B':>3} {'S':>7} {'budget':>7} {'ms':>9} {'x dense':>8} {'ms graph':>9} {'x dense':>8}")
+    print(f"{'kernel':<20} {'B':>3} {'S':>7} {'budget':>7} {'blk/tile':>8} {'ms':>9} {'x dense':>8} {'ms graph':>9} "
+          f"{'x dense':>8}")  # fmt: skip
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['kernel']:<20} {r['batch']:>3} {r['S']:>7} {r['budget']:>7}  skipped: {r['reason'][:60]}")
@@ -187,8 +193,9 @@ def main() -> None:
         speed = f"{r['speedup_vs_dense']:.2f}" if r.get("speedup_vs_dense") else "-"
         ms_graph = f"{r['ms_graph']:.4f}" if r.get("ms_graph") is not None else "-"
         speed_graph = f"{r['speedup_vs_dense_graph']:.2f}" if r.get("speedup_vs_dense_graph") else "-"
-        print(f"{r['kernel']:<20} {r['batch']:>3} {r['S']:>7} {r['budget']:>7} {ms:>9} {speed:>8} {ms_graph:>9} "
-              f"{speed_graph:>8}")  # fmt: skip
+        tiles = f"{r['block_size']}/{r['tile_slots']}" if "block_size" in r else "-"
+        print(f"{r['kernel']:<20} {r['batch']:>3} {r['S']:>7} {r['budget']:>7} {tiles:>8} {ms:>9} {speed:>8} "
+              f"{ms_graph:>9} {speed_graph:>8}")  # fmt: skip
     if not all(c["passed"] for c in checks):
         raise SystemExit("the Triton decode kernel disagrees with the reference (see meta.checks)")
 

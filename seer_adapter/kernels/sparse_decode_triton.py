@@ -9,8 +9,11 @@ How it works:
 * **All query heads of the GQA group in one tile**: the ``g`` queries of the group are the rows of a
   ``[BLOCK_H, D]`` tile (``BLOCK_H = max(16, next_pow2(g))``, extra rows masked), so every K/V tile is loaded once
   for the whole group and the scores are one ``tl.dot``.
-* Each listed block is walked in ``BLOCK_N``-slot steps with an online softmax in the log2 domain; slots past the
-  end of the cache or marked padding are masked element-wise.
+* The listed blocks are walked in ``BLOCK_N``-slot tiles with an online softmax in the log2 domain: a block larger
+  than a tile takes several tiles, and blocks smaller than a tile share one (``BLOCK_N / BLOCK_SIZE`` list entries
+  gathered per tile), so 16-token blocks run the same number of 64-row ``tl.dot`` steps as 64-token ones instead of
+  four times as many quarter-full ones. Slots past the end of the cache, marked padding or past the split's last
+  entry are masked element-wise.
 * Each program writes its normalised partial output ``[BLOCK_H, D]`` and its log-sum-exp (fp32); a second small
   kernel (one program per query head) merges the splits with the log-sum-exp, as `combine_split_results` does,
   and writes the output in the query dtype (an empty split has ``lse = -inf`` and weight 0).
@@ -79,6 +82,7 @@ def _sparse_decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPAN: tl.constexpr,  # min(BLOCK_SIZE, BLOCK_N): slots of one list entry inside a tile
     HAS_PADDING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     IEEE_DOT: tl.constexpr,
@@ -103,11 +107,13 @@ def _sparse_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for entry in range(start, stop):
-        block = tl.load(Indices + b * stride_ib + h * stride_ih + entry * stride_iw)
-        for offset in range(0, BLOCK_SIZE, BLOCK_N):
-            slots = block * BLOCK_SIZE + offset + cols  # [BLOCK_N]
-            slot_ok = slots < kv_len
+    for first in range(start, stop, BLOCK_N // SPAN):
+        entry = first + cols // SPAN  # [BLOCK_N] list entry of each slot (all equal when BLOCK_SIZE >= BLOCK_N)
+        entry_ok = entry < stop
+        block = tl.load(Indices + b * stride_ib + h * stride_ih + entry * stride_iw, mask=entry_ok, other=0)
+        for offset in range(0, BLOCK_SIZE, BLOCK_N):  # one pass when BLOCK_SIZE <= BLOCK_N
+            slots = block * BLOCK_SIZE + offset + cols % SPAN  # [BLOCK_N]
+            slot_ok = entry_ok & (slots < kv_len)
             if HAS_PADDING:
                 real = tl.load(Padding + b * stride_pb + slots * stride_ps, mask=slot_ok, other=0)
                 slot_ok = slot_ok & (real != 0)
@@ -200,17 +206,26 @@ def sparse_decode_triton(
     softcap: float | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
+    tile_slots: int = 64,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `sparse_decode_reference`; ``num_splits`` overrides the split heuristic (tests)."""
+    """Same contract as `sparse_decode_reference`, any power-of-two ``block_size``.
+
+    ``num_splits`` overrides the split heuristic (tests); ``tile_slots`` (a power of two >= 16) is the number of key
+    slots per ``tl.dot`` tile, gathered from ``tile_slots / block_size`` list entries when blocks are smaller.
+    """
     check_decode_inputs(q, k, v, block_indices, counts, block_size, key_padding_mask)
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"sparse_decode_triton needs q, k, v of one dtype in {_SUPPORTED_DTYPES}")
     batch, hq, head_dim = q.shape
     _, hkv, kv_len, _ = k.shape
-    if block_size < 16 or head_dim < 16:
+    if head_dim < 16:
         raise ValueError(
-            f"sparse_decode_triton needs block_size >= 16 and head_dim >= 16 (tl.dot tiles), got {block_size} and "
-            f"{head_dim}; use backend='reference'"
+            f"sparse_decode_triton needs head_dim >= 16 (tl.dot tiles), got {head_dim}; use backend='reference'"
+        )
+    if block_size & (block_size - 1) or tile_slots < 16 or tile_slots & (tile_slots - 1):
+        raise ValueError(
+            f"sparse_decode_triton needs a power-of-two block_size and tile_slots >= 16 (a power of two), got "
+            f"block_size={block_size}, tile_slots={tile_slots}"
         )
     group = hq // hkv
     width = block_indices.shape[-1]
@@ -218,9 +233,14 @@ def sparse_decode_triton(
     splits = num_splits or _num_splits(batch, hkv, max(width, 1))
     if not 1 <= splits <= 4 * _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {4 * _MAX_SPLITS}], got {splits}")
-    per_split = max(1, math.ceil(width / splits))
+    span = min(block_size, tile_slots)
+    entries_per_tile = tile_slots // span
+    # whole tiles per split (a split's last tile is the only partial one); the heuristic then drops the splits this
+    # leaves empty, an explicit num_splits is kept (tests use it to reach empty splits)
+    per_split = entries_per_tile * math.ceil(max(1, math.ceil(width / splits)) / entries_per_tile)
+    if num_splits is None:
+        splits = max(1, math.ceil(width / per_split))
     block_h = max(16, triton.next_power_of_2(group))
-    block_n = min(block_size, 64)
     indices = block_indices if block_indices.dtype == torch.int32 else block_indices.to(torch.int32)
     counts32 = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
     partial_out = torch.empty(batch, hkv, splits, block_h, head_dim, dtype=torch.float32, device=q.device)
@@ -236,7 +256,7 @@ def sparse_decode_triton(
             *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *pad_strides,
             kv_len, hkv, per_split, splits, scale * 1.4426950408889634, float(softcap or 1.0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_N=block_n, HAS_PADDING=key_padding_mask is not None,
+            BLOCK_SIZE=block_size, BLOCK_N=tile_slots, SPAN=span, HAS_PADDING=key_padding_mask is not None,
             HAS_SOFTCAP=softcap is not None, IEEE_DOT=q.dtype == torch.float32,
         )  # fmt: skip
         _combine_splits_kernel[(batch * hq,)](

@@ -106,6 +106,42 @@ GPU_CASES = [  # real sizes (8B-shaped GQA, bf16), compiled kernels only
     CASES + [pytest.param(*case, marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU")) for case in GPU_CASES],
 )
 def test_triton_matches_reference(batch, hq, hkv, kv_len, dim, bs, keep, splits, dtype, padded, softcap):
+    _check_triton_against_reference(batch, hq, hkv, kv_len, dim, bs, keep, splits, dtype, padded, softcap)
+
+
+SMALL_BLOCK_CASES = [
+    # block_size, tile_slots, keep, splits: list entries gathered into shared tiles (and the old one-block tiles)
+    (4, 64, 9, 2),
+    (8, 32, 7, None),
+    (16, 64, 11, 3),
+    (16, 16, 5, 2),
+    (32, 64, 3, 1),
+]
+GPU_SMALL_BLOCK_CASES = [(16, 64, 256, None), (16, 16, 256, None), (8, 64, 300, None)]
+
+
+@pytest.mark.parametrize(
+    "bs,tile_slots,keep,splits",
+    SMALL_BLOCK_CASES
+    + [
+        pytest.param(*case, marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU"))
+        for case in GPU_SMALL_BLOCK_CASES
+    ],
+)
+def test_triton_small_blocks_share_tiles(bs, tile_slots, keep, splits):
+    """Blocks smaller than a tile: several list entries per tile, the split's last tile partly past its entries."""
+    on_gpu_shape = keep > 100
+    kv_len = 32768 + 37 if on_gpu_shape else 150
+    dtype = torch.bfloat16 if on_gpu_shape else torch.float16
+    batch, hq, hkv, dim = (16, 32, 8, 128) if on_gpu_shape else (2, 6, 2, 32)
+    _check_triton_against_reference(
+        batch, hq, hkv, kv_len, dim, bs, keep, splits, dtype, True, None, tile_slots=tile_slots
+    )
+
+
+def _check_triton_against_reference(
+    batch, hq, hkv, kv_len, dim, bs, keep, splits, dtype, padded, softcap, tile_slots: int = 64
+):
     g = torch.Generator().manual_seed(kv_len)
     q = torch.randn(batch, hq, dim, generator=g).to(dtype)
     k = torch.randn(batch, hkv, kv_len, dim, generator=g).to(dtype)
@@ -134,6 +170,7 @@ def test_triton_matches_reference(batch, hq, hkv, kv_len, dim, bs, keep, splits,
         softcap=softcap,
         return_lse=True,
         num_splits=splits,
+        tile_slots=tile_slots,
     )
     assert not out.isnan().any() and not lse.isnan().any()
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}[dtype]
@@ -190,5 +227,9 @@ def test_dispatch_reaches_both_backends():
 def test_triton_refuses_tiles_below_its_minimum():
     q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 30, 16)
     lists, counts = torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="block_size >= 16"):
-        sparse_decode_triton(q, k, k, lists, counts, block_size=8)
+    with pytest.raises(ValueError, match="tile_slots >= 16"):
+        sparse_decode_triton(q, k, k, lists, counts, block_size=16, tile_slots=8)
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        sparse_decode_triton(q, k, k, lists, counts, block_size=12)
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        sparse_decode_triton(q[..., :8], k[..., :8], k[..., :8], lists, counts, block_size=16)
