@@ -112,15 +112,23 @@ def main() -> None:
     )
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. dense_stock dense_graph)")
+    parser.add_argument(
+        "--decode-block-size", type=int, default=None, help="the decode gate's key-block size (default: block_size)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
     device = torch.device("cuda")
     base = llama_8b_shaped(args.layers, device)
     config = base.config
-    model = get_seer_model(
-        base, SeerAttentionConfig(sparsity_method="nz_ratio", nz_ratio=0.1, decode_gate=True, decode_method="dense")
+    seer_config = SeerAttentionConfig(
+        sparsity_method="nz_ratio",
+        nz_ratio=0.1,
+        decode_gate=True,
+        decode_method="dense",
+        decode_block_size=args.decode_block_size,
     )
+    model = get_seer_model(base, seer_config)
     cache_name = cache_argument(base)
     ids = torch.randint(0, config.vocab_size, (1, args.context + 1), device=device)
     block_size = model.peft_config["default"].block_size
@@ -221,6 +229,7 @@ def main() -> None:
         script="benchmarks/bench_generate.py",
         model=f"Llama-3.1-8B-shaped, random bf16 weights, {args.layers} layers, untrained decode gates",
         prefill="sparse nz_ratio 0.1 at batch 1, cache repeated to the batch",
+        decode_block_size=seer_config.effective_decode_block_size,
         command="python " + " ".join(sys.argv),
         peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     )

@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
     parser.add_argument(
+        "--decode-block-size", type=int, default=None, help="the decode gate's key-block size (default: block_size)"
+    )
+    parser.add_argument(
         "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"
     )
     parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
@@ -105,7 +108,8 @@ def main() -> None:
             train_s = sum(r["seconds"] for r in records)
             tokens_per_s = sum(r["tokens_per_s"] for r in records[5:] or records) / len(records[5:] or records)
     else:
-        model = get_seer_model(base, SeerAttentionConfig(decode_gate=args.decode_gate))
+        config = SeerAttentionConfig(decode_gate=args.decode_gate, decode_block_size=args.decode_block_size)
+        model = get_seer_model(base, config)
         started = time.perf_counter()
         records = train_gates(
             model,
@@ -136,6 +140,7 @@ def main() -> None:
 
     heldout = read_jsonl(corpus["heldout"])
     heldout_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
+    decode_block_size = model.peft_config[model.active_adapter].effective_decode_block_size
     distillation = None
     if records:
         distillation = {"steps": records[-1]["step"], "lr": args.lr, "seq_len": args.seq_len,
@@ -144,7 +149,8 @@ def main() -> None:
                         "decode_token_fraction": None if args.adapter_in else args.decode_token_fraction,
                         "train_seconds": train_s or None, "tokens_per_s": tokens_per_s,
                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
-                        "final_decode_loss": records[-1].get("decode_loss")}  # fmt: skip
+                        "final_decode_loss": records[-1].get("decode_loss"),
+                        "decode_block_size": decode_block_size}  # fmt: skip
         if args.adapter_in:
             distillation["note"] = f"trained earlier by this script; from {args.adapter_in}/log.jsonl"
         print(f"\ndistillation: {records[-1]['step']} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s")
@@ -189,6 +195,7 @@ def main() -> None:
             f"{args.decode_tokens} decoded token by token; greedy {args.greedy_tokens} tokens",
             prompt_tokens=prompt,
             continuation_tokens=args.decode_tokens,
+            decode_block_size=decode_block_size,
             dtype=str(dtype),
             command="python " + " ".join(sys.argv),
             distillation=distillation,

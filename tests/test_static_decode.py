@@ -250,3 +250,22 @@ def test_cuda_graph_beam_search_keeps_one_capture():
     cache = SeerStaticCache(config=config, max_cache_len=64)
     got = model.generate(ids, attention_mask=mask, **kwargs, **_cache(cache))
     assert torch.equal(got, want) and cache.graph_runner.captures == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_graph_steps_on_every_family(family):
+    """Breadth on the GPU: every tiny family decodes under one CUDA-graph capture with the tokens and logits of the
+    dynamic cache; the decode gate on 16-token blocks under a 64-token prefill block (the shape we train)."""
+    settings = {"decode_token_budget": 2 * BLOCK, "block_size": 4 * BLOCK, "decode_block_size": BLOCK}
+    model = get_seer_model(tiny_model(family).cuda(), _config(**settings))
+    _randomise_decode_gates(model)
+    ids, mask = (t.cuda() for t in _inputs(batch=2, length=45, pad_left=(0, 30), seed=3))
+    config = model.base_model.config
+    kwargs = dict(max_new_tokens=40, do_sample=False)
+    want_seq, want = _generate_logits(model, ids, mask, **kwargs, **_cache(SeerDynamicCache(config=config)))
+    graph_cache = SeerStaticCache(config=config, max_cache_len=90, full_sliding_layers=family in SLIDING_FAMILIES)
+    got_seq, got = _generate_logits(model, ids, mask, **kwargs, **_cache(graph_cache))
+    assert graph_cache.graph_runner.captures == 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_seq, want_seq)
