@@ -35,7 +35,9 @@ from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
     causal_mask_function,
+    eager_mask,
     prepare_padding_mask,
+    sdpa_mask,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -71,6 +73,23 @@ ATTN_IMPLEMENTATION = "seer_attention"
 # ------------------------------------------------------------------------------------------------------
 # mask function
 # ------------------------------------------------------------------------------------------------------
+def eager_mask_without_host_copy(**mask_kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``eager_mask`` (its ``sdpa_mask``, cast to 0 / dtype minimum) with the 0 made on the device.
+
+    Some transformers 5.x releases (5.17 on our GPU machine) make that 0 with ``torch.tensor(0.0, device=...)``, a
+    copy from pageable host memory that CUDA-graph capture refuses; static decoding steps of eager-attention models
+    (Gemma-2's default) build their masks inside the capture, so they use this while capturing.
+    Returns the same float mask ``[B, 1, q, kv]`` (or None when ``sdpa_mask`` may skip it).
+    """
+    kwargs = dict(mask_kwargs)
+    dtype = kwargs.pop("dtype", torch.float32)
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(**kwargs, allow_is_causal_skip=False)
+    if mask is None:
+        return None
+    return torch.where(mask, torch.zeros((), device=mask.device, dtype=dtype), torch.finfo(dtype).min)
+
+
 class SeerAttentionMask:
     """What the ``seer_attention`` mask function returns: the mask call's arguments, materialised lazily.
 
@@ -106,6 +125,8 @@ class SeerAttentionMask:
         """The mask ``attn_implementation``'s own mask function makes from the same arguments (cached)."""
         if attn_implementation not in self._materialised:
             mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[attn_implementation]
+            if mask_fn is eager_mask and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                mask_fn = eager_mask_without_host_copy
             self._materialised[attn_implementation] = mask_fn(**self.mask_kwargs)
         return self._materialised[attn_implementation]
 

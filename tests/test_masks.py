@@ -74,3 +74,43 @@ def test_block_causal_mask_bottom_right_aligned():
     m = block_causal_mask(2, 5, torch.device("cpu"))
     assert m.tolist() == [[True, True, True, True, False], [True] * 5]
     assert math.isclose(block_causal_mask(4, 4, torch.device("cpu")).float().mean().item(), 10 / 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "q_length,kv_length,kv_offset,window", [(1, 45, 0, None), (7, 30, 0, None), (1, 40, 0, 8), (5, 20, 3, 6)]
+)
+def test_capture_safe_eager_mask_equals_transformers_eager_mask(dtype, q_length, kv_length, kv_offset, window):
+    """What static decoding steps of eager-attention models use while a CUDA graph is captured: the same mask as
+    transformers' ``eager_mask`` (padding, sliding windows, offsets), and `SeerAttentionMask` picks it only then."""
+    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+
+    from seer_adapter import attention
+
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[1, :9] = False  # a left-padded row
+    kwargs = dict(
+        batch_size=2,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=kv_offset + kv_length - q_length,
+        kv_offset=kv_offset,
+        mask_function=causal_mask_function if window is None else sliding_window_causal_mask_function(window),
+        attention_mask=padding,
+        dtype=dtype,
+        allow_is_causal_skip=True,
+    )
+    want = eager_mask(**kwargs)
+    got = attention.eager_mask_without_host_copy(**kwargs)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+    capturing = {"value": False}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["value"])
+        calls = []
+        original = attention.eager_mask_without_host_copy
+        patch.setattr(attention, "eager_mask_without_host_copy", lambda **kw: calls.append(1) or original(**kw))
+        assert torch.equal(attention.SeerAttentionMask(kwargs).materialize("eager"), want) and not calls
+        capturing["value"] = True
+        assert torch.equal(attention.SeerAttentionMask(kwargs).materialize("eager"), want) and calls == [1]
