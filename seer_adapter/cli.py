@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="tokens per key block of fresh decode gates (default: --block-size); smaller blocks select more finely "
-        "under the same decode token budget",
+        "under the same decode token budget (16 recommended for budgets of 4096 and less)",
     )
     distill.add_argument(
         "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"
