@@ -82,6 +82,9 @@ def main() -> None:
         "--decode-selectors", nargs="+", default=["gate"], help="gate / oracle / moba (see evaluate_decode)"
     )
     parser.add_argument("--greedy-tokens", type=int, default=64)
+    parser.add_argument(
+        "--decode-cache", choices=["auto", "dynamic", "static"], default="auto", help="see evaluate_decode's cache"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +189,7 @@ def main() -> None:
             model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
             budgets=tuple(args.decode_budgets or ()), thresholds=tuple(args.decode_thresholds),
             greedy_tokens=args.greedy_tokens, selectors=tuple(args.decode_selectors), progress=False,
+            cache=args.decode_cache,
         )  # fmt: skip
         meta = environment_meta(
             device,

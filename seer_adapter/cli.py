@@ -322,6 +322,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
             prefill=args.decode_prefill,
             selectors=tuple(args.decode_selectors),
             progress=not args.json,
+            cache=args.decode_cache,
         )
     except ValueError as exc:
         raise SystemExit(f"seer-adapter eval: error: {exc}") from None
@@ -766,6 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
         "without --adapter an untrained one, the mean-pooling prior), "
         "'oracle' (its distillation target from the full attention: what a perfect gate would pick), "
         "'oracle_mass' (the blocks holding the most attention mass), 'moba' (parameter-free mean-pooled scores)",
+    )
+    evaluate.add_argument(
+        "--decode-cache",
+        choices=["auto", "dynamic", "static"],
+        default="auto",
+        help="sparse decoding: the KV cache the continuations decode into: 'static' (SeerStaticCache, one CUDA graph "
+        "per continuation on a GPU), 'dynamic' (SeerDynamicCache, eager steps) or 'auto' (default: static on CUDA; "
+        "the oracle / moba selectors always decode into a dynamic cache)",
     )
     evaluate.add_argument(
         "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"

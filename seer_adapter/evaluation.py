@@ -391,10 +391,15 @@ def cache_argument(model: Any) -> str:
 # sparse decoding: held-out continuation decoded token by token, against dense decoding
 # ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, greedy_tokens: int = 0) -> dict[str, Any]:
+def decode_continuation(
+    model: Any, token_ids: torch.Tensor, prompt_len: int, greedy_tokens: int = 0, *, cache: str = "dynamic"
+) -> dict[str, Any]:
     """Decode the continuation of one prompt token by token with the model's current decode settings.
 
-    The prompt ``token_ids[:prompt_len]`` is prefilled once into a `SeerDynamicCache`; then every continuation
+    The prompt ``token_ids[:prompt_len]`` is prefilled once into a `SeerDynamicCache` (``cache="dynamic"``) or a
+    `SeerStaticCache` of the window's length (``cache="static"``: shape-static steps, replayed from one CUDA graph on
+    a GPU — the same logits, without the eager step's host time; sliding-window layers keep every token there, their
+    masks still apply the window); then every continuation
     token is fed one at a time (teacher forcing) and the model's prediction for the next one is scored. Only
     predictions made by **decoding steps** are scored (the prompt's last prediction comes from the prefill and
     is the same under every decode setting), so ``count = token_ids.numel() - prompt_len - 1``.
@@ -412,8 +417,12 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
         decode_density}`` where ``decode_density`` is the kept fraction of the real-token blocks over every sparse
         decoding step and layer (1.0 when every step ran dense).
     """
-    from .decode import SeerDynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
+    from .decode import SeerDynamicCache, SeerStaticCache
+
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
     hf_model = getattr(model, "base_model", model) if hasattr(model, "runtime") else model
     cache_name = cache_argument(hf_model)
     forward_parameters = inspect.signature(hf_model.forward).parameters
@@ -429,11 +438,11 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
     kept = torch.zeros((), dtype=torch.float64, device=device)
     causal = torch.zeros((), dtype=torch.float64, device=device)
 
-    def step(input_ids: torch.Tensor, cache: SeerDynamicCache) -> torch.Tensor:
+    def step(input_ids: torch.Tensor, kv_cache: SeerDynamicCache | SeerStaticCache) -> torch.Tensor:
         nonlocal kept, causal
         if runtime is not None:
             runtime.stats.clear()
-        logits = hf_model(input_ids=input_ids, use_cache=True, **extra, **{cache_name: cache}).logits
+        logits = hf_model(input_ids=input_ids, use_cache=True, **extra, **{cache_name: kv_cache}).logits
         if runtime is not None and input_ids.shape[1] == 1:
             for stats in runtime.stats.values():
                 if stats.get("phase") == "decode" and stats["mode"] == "sparse":
@@ -441,22 +450,34 @@ def decode_continuation(model: Any, token_ids: torch.Tensor, prompt_len: int, gr
                     causal = causal + stats["causal_blocks"].sum()
         return logits[0, -1].float()  # [V]
 
-    cache = SeerDynamicCache(config=hf_model.config)
-    prefill_logits = step(ids[:, :prompt_len], cache)
+    def new_cache() -> SeerDynamicCache | SeerStaticCache:
+        if cache == "static":
+            capacity = max(ids.shape[1], prompt_len + greedy_tokens)
+            return SeerStaticCache(config=hf_model.config, max_cache_len=capacity, full_sliding_layers=True)
+        return SeerDynamicCache(config=hf_model.config)
+
+    kv_cache = new_cache()
+    prefill_logits = step(ids[:, :prompt_len], kv_cache)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     top1 = []
     for t in range(prompt_len, ids.shape[1] - 1):
-        logits = step(ids[:, t : t + 1], cache)
+        logits = step(ids[:, t : t + 1], kv_cache)
         nll = nll - torch.log_softmax(logits, dim=-1)[ids[0, t + 1]].double()
         top1.append(logits.argmax())
     greedy = []
     if greedy_tokens > 0:
-        cache.crop(prompt_len - cache.get_seq_length())  # back to the prompt: the same prefill, greedy from there
+        # back to the prompt (the same prefill), greedy from there; a dynamic sliding-window layer keeps only its
+        # window and cannot be cropped back past it, so such caches are prefilled again instead
+        if any(isinstance(layer, DynamicSlidingWindowLayer) for layer in kv_cache.layers):
+            kv_cache = new_cache()
+            step(ids[:, :prompt_len], kv_cache)
+        else:
+            kv_cache.crop(prompt_len - kv_cache.get_seq_length())
         next_id = prefill_logits.argmax()
         for _ in range(greedy_tokens):
             greedy.append(next_id)
             if len(greedy) < greedy_tokens:
-                next_id = step(next_id.view(1, 1), cache).argmax()
+                next_id = step(next_id.view(1, 1), kv_cache).argmax()
     count = ids.shape[1] - prompt_len - 1
     return {
         "nll": float(nll),
@@ -480,6 +501,7 @@ def evaluate_decode(
     prefill: str = "dense",
     selectors: Sequence[str] = ("gate",),
     progress: bool = True,
+    cache: str = "auto",
 ) -> list[dict[str, Any]]:
     """Perplexity of a held-out continuation decoded token by token: sparse decode gate against dense decoding.
 
@@ -494,7 +516,12 @@ def evaluate_decode(
     mass of the group) and ``"moba"`` (parameter-free mean-pooled scores); every sparse setting runs once per
     selector.
 
-    Returns one row per setting: ``{decode_method, selector, token_budget | threshold, decode_density, ppl,
+    ``cache`` is the KV cache the continuations decode into (`decode_continuation`): ``"dynamic"`` (a
+    `SeerDynamicCache`), ``"static"`` (a `SeerStaticCache`: CUDA-graph steps on a GPU, many times faster than eager
+    steps) or ``"auto"`` (default: static on CUDA, dynamic elsewhere). The parameter-free selectors read host-side
+    lengths, so their settings always decode into a dynamic cache; each row names its ``cache``.
+
+    Returns one row per setting: ``{decode_method, selector, cache, token_budget | threshold, decode_density, ppl,
     ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
     greedy_agreement (free-running greedy tokens equal to dense's at the same position, percent), greedy_prefix
     (tokens before the first difference, mean over windows), tokens (scored per setting)}``; the dense row comes
@@ -529,10 +556,23 @@ def evaluate_decode(
     unknown = [name for name in selectors if name not in DECODE_SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"decode selectors must be among {DECODE_SELECTORS}, got {list(selectors)}")
+    if cache not in ("auto", "dynamic", "static"):
+        raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
+    scorers = [name for name in selectors if name in DECODE_SCORERS]
+    if cache == "static" and scorers:
+        raise ValueError(
+            f"the {scorers} selectors read host-side lengths, which static decoding steps do not have: use "
+            "cache='auto' (static for the gate and dense settings, dynamic for these) or cache='dynamic'"
+        )
+    if cache == "auto":
+        on_cuda = next(model.base_model.parameters()).device.type == "cuda"
+        cache = "static" if on_cuda else "dynamic"
     sparse = [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
     sparse += [{"decode_method": "threshold", "decode_threshold": float(t)} for t in thresholds]
     settings: list[dict[str, Any]] = [{"decode_method": "dense", "selector": "dense"}]
     settings += [{**setting, "selector": name} for name in selectors for setting in sparse]
+    for setting in settings:
+        setting["cache"] = "dynamic" if setting["selector"] in DECODE_SCORERS else cache
     prefill_settings = {"dense_below_length": window + 1} if prefill == "dense" else {}
     saved = model.peft_config[model.active_adapter]
     results: list[list[dict[str, Any]]] = [[] for _ in settings]
@@ -541,11 +581,12 @@ def evaluate_decode(
         for w in range(n_windows):
             ids = token_ids[w * window : (w + 1) * window]
             for i, setting in enumerate(settings):
-                decode_settings = {k: v for k, v in setting.items() if k != "selector"}
+                decode_settings = {k: v for k, v in setting.items() if k not in ("selector", "cache")}
                 model.peft_config[model.active_adapter] = saved.replace(**prefill_settings, **decode_settings)
                 scorer = setting["selector"] if setting["selector"] in DECODE_SCORERS else None
                 with decode_block_scorer(model, scorer):
-                    results[i].append(decode_continuation(model, ids, prompt_len, greedy_tokens))
+                    run = decode_continuation(model, ids, prompt_len, greedy_tokens, cache=setting["cache"])
+                results[i].append(run)
                 bar.update(1)
         bar.close()
     finally:
@@ -556,7 +597,11 @@ def evaluate_decode(
     for setting, runs in zip(settings, results, strict=True):
         ppl = math.exp(sum(r["nll"] for r in runs) / sum(r["count"] for r in runs))
         top1 = torch.cat([r["top1"] for r in runs]) == torch.cat([r["top1"] for r in dense])
-        row: dict[str, Any] = {"decode_method": setting["decode_method"], "selector": setting["selector"]}
+        row: dict[str, Any] = {
+            "decode_method": setting["decode_method"],
+            "selector": setting["selector"],
+            "cache": setting["cache"],
+        }
         if "decode_token_budget" in setting:
             row["token_budget"] = setting["decode_token_budget"]
         if "decode_threshold" in setting:

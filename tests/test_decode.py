@@ -839,6 +839,53 @@ def test_evaluate_decode_runs_every_selector():
         evaluate_decode(model, ids, 100, 20, selectors=("random",), progress=False)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_evaluate_decode_on_static_steps_equals_the_dynamic_cache(family):
+    """``cache="static"`` (CUDA-graph steps on a GPU, eager static steps here) scores the same continuations as the
+    dynamic cache: perplexity, top-1 and greedy tokens and densities; Gemma-2's sliding layers keep every token."""
+    from seer_adapter.evaluation import evaluate_decode
+
+    model = get_seer_model(tiny_model(family), _config())
+    _randomise_decode_gates(model)
+    ids = torch.randint(3, 128, (2 * 120,), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_windows=2, budgets=(BLOCK, 3 * BLOCK), thresholds=(0.2,), greedy_tokens=10, progress=False)
+    dynamic = evaluate_decode(model, ids, 90, 30, cache="dynamic", **kwargs)
+    static = evaluate_decode(model, ids, 90, 30, cache="static", **kwargs)
+    assert [r["cache"] for r in dynamic] == ["dynamic"] * 4 and [r["cache"] for r in static] == ["static"] * 4
+    assert any(r["decode_density"] < 0.5 for r in static)  # really sparse somewhere
+    for want, got in zip(dynamic, static, strict=True):
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+        assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
+        assert (got["top1_agreement"], got["greedy_agreement"]) == (want["top1_agreement"], want["greedy_agreement"])
+    # "auto" is dynamic off CUDA; the parameter-free selectors refuse "static" (they read host-side lengths)
+    auto = evaluate_decode(model, ids, 90, 30, selectors=("gate", "oracle"), **kwargs)
+    assert all(r["cache"] == "dynamic" for r in auto)
+    with pytest.raises(ValueError, match="host-side lengths.*cache='auto'"):
+        evaluate_decode(model, ids, 90, 30, cache="static", selectors=("oracle",), **kwargs)
+    with pytest.raises(ValueError, match="cache must be 'auto', 'dynamic' or 'static'"):
+        evaluate_decode(model, ids, 90, 30, cache="paged", **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decoding steps need a GPU")
+def test_evaluate_decode_auto_uses_cuda_graph_steps_on_a_gpu():
+    """On CUDA, "auto" decodes the gate and dense settings from one CUDA graph per continuation, the oracle's on the
+    dynamic cache; the graph steps score what the dynamic cache scores."""
+    from seer_adapter.evaluation import evaluate_decode
+
+    model = get_seer_model(tiny_model("llama").cuda(), _config())
+    _randomise_decode_gates(model)
+    ids = torch.randint(3, 128, (2 * 120,), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_windows=2, budgets=(BLOCK, 3 * BLOCK), greedy_tokens=10, progress=False)
+    auto = evaluate_decode(model, ids, 90, 30, selectors=("gate", "oracle"), **kwargs)
+    dynamic = evaluate_decode(model, ids, 90, 30, selectors=("gate", "oracle"), cache="dynamic", **kwargs)
+    assert [(r["selector"], r["cache"]) for r in auto] == [
+        ("dense", "static"), ("gate", "static"), ("gate", "static"), ("oracle", "dynamic"), ("oracle", "dynamic")
+    ]  # fmt: skip
+    for want, got in zip(dynamic, auto, strict=True):
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+        assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
+
+
 def test_decode_continuation_scores_exactly_the_teacher_forced_logits():
     """Dense decoding token by token scores the same NLL as one full forward over the window."""
     from seer_adapter.evaluation import decode_continuation
