@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-cache", choices=["auto", "dynamic", "static"], default="auto", help="see evaluate_decode's cache"
     )
+    parser.add_argument("--decode-batch-size", type=int, default=1, help="windows decoded together as one batch")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +190,7 @@ def main() -> None:
             model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
             budgets=tuple(args.decode_budgets or ()), thresholds=tuple(args.decode_thresholds),
             greedy_tokens=args.greedy_tokens, selectors=tuple(args.decode_selectors), progress=False,
-            cache=args.decode_cache,
+            cache=args.decode_cache, batch_size=args.decode_batch_size,
         )  # fmt: skip
         meta = environment_meta(
             device,

@@ -323,6 +323,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
             selectors=tuple(args.decode_selectors),
             progress=not args.json,
             cache=args.decode_cache,
+            batch_size=args.decode_batch_size,
         )
     except ValueError as exc:
         raise SystemExit(f"seer-adapter eval: error: {exc}") from None
@@ -775,6 +776,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sparse decoding: the KV cache the continuations decode into: 'static' (SeerStaticCache, one CUDA graph "
         "per continuation on a GPU), 'dynamic' (SeerDynamicCache, eager steps) or 'auto' (default: static on CUDA; "
         "the oracle / moba selectors always decode into a dynamic cache)",
+    )
+    evaluate.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=1,
+        help="sparse decoding: windows decoded together as one batch (a small batch's step costs about one row's; "
+        "each row holds its own KV cache)",
     )
     evaluate.add_argument(
         "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"

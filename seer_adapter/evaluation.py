@@ -393,29 +393,31 @@ def cache_argument(model: Any) -> str:
 @torch.no_grad()
 def decode_continuation(
     model: Any, token_ids: torch.Tensor, prompt_len: int, greedy_tokens: int = 0, *, cache: str = "dynamic"
-) -> dict[str, Any]:
-    """Decode the continuation of one prompt token by token with the model's current decode settings.
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Decode the continuation of one prompt (or of a batch of equal-length windows) token by token with the model's
+    current decode settings.
 
-    The prompt ``token_ids[:prompt_len]`` is prefilled once into a `SeerDynamicCache` (``cache="dynamic"``) or a
-    `SeerStaticCache` of the window's length (``cache="static"``: shape-static steps, replayed from one CUDA graph on
-    a GPU — the same logits, without the eager step's host time; sliding-window layers keep every token there, their
-    masks still apply the window); then every continuation
-    token is fed one at a time (teacher forcing) and the model's prediction for the next one is scored. Only
-    predictions made by **decoding steps** are scored (the prompt's last prediction comes from the prefill and
-    is the same under every decode setting), so ``count = token_ids.numel() - prompt_len - 1``.
-    With ``greedy_tokens > 0`` the cache is then cropped back to the prompt and continued greedily (free running) for
-    that many tokens.
+    The prompt ``token_ids[..., :prompt_len]`` is prefilled once into a `SeerDynamicCache` (``cache="dynamic"``) or a
+    `SeerStaticCache` of the window's length (``cache="static"``: shape-static steps, replayed from one CUDA graph on a
+    GPU — the same logits, without the eager step's host time; sliding-window layers keep every token there, their
+    masks still apply the window); then every continuation token is fed one at a time (teacher forcing) and the
+    model's prediction for the next one is scored. Only predictions made by **decoding steps** are scored (the
+    prompt's last prediction comes from the prefill and is the same under every decode setting), so ``count =
+    window - prompt_len - 1``. With ``greedy_tokens > 0`` the cache is then brought back to the prompt and continued
+    greedily (free running) for that many tokens. The rows of a 2-D ``token_ids`` are independent windows decoded
+    as one batch (no padding): a decoding step of a small batch costs about what one row costs.
 
     Args:
         model: a `SeerModel` (or a plain transformers causal LM: dense decoding).
-        token_ids: 1-D ``[prompt_len + N]`` ids, N >= 2.
+        token_ids: ``[prompt_len + N]`` ids, or ``[W, prompt_len + N]`` for W windows; N >= 2.
         prompt_len: tokens prefilled at once.
         greedy_tokens: tokens of free-running greedy continuation to return (0: none).
+        cache: ``"dynamic"`` or ``"static"`` (see above).
 
     Returns:
         ``{nll, count, top1 [count] (argmax ids of the scored predictions), greedy [greedy_tokens] ids,
         decode_density}`` where ``decode_density`` is the kept fraction of the real-token blocks over every sparse
-        decoding step and layer (1.0 when every step ran dense).
+        decoding step and layer (1.0 when every step ran dense); a list of them, one per row, for 2-D ``token_ids``.
     """
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -428,15 +430,16 @@ def decode_continuation(
     forward_parameters = inspect.signature(hf_model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
     runtime = getattr(model, "runtime", None)
-    if token_ids.dim() != 1 or not 0 < prompt_len <= token_ids.numel() - 2:
+    if token_ids.dim() not in (1, 2) or not 0 < prompt_len <= token_ids.shape[-1] - 2:
         raise ValueError(
-            f"need a 1-D token_ids with at least prompt_len + 2 tokens, got shape {tuple(token_ids.shape)} and "
-            f"prompt_len={prompt_len}"
+            f"need 1-D or 2-D token_ids with at least prompt_len + 2 tokens per row, got shape "
+            f"{tuple(token_ids.shape)} and prompt_len={prompt_len}"
         )
     device = next(hf_model.parameters()).device
-    ids = token_ids.to(device)[None]  # [1, P + N]
-    kept = torch.zeros((), dtype=torch.float64, device=device)
-    causal = torch.zeros((), dtype=torch.float64, device=device)
+    ids = token_ids.to(device).view(-1, token_ids.shape[-1])  # [W, P + N]
+    rows = ids.shape[0]
+    kept = torch.zeros(rows, dtype=torch.float64, device=device)
+    causal = torch.zeros(rows, dtype=torch.float64, device=device)
 
     def step(input_ids: torch.Tensor, kv_cache: SeerDynamicCache | SeerStaticCache) -> torch.Tensor:
         nonlocal kept, causal
@@ -445,10 +448,10 @@ def decode_continuation(
         logits = hf_model(input_ids=input_ids, use_cache=True, **extra, **{cache_name: kv_cache}).logits
         if runtime is not None and input_ids.shape[1] == 1:
             for stats in runtime.stats.values():
-                if stats.get("phase") == "decode" and stats["mode"] == "sparse":
-                    kept = kept + stats["kept_blocks"].sum()
-                    causal = causal + stats["causal_blocks"].sum()
-        return logits[0, -1].float()  # [V]
+                if stats.get("phase") == "decode" and stats["mode"] == "sparse":  # per-row counts [W, Hkv]
+                    kept = kept + stats["kept_blocks"].reshape(rows, -1).sum(-1)
+                    causal = causal + stats["causal_blocks"].reshape(rows, -1).sum(-1)
+        return logits[:, -1].float()  # [W, V]
 
     def new_cache() -> SeerDynamicCache | SeerStaticCache:
         if cache == "static":
@@ -458,12 +461,12 @@ def decode_continuation(
 
     kv_cache = new_cache()
     prefill_logits = step(ids[:, :prompt_len], kv_cache)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
+    nll = torch.zeros(rows, dtype=torch.float64, device=device)
     top1 = []
     for t in range(prompt_len, ids.shape[1] - 1):
         logits = step(ids[:, t : t + 1], kv_cache)
-        nll = nll - torch.log_softmax(logits, dim=-1)[ids[0, t + 1]].double()
-        top1.append(logits.argmax())
+        nll = nll - torch.log_softmax(logits, dim=-1).gather(1, ids[:, t + 1, None])[:, 0].double()
+        top1.append(logits.argmax(-1))
     greedy = []
     if greedy_tokens > 0:
         # back to the prompt (the same prefill), greedy from there; a dynamic sliding-window layer keeps only its
@@ -473,19 +476,25 @@ def decode_continuation(
             step(ids[:, :prompt_len], kv_cache)
         else:
             kv_cache.crop(prompt_len - kv_cache.get_seq_length())
-        next_id = prefill_logits.argmax()
+        next_ids = prefill_logits.argmax(-1)  # [W]
         for _ in range(greedy_tokens):
-            greedy.append(next_id)
+            greedy.append(next_ids)
             if len(greedy) < greedy_tokens:
-                next_id = step(next_id.view(1, 1), kv_cache).argmax()
+                next_ids = step(next_ids[:, None], kv_cache).argmax(-1)
     count = ids.shape[1] - prompt_len - 1
-    return {
-        "nll": float(nll),
-        "count": count,
-        "top1": torch.stack(top1).cpu(),
-        "greedy": torch.stack(greedy).cpu() if greedy else torch.empty(0, dtype=torch.long),
-        "decode_density": float(kept / causal) if float(causal) > 0 else 1.0,
-    }
+    top1_ids = torch.stack(top1, dim=1).cpu()  # [W, count]
+    greedy_ids = torch.stack(greedy, dim=1).cpu() if greedy else torch.empty(rows, 0, dtype=torch.long)
+    results = [
+        {
+            "nll": float(nll[r]),
+            "count": count,
+            "top1": top1_ids[r],
+            "greedy": greedy_ids[r],
+            "decode_density": float(kept[r] / causal[r]) if float(causal[r]) > 0 else 1.0,
+        }
+        for r in range(rows)
+    ]
+    return results[0] if token_ids.dim() == 1 else results
 
 
 def evaluate_decode(
@@ -502,6 +511,7 @@ def evaluate_decode(
     selectors: Sequence[str] = ("gate",),
     progress: bool = True,
     cache: str = "auto",
+    batch_size: int = 1,
 ) -> list[dict[str, Any]]:
     """Perplexity of a held-out continuation decoded token by token: sparse decode gate against dense decoding.
 
@@ -519,7 +529,9 @@ def evaluate_decode(
     ``cache`` is the KV cache the continuations decode into (`decode_continuation`): ``"dynamic"`` (a
     `SeerDynamicCache`), ``"static"`` (a `SeerStaticCache`: CUDA-graph steps on a GPU, many times faster than eager
     steps) or ``"auto"`` (default: static on CUDA, dynamic elsewhere). The parameter-free selectors read host-side
-    lengths, so their settings always decode into a dynamic cache; each row names its ``cache``.
+    lengths, so their settings always decode into a dynamic cache; each row names its ``cache``. ``batch_size``
+    windows decode together as one batch (default 1; a small batch's decoding step costs about one row's, so more
+    windows cost little more time, for ``batch_size`` times the KV cache).
 
     Returns one row per setting: ``{decode_method, selector, cache, token_budget | threshold, decode_density, ppl,
     ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
@@ -556,6 +568,8 @@ def evaluate_decode(
     unknown = [name for name in selectors if name not in DECODE_SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"decode selectors must be among {DECODE_SELECTORS}, got {list(selectors)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if cache not in ("auto", "dynamic", "static"):
         raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
     scorers = [name for name in selectors if name in DECODE_SCORERS]
@@ -577,17 +591,17 @@ def evaluate_decode(
     saved = model.peft_config[model.active_adapter]
     results: list[list[dict[str, Any]]] = [[] for _ in settings]
     try:
-        bar = tqdm(total=n_windows * len(settings), disable=not progress, desc="decode", unit="run")
-        for w in range(n_windows):
-            ids = token_ids[w * window : (w + 1) * window]
+        bar = tqdm(total=n_windows * len(settings), disable=not progress, desc="decode", unit="window")
+        windows = token_ids[: n_windows * window].reshape(n_windows, window)  # [W, window]
+        for first in range(0, n_windows, batch_size):
+            ids = windows[first : first + batch_size]
             for i, setting in enumerate(settings):
                 decode_settings = {k: v for k, v in setting.items() if k not in ("selector", "cache")}
                 model.peft_config[model.active_adapter] = saved.replace(**prefill_settings, **decode_settings)
                 scorer = setting["selector"] if setting["selector"] in DECODE_SCORERS else None
                 with decode_block_scorer(model, scorer):
-                    run = decode_continuation(model, ids, prompt_len, greedy_tokens, cache=setting["cache"])
-                results[i].append(run)
-                bar.update(1)
+                    results[i] += decode_continuation(model, ids, prompt_len, greedy_tokens, cache=setting["cache"])
+                bar.update(ids.shape[0])
         bar.close()
     finally:
         model.peft_config[model.active_adapter] = saved

@@ -864,6 +864,17 @@ def test_evaluate_decode_on_static_steps_equals_the_dynamic_cache(family):
         evaluate_decode(model, ids, 90, 30, cache="static", selectors=("oracle",), **kwargs)
     with pytest.raises(ValueError, match="cache must be 'auto', 'dynamic' or 'static'"):
         evaluate_decode(model, ids, 90, 30, cache="paged", **kwargs)
+    # windows decoded as one batch score what they score one at a time, on either cache
+    for cache in ("dynamic", "static"):
+        batched = evaluate_decode(model, ids, 90, 30, cache=cache, batch_size=2, **kwargs)
+        for want, got in zip(dynamic, batched, strict=True):
+            assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["windows"] == 2
+            assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
+            assert (got["top1_agreement"], got["greedy_agreement"], got["greedy_prefix"]) == (
+                want["top1_agreement"], want["greedy_agreement"], want["greedy_prefix"]
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate_decode(model, ids, 90, 30, batch_size=0, **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decoding steps need a GPU")

@@ -525,10 +525,12 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     out = tmp_path / "decode.json"
     gates = ["--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-tokens", "24", "--greedy-tokens", "6"]
     static = ["--decode-cache", "static"]  # shape-static steps (eager on the CPU), after the gate's sparse prefill
+    static += ["--max-windows", "2", "--decode-batch-size", "2"]  # two windows as one batch
     cli_main([*common, *gates, "--decode-budgets", "16", "256", "--decode-prefill", "gate", *static, "--out", str(out)])
     result = json.loads(out.read_text())
     assert [r.get("token_budget") for r in result["rows"]] == [None, 16, 256]
     assert {r["cache"] for r in result["rows"]} == {"static"} and {r["cache"] for r in rows} == {"dynamic"}
+    assert {r["windows"] for r in result["rows"]} == {2}
     assert result["meta"]["prefill"] == "gate" and result["meta"]["continuation_tokens"] == 24
     assert result["rows"][2]["top1_agreement"] == 100.0  # 152 tokens < 256: the whole context
     assert result["rows"][1]["decode_density"] < 1.0
