@@ -226,7 +226,10 @@ class DecodeBlockScorer(Protocol):
     """Replaces the decode gate's logits in a sparse decoding step (evaluation baselines: oracle, MoBA-style).
 
     Returns logits ``[B, Hkv, n_earlier]`` of the strictly earlier key blocks, one row per KV head: top-k reads their
-    order, the threshold method their softmax.
+    order, the threshold method their softmax. In a shape-static step (`SeerStaticCache`) ``key`` is the whole
+    buffer, ``n_earlier`` every block but the last and ``query_position`` the new token's slot (long ``[1]`` on the
+    device; None in dynamic steps, where the query is the last key): the columns from the query's block on are
+    discarded by the caller.
     """
 
     def __call__(
@@ -239,6 +242,7 @@ class DecodeBlockScorer(Protocol):
         scaling: float | None,
         n_earlier: int,
         softcap: float | None,
+        query_position: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -700,10 +704,10 @@ def _decode_attention(
     else:
         # A shape-static step (CUDA graphs): whole buffers of the capacity, the current block read from the device;
         # blocks after it are not written yet and not allowed, so the kept blocks equal the dynamic step's.
-        if state.runtime.decode_block_scorer is not None or state.runtime.record_gate_outputs:
+        if state.runtime.record_gate_outputs:
             raise NotImplementedError(
-                "decode block scorers and record_gate_outputs read host-side lengths, which a static decoding step "
-                "does not have: evaluate and record with a SeerDynamicCache."
+                "record_gate_outputs reads host-side lengths, which a static decoding step does not have: record with "
+                "a SeerDynamicCache."
             )
         keys, valid, _, _ = compressed.static_buffers()
         keys, valid = keys[:, :, :n_blocks], valid[:, :n_blocks]
@@ -726,8 +730,12 @@ def _decode_attention(
                 scale=1.0 / math.sqrt(decode_gate.gate_dim),
             )  # [B, Hkv, 1, nB], the lowest float from the current block on
         else:
-            logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"))
+            position = None if static_cache is None else static_cache.static_slot
+            logits = scorer(module, state, query, key, padding, scaling, n_blocks - 1, kwargs.get("softcap"), position)
             scores = with_current_block(logits)  # [B, Hkv, 1, nB]
+            if current is not None:  # static: the buffer's blocks from the current one on are not earlier
+                later = torch.arange(n_blocks, device=scores.device) >= current
+                scores = scores.masked_fill(later, torch.finfo(torch.float32).min)
         # the sink block [B]: from the padding mask, once per forward (the layers share the mask); 0 without padding
         if padding is None:
             sink = query.new_zeros(batch, dtype=torch.long)

@@ -99,7 +99,7 @@ def _runtime_signature(runtime: Any) -> tuple:
         runtime.adapter_enabled,
         repr(runtime.config),
         runtime.distillation is None,
-        runtime.decode_block_scorer is None,
+        runtime.decode_block_scorer,  # None (the decode gate) or the evaluation scorer object itself
         runtime.record_gate_outputs,
         os.environ.get(ENV_BACKEND, ""),
     )

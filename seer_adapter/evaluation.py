@@ -146,8 +146,11 @@ SCORERS: dict[str, Any] = {"moba": moba_scorer, "oracle": oracle_scorer, "random
 # ------------------------------------------------------------------------------------------------------
 # parameter-free decode-step scorers (installed on SeerRuntime.decode_block_scorer)
 # ------------------------------------------------------------------------------------------------------
-def moba_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap):
-    """Mean post-RoPE query of the GQA group · mean-pooled post-RoPE K of each strictly earlier block."""
+def moba_decode_scorer(
+    module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap, query_position=None
+):
+    """Mean post-RoPE query of the GQA group · mean-pooled post-RoPE K of each strictly earlier block (each block is
+    pooled on its own, so a static step's blocks from the query's on need no care: the caller discards them)."""
     batch, hq, _, head_dim = query.shape
     hkv = key.shape[1]
     block = layer.runtime.config.effective_decode_block_size
@@ -159,14 +162,24 @@ def moba_decode_scorer(module, layer: SeerLayerState, query, key, key_padding_ma
 
 
 def oracle_decode_scorer(
-    module, layer: SeerLayerState, query, key, key_padding_mask, scaling, n_earlier, softcap, target: str = "max"
+    module,
+    layer: SeerLayerState,
+    query,
+    key,
+    key_padding_mask,
+    scaling,
+    n_earlier,
+    softcap,
+    query_position: torch.Tensor | None = None,
+    target: str = "max",
 ) -> torch.Tensor:
     """A decode-gate distillation target at this step, as logits (an upper bound: needs the full attention).
 
     ``target="max"``: per strictly earlier block, the largest attention probability of any query head of the group
     (what the decode gate is trained to imitate by default); ``"mass"``: the group's probability mass per block
     (what a top-k budget keeps most of). Renormalised (`seer_adapter.kernels.decode_block_ground_truth` for the last
-    cache slot); the log is returned, so the threshold method's softmax gives back the target itself."""
+    cache slot, or for ``query_position`` in a static step); the log is returned, so the threshold method's softmax
+    gives back the target itself."""
     from .kernels import decode_block_ground_truth
 
     batch, hq, _, head_dim = query.shape
@@ -178,7 +191,9 @@ def oracle_decode_scorer(
         scale=scaling,
         key_padding_mask=key_padding_mask,
         softcap=softcap,
-        query_rows=torch.full((1,), kv_len - 1, dtype=torch.long, device=query.device),
+        query_rows=torch.full((1,), kv_len - 1, dtype=torch.long, device=query.device)
+        if query_position is None
+        else query_position,
         target=target,
     )[:, :, 0, :n_earlier]  # [B, Hkv, n_earlier]
     return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
@@ -528,10 +543,10 @@ def evaluate_decode(
 
     ``cache`` is the KV cache the continuations decode into (`decode_continuation`): ``"dynamic"`` (a
     `SeerDynamicCache`), ``"static"`` (a `SeerStaticCache`: CUDA-graph steps on a GPU, many times faster than eager
-    steps) or ``"auto"`` (default: static on CUDA, dynamic elsewhere). The parameter-free selectors read host-side
-    lengths, so their settings always decode into a dynamic cache; each row names its ``cache``. ``batch_size``
-    windows decode together as one batch (default 1; a small batch's decoding step costs about one row's, so more
-    windows cost little more time, for ``batch_size`` times the KV cache).
+    steps) or ``"auto"`` (default: static on CUDA for the gate and dense settings, dynamic elsewhere and for the
+    parameter-free selectors, whose graph capture has not run on a GPU yet); each row names its ``cache``.
+    ``batch_size`` windows decode together as one batch (default 1; a small batch's decoding step costs about one
+    row's, so more windows cost little more time, for ``batch_size`` times the KV cache).
 
     Returns one row per setting: ``{decode_method, selector, cache, token_budget | threshold, decode_density, ppl,
     ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
@@ -572,21 +587,17 @@ def evaluate_decode(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if cache not in ("auto", "dynamic", "static"):
         raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
-    scorers = [name for name in selectors if name in DECODE_SCORERS]
-    if cache == "static" and scorers:
-        raise ValueError(
-            f"the {scorers} selectors read host-side lengths, which static decoding steps do not have: use "
-            "cache='auto' (static for the gate and dense settings, dynamic for these) or cache='dynamic'"
-        )
-    if cache == "auto":
-        on_cuda = next(model.base_model.parameters()).device.type == "cuda"
-        cache = "static" if on_cuda else "dynamic"
+    on_cuda = next(model.base_model.parameters()).device.type == "cuda"
+    default_cache = "static" if on_cuda else "dynamic"
     sparse = [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
     sparse += [{"decode_method": "threshold", "decode_threshold": float(t)} for t in thresholds]
     settings: list[dict[str, Any]] = [{"decode_method": "dense", "selector": "dense"}]
     settings += [{**setting, "selector": name} for name in selectors for setting in sparse]
     for setting in settings:
-        setting["cache"] = "dynamic" if setting["selector"] in DECODE_SCORERS else cache
+        if cache != "auto":
+            setting["cache"] = cache
+        else:  # the parameter-free selectors' CUDA-graph steps have not run on a GPU yet: eager there for now
+            setting["cache"] = "dynamic" if setting["selector"] in DECODE_SCORERS else default_cache
     prefill_settings = {"dense_below_length": window + 1} if prefill == "dense" else {}
     saved = model.peft_config[model.active_adapter]
     results: list[list[dict[str, Any]]] = [[] for _ in settings]

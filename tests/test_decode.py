@@ -857,11 +857,17 @@ def test_evaluate_decode_on_static_steps_equals_the_dynamic_cache(family):
         assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
         assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
         assert (got["top1_agreement"], got["greedy_agreement"]) == (want["top1_agreement"], want["greedy_agreement"])
-    # "auto" is dynamic off CUDA; the parameter-free selectors refuse "static" (they read host-side lengths)
+    # the parameter-free selectors on static steps too (the oracle at the static slot, blocks after it discarded)
+    selectors = ("oracle", "oracle_mass", "moba")
+    dynamic_scorers = evaluate_decode(model, ids, 90, 30, cache="dynamic", selectors=selectors, **kwargs)
+    static_scorers = evaluate_decode(model, ids, 90, 30, cache="static", selectors=selectors, **kwargs)
+    for want, got in zip(dynamic_scorers, static_scorers, strict=True):
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["cache"] == "static"
+        assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
+        assert (got["top1_agreement"], got["greedy_agreement"]) == (want["top1_agreement"], want["greedy_agreement"])
+    # "auto" is dynamic off CUDA
     auto = evaluate_decode(model, ids, 90, 30, selectors=("gate", "oracle"), **kwargs)
     assert all(r["cache"] == "dynamic" for r in auto)
-    with pytest.raises(ValueError, match="host-side lengths.*cache='auto'"):
-        evaluate_decode(model, ids, 90, 30, cache="static", selectors=("oracle",), **kwargs)
     with pytest.raises(ValueError, match="cache must be 'auto', 'dynamic' or 'static'"):
         evaluate_decode(model, ids, 90, 30, cache="paged", **kwargs)
     # windows decoded as one batch score what they score one at a time, on either cache
@@ -894,6 +900,13 @@ def test_evaluate_decode_auto_uses_cuda_graph_steps_on_a_gpu():
     ]  # fmt: skip
     for want, got in zip(dynamic, auto, strict=True):
         assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+        assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
+    # every selector under CUDA graphs (the oracle's target kernel at the device-side slot, no host sync)
+    scorers = ("oracle", "oracle_mass", "moba")
+    static = evaluate_decode(model, ids, 90, 30, selectors=scorers, cache="static", **kwargs)
+    dynamic = evaluate_decode(model, ids, 90, 30, selectors=scorers, cache="dynamic", **kwargs)
+    for want, got in zip(dynamic, static, strict=True):
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4) and got["cache"] == "static"
         assert got["decode_density"] == pytest.approx(want["decode_density"], rel=1e-6)
 
 

@@ -117,8 +117,10 @@ def check_decode_target_inputs(
         raise ValueError(f"key_padding_mask must be bool [B, S] = [{batch}, {length}]")
     if query_rows is None:
         return torch.arange(length, device=q.device)
+    # the range check reads the rows on the host, which a CUDA-graph capture (a static decoding step) cannot
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if query_rows.dim() != 1 or (
-        query_rows.numel() and not 0 <= int(query_rows.min()) <= int(query_rows.max()) < length
+        query_rows.numel() and not capturing and not 0 <= int(query_rows.min()) <= int(query_rows.max()) < length
     ):
         raise ValueError(f"query_rows must be 1-D token positions in [0, {length})")
     return query_rows.to(q.device, torch.long)
