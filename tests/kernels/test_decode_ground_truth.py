@@ -53,10 +53,16 @@ def case_rows(rows, length):
 
 
 @requires_triton
+@pytest.mark.parametrize("strategy", ["per_head", "grouped"])
 @pytest.mark.parametrize("target", ["max", "mass"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_triton_matches_reference(case: str, target: str) -> None:
-    from seer_adapter.kernels.decode_ground_truth_triton import decode_block_ground_truth_triton
+def test_triton_matches_reference(case: str, target: str, strategy: str) -> None:
+    """Both strategies: a per-query-head record reduced in PyTorch, or the group's heads stacked in one tile and
+    reduced in registers (its record is the result's size)."""
+    from seer_adapter.kernels.decode_ground_truth_triton import (
+        decode_block_ground_truth_triton,
+        decode_block_ground_truth_triton_grouped,
+    )
 
     batch, hq, hkv, length, head_dim, block_size, pad, softcap, dtype, rows = CASES[case]
     q, k = make_qk(batch, hq, hkv, length, head_dim, dtype, seed=len(case))
@@ -65,8 +71,12 @@ def test_triton_matches_reference(case: str, target: str) -> None:
     n_rows = length if query_rows is None else query_rows.numel()
     n_blocks = -(-length // block_size)
     kwargs = {"block_size": block_size, "key_padding_mask": mask, "softcap": softcap, "query_rows": query_rows}
-    poisoned = torch.full((batch, hq, n_rows, n_blocks - 1), float("nan"), device=DEVICE)
-    got = decode_block_ground_truth_triton(q, k, target=target, record=poisoned, **kwargs)
+    kernel, record_heads = {
+        "per_head": (decode_block_ground_truth_triton, hq),
+        "grouped": (decode_block_ground_truth_triton_grouped, hkv),
+    }[strategy]
+    poisoned = torch.full((batch, record_heads, n_rows, n_blocks - 1), float("nan"), device=DEVICE)
+    got = kernel(q, k, target=target, record=poisoned, **kwargs)
     want = decode_block_ground_truth_reference(q, k, target=target, **kwargs)
     assert got.shape == want.shape == (batch, hkv, n_rows, n_blocks) and got.dtype == torch.float32
     assert not got.isnan().any()
@@ -97,6 +107,15 @@ def test_bad_input_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(auto, expected, atol=0, rtol=0)
     forced = decode_block_ground_truth(q, k, block_size=16, backend="triton")
     torch.testing.assert_close(forced, decode_block_ground_truth_reference(q, k, block_size=16), atol=2e-5, rtol=1e-4)
+    grouped = decode_block_ground_truth(q, k, block_size=16, backend="triton_grouped")  # by name only, never "auto"
+    torch.testing.assert_close(grouped, forced, atol=2e-5, rtol=1e-4)
+    from seer_adapter.kernels import select_backend
+
+    assert select_backend(DEVICE) != "triton_grouped"
+    from seer_adapter.kernels.decode_ground_truth_triton import decode_block_ground_truth_triton_grouped
+
+    with pytest.raises(ValueError, match="record must be"):  # [B, Hkv, R, nK - 1] = [1, 2, 70, 4], not per query head
+        decode_block_ground_truth_triton_grouped(q, k, block_size=16, record=torch.zeros(1, 4, 70, 4, device=DEVICE))
 
 
 @requires_gpu
@@ -111,6 +130,7 @@ def test_gpu_bf16_matches_reference(shape, target: str) -> None:
     mask = left_padding(2, length, (0, 300))
     rows = torch.arange(length - 1, length // 4 - 1, -4, device=DEVICE).flip(0)
     kwargs = {"block_size": block_size, "key_padding_mask": mask, "query_rows": rows, "target": target}
-    got = decode_block_ground_truth(q, k, backend="triton", **kwargs)
     want = decode_block_ground_truth_reference(q, k, **kwargs)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    for backend in ("triton", "triton_grouped"):
+        got = decode_block_ground_truth(q, k, backend=backend, **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
