@@ -377,7 +377,7 @@ def test_prompt_lookup_decoding_crops_and_equals_dense():
     assert any(n < 0 for n in crops)  # some candidates were rejected and cropped
 
 
-def test_decode_block_size_is_the_decode_gates_own():
+def test_decode_block_size_is_the_decode_gates_own(tmp_path):
     """``decode_block_size`` sets the decode gate's blocks apart from the prefill gate's: validated, fixed once
     trained, saved; decoding keeps whole decode blocks within the budget and distillation trains at that size."""
     from seer_adapter.distill import distillation_loss
@@ -405,6 +405,16 @@ def test_decode_block_size_is_the_decode_gates_own():
             assert kept.shape[-1] == 7 and int(kept.sum(-1).max()) <= 3 + 1  # budget, plus the sink
     _, per_layer = distillation_loss(model, ids, mask)
     assert all(math.isfinite(v) for v in per_layer.values())
+    # saved and loaded like any adapter: the decode gates keep their blocks and decode the same tokens and logits
+    model.runtime.record_gate_outputs = False
+    want_seq, want = _generate_logits(model, ids, mask, max_new_tokens=8, do_sample=False)
+    model.save_pretrained(tmp_path)
+    reloaded = SeerModel.from_pretrained(model.unload(), tmp_path)
+    assert reloaded.peft_config["default"].decode_block_size == BLOCK
+    assert all(g.block_size == 4 * BLOCK and g.decode.block_size == BLOCK for g in reloaded.gates().values())
+    got_seq, got = _generate_logits(reloaded, ids, mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got_seq, want_seq)
+    torch.testing.assert_close(got, want)
 
 
 def test_small_budget_is_sparse_keeps_forced_blocks_and_handles_ragged_rows():
