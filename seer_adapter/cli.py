@@ -781,8 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-batch-size",
         type=int,
         default=1,
-        help="sparse decoding: windows decoded together as one batch (a small batch's step costs about one row's; "
-        "each row holds its own KV cache)",
+        help="sparse decoding: windows decoded together as one batch (one decoding step serves them all; each holds "
+        "its own KV cache)",
     )
     evaluate.add_argument(
         "--greedy-tokens", type=int, default=64, help="sparse decoding: free-running greedy tokens compared to dense"

@@ -420,7 +420,7 @@ def decode_continuation(
     prompt's last prediction comes from the prefill and is the same under every decode setting), so ``count =
     window - prompt_len - 1``. With ``greedy_tokens > 0`` the cache is then brought back to the prompt and continued
     greedily (free running) for that many tokens. The rows of a 2-D ``token_ids`` are independent windows decoded
-    as one batch (no padding): a decoding step of a small batch costs about what one row costs.
+    as one batch (no padding).
 
     Args:
         model: a `SeerModel` (or a plain transformers causal LM: dense decoding).
@@ -545,8 +545,8 @@ def evaluate_decode(
     `SeerDynamicCache`), ``"static"`` (a `SeerStaticCache`: CUDA-graph steps on a GPU, many times faster than eager
     steps) or ``"auto"`` (default: static on CUDA for the gate and dense settings, dynamic elsewhere and for the
     parameter-free selectors, whose graph capture has not run on a GPU yet); each row names its ``cache``.
-    ``batch_size`` windows decode together as one batch (default 1; a small batch's decoding step costs about one
-    row's, so more windows cost little more time, for ``batch_size`` times the KV cache).
+    ``batch_size`` windows decode together as one batch (default 1; one decoding step serves them all, for
+    ``batch_size`` times the KV cache).
 
     Returns one row per setting: ``{decode_method, selector, cache, token_budget | threshold, decode_density, ppl,
     ppl_delta_pct (against dense), top1_agreement (teacher-forced argmax equal to dense's, percent),
