@@ -17,8 +17,8 @@ Two strategies, one kernel:
   and writes a per-query-head record ``[B, Hq, R, nK - 1]``; the reduction over the GQA group (max or sum) runs in
   PyTorch on that record (``R · nK`` floats per head, against ``R · S`` scores);
 * **grouped** (`decode_block_ground_truth_triton_grouped`, backend ``"triton_grouped"``, chosen by name until it has
-  been timed on a GPU): a program stacks the group's query heads as the rows of one tile (``GROUP_PAD × BLOCK_M``
-  rows, ``BLOCK_M = 64 / GROUP_PAD`` tokens of each head) and reduces over them in registers, so its record is the
+  been timed on a GPU): a program stacks the group's query heads as the rows of one tile (``HEADS_PAD × BLOCK_M``
+  rows, ``BLOCK_M = 64 / HEADS_PAD`` tokens of each head) and reduces over them in registers, so its record is the
   ``[B, Hkv, R, nK - 1]`` result itself: ``Hq / Hkv`` times less memory (Qwen2.5-0.5B at 16k with 16-token blocks:
   ~0.94 GB -> ~134 MB per layer) and no reduction pass; the same FLOPs, K traffic per query row and about the same
   number of programs.
