@@ -19,15 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
-from seer_adapter.assets import QWEN_CODER_05B, SMOLLM2, default_corpus, gguf_model_path  # noqa: E402
-from seer_adapter.evaluation import environment_meta, evaluate_decode, format_decode_table  # noqa: E402
+from distill_eval import MODELS, heldout_token_ids, model_setup  # noqa: E402
 
-MODELS = {"smollm2": SMOLLM2, "qwen2.5-coder-0.5b": QWEN_CODER_05B}
+from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
+from seer_adapter.evaluation import environment_meta, evaluate_decode, format_decode_table  # noqa: E402
 
 
 def main() -> None:
@@ -42,13 +41,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = MODELS[args.model]
-    path = gguf_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    heldout = [json.loads(line) for line in default_corpus()["heldout"].read_text(encoding="utf-8").splitlines()]
-    token_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
+    path, tokenizer, device, dtype = model_setup(args.model)
+    token_ids = heldout_token_ids(tokenizer)
     rows = []
     started = time.perf_counter()
     for block_size in args.block_sizes:

@@ -51,6 +51,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def model_setup(name: str) -> tuple[Path, AutoTokenizer, torch.device, torch.dtype]:
+    """The converted folder and tokenizer of model ``name`` (a key of `MODELS`), the device and the dtype to run in
+    (bf16 on CUDA, fp32 on the CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = gguf_model_path(MODELS[name])
+    return path, AutoTokenizer.from_pretrained(path), device, dtype
+
+
+def heldout_token_ids(tokenizer: AutoTokenizer) -> torch.Tensor:
+    """The held-out works of the default corpus as one 1-D id tensor (documents joined by the EOS token)."""
+    heldout = read_jsonl(default_corpus()["heldout"])
+    return tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
@@ -88,11 +103,8 @@ def main() -> None:
     parser.add_argument("--decode-batch-size", type=int, default=1, help="windows decoded together as one batch")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = MODELS[args.model]
-    path = gguf_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, tokenizer, device, dtype = model_setup(args.model)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     corpus = default_corpus()
     train_docs = read_jsonl(corpus["train"])
@@ -142,8 +154,7 @@ def main() -> None:
                   f"tok/s {r['tokens_per_s']:.0f}", flush=True)  # fmt: skip
         model.save_pretrained(adapter_out)
 
-    heldout = read_jsonl(corpus["heldout"])
-    heldout_ids = tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
+    heldout_ids = heldout_token_ids(tokenizer)
     decode_block_size = model.peft_config[model.active_adapter].effective_decode_block_size
     distillation = None
     if records:
