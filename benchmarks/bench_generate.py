@@ -24,7 +24,8 @@ dense variant.
 
 Writes ``benchmarks/results/bench_generate_<time>.json`` (``meta`` with ``gpu``; rows with ``variant``,
 ``budget``, ``batch``, ``context``, ``new_tokens``, ``s``, ``tokens_per_s``, ``ms_per_step``,
-``speedup_vs_dense``, and ``gpu_ms_per_step`` / ``gpu_speedup_vs_dense``: the kernels' device time per step, what
+``speedup_vs_dense``, ``peak_gib`` (the variant's peak allocated memory), ``cache_gib`` (KV, compressed keys,
+RoPE tables), and ``gpu_ms_per_step`` / ``gpu_speedup_vs_dense``: the kernels' device time per step, what
 a step would cost with the host out of the way) and prints a table last.
 """
 
@@ -83,6 +84,23 @@ def gpu_ms_per_step(model, prompt: torch.Tensor, cache: SeerDynamicCache, cache_
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_generate(model, prompt, cache, cache_name, steps)
     return sum(event.self_device_time_total for event in prof.key_averages()) / 1000 / steps
+
+
+def cache_gib(cache: SeerDynamicCache) -> dict[str, float]:
+    """GiB held by ``cache``: KV buffers, compressed keys (with their validity) and the slots' RoPE tables."""
+
+    def gib(tensors) -> float:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return sum(storages.values()) / 2**30
+
+    kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    kv += [getattr(layer, name, None) for layer in cache.layers for name in ("_key_buffer", "_value_buffer")]
+    compressed = cache.seer_keys.values()
+    return {
+        "kv": gib(kv),
+        "compressed_keys": gib(t for c in compressed for t in (c._keys, c._valid)),
+        "rope_tables": gib(t for c in compressed for t in (c._cos, c._sin)),
+    }
 
 
 def use_layer_class(cache: SeerDynamicCache, layer_class: type) -> None:
@@ -144,6 +162,7 @@ def main() -> None:
     cache.batch_repeat_interleave(args.batch)
     prompt = ids.expand(args.batch, -1).contiguous()  # [B, context + 1]: the last token is decoded first
     print(f"cache for batch {args.batch}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+    print("cache GiB:", {name: round(gib, 2) for name, gib in cache_gib(cache).items()}, flush=True)
 
     variants = [("dense_stock", None), ("dense", None), ("dense_flash", None)]
     variants += [("seer_decode", b) for b in args.budgets]
@@ -164,6 +183,7 @@ def main() -> None:
             model.set_sparsity(decode_method="dense")
         else:
             model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
+        torch.cuda.reset_peak_memory_stats()
         with sdpa():
             # warm-up past a block boundary: a completing block compiles the pooling kernels (Triton, allocator)
             timed_generate(model, prompt, cache, cache_name, 2 * block_size)
@@ -212,6 +232,8 @@ def main() -> None:
                 "ms_per_step": 1000 * s / args.new_tokens,
                 "gpu_ms_per_step": gpu_ms,
                 "decode_density": density,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "cache_gib": cache_gib(cache),
             }
         )
         if variant.endswith("_graph"):
@@ -231,7 +253,7 @@ def main() -> None:
         prefill="sparse nz_ratio 0.1 at batch 1, cache repeated to the batch",
         decode_block_size=seer_config.effective_decode_block_size,
         command="python " + " ".join(sys.argv),
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        peak_gib=max(row["peak_gib"] for row in rows),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,13 +43,14 @@ class DecodeCacheError(RuntimeError):
     """The K-compression cache cannot follow the KV cache (wrong cache type, or a cache changed behind its back)."""
 
 
-def _grown(buffer: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
-    """``buffer`` with at least ``needed`` entries along ``dim`` (capacity doubles: amortised O(1) appends)."""
+def _grown(buffer: torch.Tensor, dim: int, needed: int, exact: bool = False) -> torch.Tensor:
+    """``buffer`` with at least ``needed`` entries along ``dim`` (capacity doubles: amortised O(1) appends; ``exact``:
+    grows to exactly ``needed``, for a cache whose final size is known)."""
     capacity = buffer.shape[dim]
     if needed <= capacity:
         return buffer
     shape = list(buffer.shape)
-    shape[dim] = max(needed, 2 * capacity, 16)
+    shape[dim] = needed if exact else max(needed, 2 * capacity, 16)
     grown = buffer.new_zeros(shape)
     grown.narrow(dim, 0, capacity).copy_(buffer)
     return grown
@@ -180,10 +181,14 @@ class CompressedKeys:
         """Allocate every buffer for ``n_slots`` cache slots now, so that shape-static decoding steps
         (`update_compressed_keys_static`) write in place at device-side positions."""
         self._flush_tables()
+        # exactly: doubling past a 64k-slot capacity would add 64k unused slots of RoPE tables per layer
         n_blocks = -(-n_slots // block_size)
-        self._keys, self._valid = _grown(self._keys, 2, n_blocks), _grown(self._valid, 1, n_blocks)
+        self._keys, self._valid = (
+            _grown(self._keys, 2, n_blocks, exact=True),
+            _grown(self._valid, 1, n_blocks, exact=True),
+        )
         if self._cos is not None:
-            self._cos, self._sin = _grown(self._cos, 1, n_slots), _grown(self._sin, 1, n_slots)
+            self._cos, self._sin = _grown(self._cos, 1, n_slots, exact=True), _grown(self._sin, 1, n_slots, exact=True)
 
     def static_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The whole buffers ``(keys [B, Hkv, nCap, G], valid [B, nCap], cos, sin [B, Cap, r])`` (after `reserve`)."""
@@ -233,6 +238,27 @@ class GrowableDynamicLayer(DynamicLayer):
         self.keys = self._append(self.keys, key_states, "_key_buffer")
         self.values = self._append(self.values, value_states, "_value_buffer")
         return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._drop_buffers_of_another_batch_size()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._drop_buffers_of_another_batch_size()
+
+    def _drop_buffers_of_another_batch_size(self) -> None:
+        # The keys/values are new tensors of a new batch size: a buffer of the old one can never be adopted again and
+        # would hold its memory (a whole 64k-slot layer) until the next append.
+        for name, current in (("_key_buffer", self.keys), ("_value_buffer", self.values)):
+            buffer = getattr(self, name, None)
+            if (
+                buffer is not None
+                and current is not None
+                and current.dim() == 4
+                and buffer.shape[0] != current.shape[0]
+            ):
+                setattr(self, name, None)
 
     def _append(self, current: torch.Tensor, new: torch.Tensor, name: str) -> torch.Tensor:
         buffer: torch.Tensor | None = getattr(self, name, None)
