@@ -106,11 +106,13 @@ def cache_gib(cache: SeerDynamicCache) -> dict[str, float]:
 def use_layer_class(cache: SeerDynamicCache, layer_class: type) -> None:
     """Switch the KV layers of ``cache`` between transformers' `DynamicLayer` and `GrowableDynamicLayer`.
 
-    The spare-slot buffers are dropped (their views stay the layer's keys/values until the next append), so the
-    switch costs no memory: `DynamicLayer` concatenates them away, `GrowableDynamicLayer` adopts them again."""
+    Switching to `DynamicLayer` drops the spare-slot buffers (their views stay the layer's keys/values, which it
+    concatenates away at the next append), so the switch costs no memory; `GrowableDynamicLayer` keeps or adopts them.
+    """
     for layer in cache.layers:
         layer.__class__ = layer_class
-        layer._key_buffer = layer._value_buffer = None
+        if layer_class is DynamicLayer:
+            layer._key_buffer = layer._value_buffer = None
 
 
 def main() -> None:

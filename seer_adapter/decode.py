@@ -43,14 +43,19 @@ class DecodeCacheError(RuntimeError):
     """The K-compression cache cannot follow the KV cache (wrong cache type, or a cache changed behind its back)."""
 
 
+_KV_GROWTH_FRACTION = 8  # buffers grow by an eighth of what they hold (at least _KV_GROWTH_MIN KV slots)
+_KV_GROWTH_MIN = 256
+
+
 def _grown(buffer: torch.Tensor, dim: int, needed: int, exact: bool = False) -> torch.Tensor:
-    """``buffer`` with at least ``needed`` entries along ``dim`` (capacity doubles: amortised O(1) appends; ``exact``:
-    grows to exactly ``needed``, for a cache whose final size is known)."""
+    """``buffer`` with at least ``needed`` entries along ``dim``: an eighth more (geometric, so appends stay amortised
+    O(1), without doubling a 64k-slot layer's RoPE tables), or, ``exact``, exactly ``needed`` (a cache whose final size
+    is known)."""
     capacity = buffer.shape[dim]
     if needed <= capacity:
         return buffer
     shape = list(buffer.shape)
-    shape[dim] = needed if exact else max(needed, 2 * capacity, 16)
+    shape[dim] = needed if exact else needed + max(16, needed // _KV_GROWTH_FRACTION)
     grown = buffer.new_zeros(shape)
     grown.narrow(dim, 0, capacity).copy_(buffer)
     return grown
@@ -212,8 +217,6 @@ class CompressedKeys:
 
 # Spare slots a growable KV layer adds when it must grow: an eighth of the length (at least 256 slots), so appending
 # is amortised O(new tokens) while at most ~12 % of the cache memory sits unused.
-_KV_GROWTH_FRACTION = 8
-_KV_GROWTH_MIN = 256
 
 
 class GrowableDynamicLayer(DynamicLayer):
