@@ -4,8 +4,9 @@ distillation step (a script, not a test).
 Kernel rows: one layer's target at the shapes of SmolLM2-135M (Hq 9 / Hkv 3, D 64) at 8k, Qwen2.5-0.5B (14 / 2, 64)
 at 16k and Llama-3.1-8B (32 / 8, 128) at 32k, random bf16 inputs, at each ``--block-sizes`` (default 64), for the
 token rows distillation uses (an evenly strided ``fraction`` of the tokens after the first quarter). Backends: the
-PyTorch reference, ``triton`` (per-query-head record, group reduced in PyTorch) and ``triton_grouped`` (the group's
-heads in one tile, reduced in registers); ``mb_<backend>`` is the call's peak memory beyond its inputs. FLOPs counted
+PyTorch reference, ``triton_per_head`` (per-query-head record, group reduced in PyTorch) and ``triton`` (the
+default: the group's heads in one tile, reduced in registers); ``mb_<backend>`` is the call's peak memory beyond its
+inputs. FLOPs counted
 as the kernel does its work: two passes of ``Q·Kᵀ`` over each row's causal keys, ``2 · 2 · D · Hq · Σ (pos + 1)``.
 
 Step rows: one distillation step (forward with both targets, gate backward) of a Qwen2.5-0.5B-shaped model (random
@@ -89,7 +90,7 @@ def kernel_rows(fractions: list[float], block_sizes: list[int]) -> list[dict]:
                 row = {"shape": name, "S": length, "Hq": hq, "Hkv": hkv, "D": head_dim, "block_size": block_size}
                 row.update(fraction=fraction, target=target, rows=query_rows.numel(), gflop=flops / 1e9)
                 results = {}
-                for backend in ("reference", "triton", "triton_grouped"):
+                for backend in ("reference", "triton_per_head", "triton"):
                     if backend == "reference" and (fraction == 1.0 and length > 16384 or block_size != 64):
                         continue  # minutes of fp32 scores; the 0.25 row at block 64 shows the ratio
                     call = functools.partial(
@@ -99,8 +100,8 @@ def kernel_rows(fractions: list[float], block_sizes: list[int]) -> list[dict]:
                     results[backend], row[f"mb_{backend}"] = peak_mb(call)
                     row[f"ms_{backend}"] = cuda_ms(call, repeats=3 if backend == "reference" else 10)
                 row["tflops_triton"] = flops / row["ms_triton"] / 1e9
-                row["tflops_triton_grouped"] = flops / row["ms_triton_grouped"] / 1e9
-                row["grouped_max_abs_diff"] = float((results["triton_grouped"] - results["triton"]).abs().max())
+                row["tflops_triton_per_head"] = flops / row["ms_triton_per_head"] / 1e9
+                row["per_head_max_abs_diff"] = float((results["triton_per_head"] - results["triton"]).abs().max())
                 if "reference" in results:
                     row["max_abs_diff"] = float((results["triton"] - results["reference"]).abs().max())
                     row["speedup"] = row["ms_reference"] / row["ms_triton"]
@@ -136,7 +137,7 @@ def step_rows(length: int, fractions: list[float], repeats: int) -> list[dict]:
     ids = torch.randint(0, config.vocab_size, (1, length), device="cuda")
     # the prefill gates alone: the floor the decode target adds to
     variants = [(0.0, "none (prefill gates only)")]
-    backends = ("reference", "triton", "triton_grouped")
+    backends = ("reference", "triton_per_head", "triton")
     variants += [(fraction, backend) for fraction in fractions for backend in backends]
     rows = []
     original = distill.decode_block_ground_truth
@@ -182,14 +183,15 @@ def main() -> None:
     path = out / f"bench_decode_target_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "steps": steps}, indent=2))
     print(f"\nwrote {path}")
-    print(f"{'shape':<14} {'blk':>4} {'frac':>5} {'target':<5} {'rows':>6} {'GFLOP':>7} {'ref ms':>8} {'triton ms':>9} "
-          f"{'MB':>7} {'grouped ms':>10} {'MB':>7} {'x ref':>6} {'max diff':>9}")  # fmt: skip
+    print(f"{'shape':<14} {'blk':>4} {'frac':>5} {'target':<5} {'rows':>6} {'GFLOP':>7} {'ref ms':>8} "
+          f"{'per-head ms':>11} {'MB':>7} {'grouped ms':>10} {'MB':>7} {'x ref':>6} {'max diff':>9}")  # fmt: skip
     for r in rows:
         print(
             f"{r['shape']:<14} {r['block_size']:>4} {r['fraction']:>5} {r['target']:<5} {r['rows']:>6} "
-            f"{r['gflop']:>7.1f} {r.get('ms_reference', float('nan')):>8.2f} {r['ms_triton']:>9.3f} "
-            f"{r['mb_triton']:>7.0f} {r['ms_triton_grouped']:>10.3f} {r['mb_triton_grouped']:>7.0f} "
-            f"{r.get('speedup', float('nan')):>6.1f} {max(r.get('max_abs_diff', 0.0), r['grouped_max_abs_diff']):>9.2e}"
+            f"{r['gflop']:>7.1f} {r.get('ms_reference', float('nan')):>8.2f} {r['ms_triton_per_head']:>11.3f} "
+            f"{r['mb_triton_per_head']:>7.0f} {r['ms_triton']:>10.3f} {r['mb_triton']:>7.0f} "
+            f"{r.get('speedup', float('nan')):>6.1f} "
+            f"{max(r.get('max_abs_diff', 0.0), r['per_head_max_abs_diff']):>9.2e}"
         )
     for r in steps:
         print(f"step S={r['S']} fraction {r['fraction']} target {r['target_backend']}: {r['step_s']:.3f} s "

@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. dense_stock dense_graph)")
     parser.add_argument(
-        "--decode-block-size", type=int, default=None, help="the decode gate's key-block size (default: block_size)"
+        "--decode-block-size", type=int, default=16, help="the decode gate's key-block size (default 16)"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
     parser.add_argument(
-        "--decode-block-size", type=int, default=None, help="the decode gate's key-block size (default: block_size)"
+        "--decode-block-size", type=int, default=16, help="the decode gate's key-block size (default 16)"
     )
     parser.add_argument(
         "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"

@@ -88,25 +88,29 @@ def decode_target_rows(length: int, skip_first_fraction: float, fraction: float,
     return torch.arange(length - 1, start - 1, -stride, device=device).flip(0)
 
 
-# Per layer, the Triton decode target keeps a per-query-head fp32 record [B, Hq, rows, nK]: the default fraction keeps
-# it near 1 GiB (an 8B model at 32k then takes 2/3 of the tokens, at 128k one in 24).
+# Per layer, the decode target keeps an fp32 record [B, H, rows, nK] (H: the KV heads for the default grouped Triton
+# kernel, the query heads otherwise): the default fraction keeps it near 1 GiB (an 8B model, 16-token blocks, grouped
+# record: every token at 16k, 2/3 of them at 32k, one in 6 at 64k).
 _DEFAULT_DECODE_RECORD_ELEMENTS = 1 << 28
 
 
 def default_decode_token_fraction(
     device: torch.device, batch: int = 1, q_heads: int = 1, length: int = 0, block_size: int = 64,
-    skip_first_fraction: float = 0.25,
+    skip_first_fraction: float = 0.25, kv_heads: int | None = None,
 ) -> float:  # fmt: skip
     """The decode-token fraction used when none is given, for a layer's ``[batch, q_heads, length, ·]`` queries.
 
     1.0 where the decode target runs as the Triton kernel (a Qwen2.5-0.5B-shaped step at 16k costs the same with
     every token as with a quarter: 0.23 s on an H200), 0.25 on the PyTorch reference, whose fp32 scores made the
     target most of a step (benchmarks/README.md); lower where the target's record would pass about 1 GiB per layer.
+    The record has one row block per KV head (``kv_heads``, default ``q_heads``) when the device's target backend
+    reduces the group in the kernel (``record_heads == "kv"``), one per query head otherwise.
     """
-    on_reference = backend_for("decode_ground_truth", device) is decode_block_ground_truth_reference
-    fraction = 0.25 if on_reference else 1.0
+    target_fn = backend_for("decode_ground_truth", device)
+    fraction = 0.25 if target_fn is decode_block_ground_truth_reference else 1.0
     rows = length - math.floor(length * skip_first_fraction)
-    elements = batch * q_heads * rows * math.ceil(length / block_size)
+    heads = kv_heads if kv_heads is not None and getattr(target_fn, "record_heads", "q") == "kv" else q_heads
+    elements = batch * heads * rows * math.ceil(length / block_size)
     if elements > _DEFAULT_DECODE_RECORD_ELEMENTS:
         fraction = min(fraction, _DEFAULT_DECODE_RECORD_ELEMENTS / elements)
     return fraction
@@ -165,7 +169,7 @@ class GateDistillationHook:
         if decode_gate is not None and self.decode_loss_weight > 0:
             batch, q_heads, length, _ = query.shape
             fraction = self.decode_token_fraction or default_decode_token_fraction(
-                query.device, batch, q_heads, length, decode_gate.block_size, self.skip_first_fraction
+                query.device, batch, q_heads, length, decode_gate.block_size, self.skip_first_fraction, key.shape[1]
             )
             rows = decode_target_rows(query.shape[2], self.skip_first_fraction, fraction, query.device)
             with torch.no_grad():

@@ -97,7 +97,7 @@ def test_decode_gate_prior_merges_the_group_by_its_mean():
 
 def test_config_knobs_are_validated():
     with pytest.raises(SeerConfigError, match="below one block"):
-        SeerAttentionConfig(block_size=64, decode_token_budget=32)
+        SeerAttentionConfig(block_size=64, decode_block_size=None, decode_token_budget=32)
     with pytest.raises(SeerConfigError, match="decode_method"):
         SeerAttentionConfig(decode_method="top_p")
     with pytest.raises(SeerConfigError, match="decode_threshold"):
@@ -387,8 +387,14 @@ def test_decode_block_size_is_the_decode_gates_own(tmp_path):
     with pytest.raises(SeerConfigError, match="below one block of the decode gate"):
         SeerAttentionConfig(block_size=64, decode_block_size=32, decode_token_budget=16)
     config = SeerAttentionConfig(block_size=64, decode_block_size=16, decode_token_budget=32)  # < one prefill block
-    assert config.effective_decode_block_size == 16 and SeerAttentionConfig().effective_decode_block_size == 64
+    assert config.effective_decode_block_size == 16 and SeerAttentionConfig().effective_decode_block_size == 16
+    assert SeerAttentionConfig(decode_block_size=None).effective_decode_block_size == 64  # None: the prefill's block
     assert SeerAttentionConfig.from_dict(config.to_dict()) == config
+    # a file written before the field existed (default then: the prefill's block) keeps meaning 64-token decode blocks
+    # for its trained decode gate; without a decode gate it has nothing to keep and takes today's default
+    old_file = {k: v for k, v in SeerAttentionConfig(decode_gate=True).to_dict().items() if k != "decode_block_size"}
+    assert SeerAttentionConfig.from_dict(old_file).effective_decode_block_size == 64
+    assert SeerAttentionConfig.from_dict({**old_file, "decode_gate": False}).decode_block_size == 16
     model = get_seer_model(tiny_model("llama"), _config(block_size=4 * BLOCK, decode_block_size=BLOCK))
     assert all(g.block_size == 4 * BLOCK and g.decode.block_size == BLOCK for g in model.gates().values())
     with pytest.raises(SeerConfigError, match="decode_block_size"):
@@ -595,6 +601,13 @@ def test_decode_target_rows_and_the_subsampled_loss():
             fraction = default_decode_token_fraction(cpu, 1, 32, 131072)
             rows = decode_target_rows(131072, 0.25, fraction, "cpu").numel()
             assert 0.03 < fraction < 0.05 and rows * 32 * 2048 * 4 <= 2**30
+            # the default kernel reduces the group in registers: its record has the KV heads' rows only (16-token
+            # blocks: 8192 of them at 128k), so 4x the tokens fit; the per-head kernel's record is 4x larger
+            grouped = default_decode_token_fraction(cpu, 1, 32, 131072, block_size=16, kv_heads=8)
+            assert 2**29 <= decode_target_rows(131072, 0.25, grouped, "cpu").numel() * 8 * 8192 * 4 <= 2**30
+            patch.setenv("SEER_ADAPTER_KERNEL", "triton_per_head")
+            per_head = default_decode_token_fraction(cpu, 1, 32, 131072, block_size=16, kv_heads=8)
+            assert per_head == pytest.approx(grouped / 4)
     model = get_seer_model(tiny_model("qwen3"), _config())
     _randomise_decode_gates(model, seed=4)
     ids, mask = _inputs(batch=2, length=70, pad_left=(0, 11), seed=4)

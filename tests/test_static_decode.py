@@ -101,6 +101,42 @@ def test_static_stats_and_compressed_keys_equal_dynamic():
         assert torch.equal(got_keys[index][1], valid)
 
 
+def test_cache_buffers_hold_no_spare_batch_or_capacity():
+    """Memory: a static cache's buffers are exactly its capacity (the compressed keys' RoPE tables too: doubling them
+    past a 64k capacity cost 17 GB on an 8B model at batch 8), a dynamic cache's grow by an eighth, and a batch
+    repeat drops the buffers of the old batch size instead of holding them until the next append."""
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    config = model.base_model.config
+    ids, _ = _inputs(batch=1, length=70, pad_left=(0,), seed=2)
+    capacity = 101  # not a multiple of the block: the last block is partial
+    cache = SeerStaticCache(config=config, max_cache_len=capacity)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **_cache(cache))
+    cache.batch_repeat_interleave(3)
+    for layer in cache.layers:
+        assert layer.keys.shape[0] == 3
+        assert all(b is None or b.shape[0] == 3 for b in (layer._key_buffer, layer._value_buffer))
+    cache.begin_static_step()
+    for layer in cache.layers:
+        assert layer._key_buffer.shape[:3] == layer._value_buffer.shape[:3] == (3, config.num_key_value_heads, capacity)
+    for compressed in cache.seer_keys.values():
+        keys, valid, cos, sin = compressed.static_buffers()
+        # 7 blocks reserved, but the prefill's 4 came with the minimum growth of 16 spare (never shrunk)
+        assert keys.shape[2] == valid.shape[1] == max(-(-capacity // BLOCK), 70 // BLOCK + 16)
+        assert cos.shape[:2] == sin.shape[:2] == (3, capacity)
+    dynamic = SeerDynamicCache(config=config)
+    long_ids, _ = _inputs(batch=1, length=300, pad_left=(0,), seed=4)
+    with torch.no_grad():
+        model(input_ids=long_ids[:, :200], use_cache=True, **_cache(dynamic))
+        for step in range(200, 300):  # one token at a time: the buffers grow, geometrically
+            model(input_ids=long_ids[:, step : step + 1], use_cache=True, **_cache(dynamic))
+    for compressed in dynamic.seer_keys.values():
+        keys, _, cos, _ = compressed.static_buffers()
+        assert compressed.n_slots == 300 and cos.shape[1] <= 300 + 300 // 8 + 16
+        assert keys.shape[2] <= 300 // BLOCK + 16
+
+
 def test_static_dense_paths_equal_the_base_model():
     """decode_method='dense' and the adapter switched off both run the base model's attention over the whole
     buffers, with the mask made from the device-side slot (the mask a graph would replay)."""

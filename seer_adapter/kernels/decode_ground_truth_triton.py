@@ -13,15 +13,17 @@ registers:
 
 Two strategies, one kernel:
 
-* **per head** (`decode_block_ground_truth_triton`, backend ``"triton"``): a program holds 64 rows of one query head
-  and writes a per-query-head record ``[B, Hq, R, nK - 1]``; the reduction over the GQA group (max or sum) runs in
-  PyTorch on that record (``R · nK`` floats per head, against ``R · S`` scores);
-* **grouped** (`decode_block_ground_truth_triton_grouped`, backend ``"triton_grouped"``, chosen by name until it has
-  been timed on a GPU): a program stacks the group's query heads as the rows of one tile (``HEADS_PAD × BLOCK_M``
-  rows, ``BLOCK_M = 64 / HEADS_PAD`` tokens of each head) and reduces over them in registers, so its record is the
-  ``[B, Hkv, R, nK - 1]`` result itself: ``Hq / Hkv`` times less memory (Qwen2.5-0.5B at 16k with 16-token blocks:
-  ~0.94 GB -> ~134 MB per layer) and no reduction pass; the same FLOPs, K traffic per query row and about the same
-  number of programs.
+* **per head** (`decode_block_ground_truth_triton_per_head`, backend ``"triton_per_head"``, by name only): a
+  program holds 64 rows of one query head and writes a per-query-head record ``[B, Hq, R, nK - 1]``; the reduction
+  over the GQA group (max or sum) runs in PyTorch on that record (``R · nK`` floats per head, against ``R · S``
+  scores);
+* **grouped** (`decode_block_ground_truth_triton_grouped`, backend ``"triton"``, the CUDA default): a program stacks
+  the group's query heads as the rows of one tile (``HEADS_PAD × BLOCK_M`` rows, ``BLOCK_M = 64 / HEADS_PAD`` tokens
+  of each head) and reduces over them in registers, so its record is the ``[B, Hkv, R, nK - 1]`` result itself:
+  ``Hq / Hkv`` times less memory (Qwen2.5-0.5B at 16k with 16-token blocks: ~0.94 GB -> ~134 MB per layer) and no
+  reduction pass; the same FLOPs, K traffic per query row and about the same number of programs. On an H200
+  (``benchmarks/results/bench_decode_target_20261129-170434.json``) the per-head time over the grouped one is
+  1.07-1.38 with 16-token blocks (Qwen at 16k: 4.4 against 3.2 ms) and 0.96-1.10 with 64-token blocks.
 
 Row normalisation in PyTorch for both. Work: two ``Q·Kᵀ`` over the causal rows, no score bytes.
 """
@@ -39,7 +41,7 @@ from .block_sparse_triton import _key_tile_scores, check_triton_inputs, key_padd
 from .decode_ground_truth import check_decode_target_inputs, normalise_decode_target
 from .ground_truth import _softmax_stats
 
-__all__ = ["decode_block_ground_truth_triton", "decode_block_ground_truth_triton_grouped"]
+__all__ = ["decode_block_ground_truth_triton_per_head", "decode_block_ground_truth_triton_grouped"]
 
 
 @triton.jit
@@ -198,7 +200,7 @@ def _decode_target_record(
     return record
 
 
-def decode_block_ground_truth_triton(
+def decode_block_ground_truth_triton_per_head(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
@@ -237,7 +239,7 @@ def decode_block_ground_truth_triton_grouped(
     target: str = "max",
     record: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `decode_block_ground_truth_triton`, the group reduced inside the kernel.
+    """Same contract as `decode_block_ground_truth_triton_per_head`, the group reduced inside the kernel.
 
     ``record``: optional preallocated fp32 ``[B, Hkv, R, nK - 1]`` (the un-normalised result, every entry written).
     Memory beyond the inputs: that record, the size of the result.
@@ -249,6 +251,11 @@ def decode_block_ground_truth_triton_grouped(
     return normalise_decode_target(record, query_rows, key_padding_mask)
 
 
-register_backend("triton", decode_block_ground_truth_triton, device_types=("cuda",), op="decode_ground_truth")
-# chosen by name only (backend="triton_grouped"): not in the CUDA default order until it has been timed on a GPU
-register_backend("triton_grouped", decode_block_ground_truth_triton_grouped, device_types=(), op="decode_ground_truth")
+# what `seer_adapter.distill.default_decode_token_fraction` sizes: the record's heads
+decode_block_ground_truth_triton_grouped.record_heads = "kv"
+decode_block_ground_truth_triton_per_head.record_heads = "q"
+register_backend("triton", decode_block_ground_truth_triton_grouped, device_types=("cuda",), op="decode_ground_truth")
+# the first strategy, by name only (backend="triton_per_head"): slower with small blocks, Hq / Hkv x the memory
+register_backend(
+    "triton_per_head", decode_block_ground_truth_triton_per_head, device_types=(), op="decode_ground_truth"
+)

@@ -60,8 +60,8 @@ def test_triton_matches_reference(case: str, target: str, strategy: str) -> None
     """Both strategies: a per-query-head record reduced in PyTorch, or the group's heads stacked in one tile and
     reduced in registers (its record is the result's size)."""
     from seer_adapter.kernels.decode_ground_truth_triton import (
-        decode_block_ground_truth_triton,
         decode_block_ground_truth_triton_grouped,
+        decode_block_ground_truth_triton_per_head,
     )
 
     batch, hq, hkv, length, head_dim, block_size, pad, softcap, dtype, rows = CASES[case]
@@ -72,7 +72,7 @@ def test_triton_matches_reference(case: str, target: str, strategy: str) -> None
     n_blocks = -(-length // block_size)
     kwargs = {"block_size": block_size, "key_padding_mask": mask, "softcap": softcap, "query_rows": query_rows}
     kernel, record_heads = {
-        "per_head": (decode_block_ground_truth_triton, hq),
+        "per_head": (decode_block_ground_truth_triton_per_head, hq),
         "grouped": (decode_block_ground_truth_triton_grouped, hkv),
     }[strategy]
     poisoned = torch.full((batch, record_heads, n_rows, n_blocks - 1), float("nan"), device=DEVICE)
@@ -88,31 +88,33 @@ def test_triton_matches_reference(case: str, target: str, strategy: str) -> None
 
 @requires_triton
 def test_bad_input_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from seer_adapter.kernels.decode_ground_truth_triton import decode_block_ground_truth_triton
+    from seer_adapter.kernels.decode_ground_truth_triton import (
+        decode_block_ground_truth_triton_grouped,
+        decode_block_ground_truth_triton_per_head,
+    )
 
     q, k = make_qk(1, 4, 2, 70, 16, torch.float16, seed=3)
     with pytest.raises(ValueError, match="power-of-two block_size"):
-        decode_block_ground_truth_triton(q, k, block_size=24)
+        decode_block_ground_truth_triton_per_head(q, k, block_size=24)
     with pytest.raises(ValueError, match="query_rows"):
-        decode_block_ground_truth_triton(q, k, block_size=16, query_rows=torch.tensor([70]))
+        decode_block_ground_truth_triton_per_head(q, k, block_size=16, query_rows=torch.tensor([70]))
     with pytest.raises(ValueError, match="record must be"):
-        decode_block_ground_truth_triton(q, k, block_size=16, record=torch.zeros(1, 4, 70, 3))
+        decode_block_ground_truth_triton_per_head(q, k, block_size=16, record=torch.zeros(1, 4, 70, 3))
     with pytest.raises(ValueError, match="decode target"):
-        decode_block_ground_truth_triton(q, k, block_size=16, target="sum")
+        decode_block_ground_truth_triton_per_head(q, k, block_size=16, target="sum")
     monkeypatch.delenv("SEER_ADAPTER_KERNEL", raising=False)
     auto = decode_block_ground_truth(q, k, block_size=16)
-    expected = (decode_block_ground_truth_triton if ON_GPU else decode_block_ground_truth_reference)(
+    expected = (decode_block_ground_truth_triton_grouped if ON_GPU else decode_block_ground_truth_reference)(
         q, k, block_size=16
     )
     torch.testing.assert_close(auto, expected, atol=0, rtol=0)
     forced = decode_block_ground_truth(q, k, block_size=16, backend="triton")
     torch.testing.assert_close(forced, decode_block_ground_truth_reference(q, k, block_size=16), atol=2e-5, rtol=1e-4)
-    grouped = decode_block_ground_truth(q, k, block_size=16, backend="triton_grouped")  # by name only, never "auto"
-    torch.testing.assert_close(grouped, forced, atol=2e-5, rtol=1e-4)
+    per_head = decode_block_ground_truth(q, k, block_size=16, backend="triton_per_head")  # by name only
+    torch.testing.assert_close(per_head, forced, atol=2e-5, rtol=1e-4)
     from seer_adapter.kernels import select_backend
 
-    assert select_backend(DEVICE) != "triton_grouped"
-    from seer_adapter.kernels.decode_ground_truth_triton import decode_block_ground_truth_triton_grouped
+    assert select_backend(DEVICE) != "triton_per_head"
 
     with pytest.raises(ValueError, match="record must be"):  # [B, Hkv, R, nK - 1] = [1, 2, 70, 4], not per query head
         decode_block_ground_truth_triton_grouped(q, k, block_size=16, record=torch.zeros(1, 4, 70, 4, device=DEVICE))
@@ -131,6 +133,6 @@ def test_gpu_bf16_matches_reference(shape, target: str) -> None:
     rows = torch.arange(length - 1, length // 4 - 1, -4, device=DEVICE).flip(0)
     kwargs = {"block_size": block_size, "key_padding_mask": mask, "query_rows": rows, "target": target}
     want = decode_block_ground_truth_reference(q, k, **kwargs)
-    for backend in ("triton", "triton_grouped"):
+    for backend in ("triton", "triton_per_head"):
         got = decode_block_ground_truth(q, k, backend=backend, **kwargs)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
