@@ -774,8 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "dynamic", "static"],
         default="auto",
         help="sparse decoding: the KV cache the continuations decode into: 'static' (SeerStaticCache, one CUDA graph "
-        "per continuation on a GPU), 'dynamic' (SeerDynamicCache, eager steps) or 'auto' (default: static on CUDA "
-        "for the gate and dense settings, dynamic for the oracle / moba selectors)",
+        "per continuation on a GPU), 'dynamic' (SeerDynamicCache, eager steps) or 'auto' (default: static on CUDA, "
+        "dynamic elsewhere)",
     )
     evaluate.add_argument(
         "--decode-batch-size",

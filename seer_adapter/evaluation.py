@@ -543,8 +543,8 @@ def evaluate_decode(
 
     ``cache`` is the KV cache the continuations decode into (`decode_continuation`): ``"dynamic"`` (a
     `SeerDynamicCache`), ``"static"`` (a `SeerStaticCache`: CUDA-graph steps on a GPU, many times faster than eager
-    steps) or ``"auto"`` (default: static on CUDA for the gate and dense settings, dynamic elsewhere and for the
-    parameter-free selectors, whose graph capture has not run on a GPU yet); each row names its ``cache``.
+    steps) or ``"auto"`` (default: static on CUDA, for every selector, dynamic elsewhere); each row names its
+    ``cache``.
     ``batch_size`` windows decode together as one batch (default 1; one decoding step serves them all, for
     ``batch_size`` times the KV cache).
 
@@ -594,10 +594,7 @@ def evaluate_decode(
     settings: list[dict[str, Any]] = [{"decode_method": "dense", "selector": "dense"}]
     settings += [{**setting, "selector": name} for name in selectors for setting in sparse]
     for setting in settings:
-        if cache != "auto":
-            setting["cache"] = cache
-        else:  # the parameter-free selectors' CUDA-graph steps have not run on a GPU yet: eager there for now
-            setting["cache"] = "dynamic" if setting["selector"] in DECODE_SCORERS else default_cache
+        setting["cache"] = default_cache if cache == "auto" else cache
     prefill_settings = {"dense_below_length": window + 1} if prefill == "dense" else {}
     saved = model.peft_config[model.active_adapter]
     results: list[list[dict[str, Any]]] = [[] for _ in settings]
