@@ -99,7 +99,7 @@ def cache_gib(cache: SeerDynamicCache) -> dict[str, float]:
     return {
         "kv": gib(kv),
         "compressed_keys": gib(t for c in compressed for t in (c._keys, c._valid)),
-        "rope_tables": gib(t for c in compressed for t in (c._cos, c._sin)),
+        "rope_tables": gib(t for tables in cache.shared_rope_tables() for t in tables.buffers()),
     }
 
 

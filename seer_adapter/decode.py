@@ -28,7 +28,7 @@ a device tensor, whole buffers read with a padding mask, the current block recom
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -61,6 +61,83 @@ def _grown(buffer: torch.Tensor, dim: int, needed: int, exact: bool = False) -> 
     return grown
 
 
+class SlotRopeTables:
+    """RoPE tables ``cos, sin [B, slots, r]`` of every cache slot: what undoes RoPE before a block's keys are pooled.
+
+    One object serves every layer that receives the same table tensors: a model computes them once per forward and
+    hands the same ``position_embeddings`` to each layer, so the layers joined at the prefill by that identity share
+    one copy (a copy per layer held 9 GiB of an 8B model's decoding at 64k x batch 8; for a small GQA model such as
+    Qwen2.5-0.5B the per-layer tables were half the size of the KV cache). Layers with tables of their own (another
+    rotary, tables made per layer) get their own object. Batch reordering goes through the cache, once per object.
+    """
+
+    def __init__(self, batch: int, width: int, dtype: torch.dtype, device: torch.device):
+        self._cos = torch.zeros(batch, 0, width, dtype=dtype, device=device)
+        self._sin = torch.zeros_like(self._cos)
+        self.n_slots = 0  # slots whose tables are recorded (pending or in the buffers)
+        # Tables of recent slots not yet copied into the buffers: (start slot, cos, sin). Decoding steps only keep a
+        # reference (the model makes fresh tables every forward); the copy waits until the tables are read (a block
+        # completes, crop, batch reorder): one concatenation instead of two copies per step.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.last_source: tuple[int, torch.Tensor] | None = None  # (start slot, cos) of the last record
+
+    @property
+    def batch_size(self) -> int:
+        return self._cos.shape[0]
+
+    def record(self, start: int, count: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Tables ``[B or 1, count, r]`` of slots ``start ..``; a sharing layer repeating the same record is a no-op."""
+        source = self.last_source
+        if source is not None and source[0] == start and source[1] is cos and start + count == self.n_slots:
+            return  # an earlier layer of this forward recorded these very tables
+        if start != self.n_slots:
+            raise DecodeCacheError(
+                f"RoPE tables for slots from {start} arrived where {self.n_slots} slots are recorded: layers that "
+                "shared their RoPE tables at the prefill received different tables since. Please report the model."
+            )
+        self._pending.append((start, cos, sin))
+        self.n_slots += count
+        self.last_source = (start, cos)
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers ``cos, sin [B, capacity, r]`` with every recorded slot written."""
+        if self._pending:
+            start, end = self._pending[0][0], self.n_slots
+            self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
+            for buffer, index in ((self._cos, 1), (self._sin, 2)):
+                tables = [entry[index].expand(self.batch_size, -1, -1) for entry in self._pending]  # [B, n, r] each
+                buffer[:, start:end] = tables[0] if len(tables) == 1 else torch.cat(tables, dim=1)
+            self._pending.clear()
+        return self._cos, self._sin
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep/reorder/repeat batch rows (in place when the batch size stays: captured graphs keep the addresses)."""
+        self.buffers()
+        indices = indices.to(self._cos.device)
+        if indices.numel() == self.batch_size:
+            self._cos.copy_(self._cos.index_select(0, indices))
+            self._sin.copy_(self._sin.index_select(0, indices))
+        else:
+            self._cos, self._sin = self._cos.index_select(0, indices), self._sin.index_select(0, indices)
+        self.last_source = None
+
+    def reserve(self, n_slots: int) -> None:
+        """Buffers for exactly ``n_slots`` slots (shape-static steps write in place); idempotent."""
+        self.buffers()
+        self._cos, self._sin = _grown(self._cos, 1, n_slots, exact=True), _grown(self._sin, 1, n_slots, exact=True)
+
+    def crop(self, n_slots: int) -> None:
+        """Forget slots from ``n_slots`` on; idempotent (every sharing layer crops)."""
+        self.buffers()
+        self.n_slots = max(0, min(n_slots, self.n_slots))
+        self.last_source = None
+
+    def advance_static(self, n_slots: int) -> None:
+        """After shape-static steps (which write the buffers in place) brought the cache to ``n_slots`` slots."""
+        self.n_slots = n_slots
+        self.last_source = None
+
+
 class CompressedKeys:
     """K-compression cache of one layer, in growable buffers (appending a slot never copies the history).
 
@@ -68,7 +145,8 @@ class CompressedKeys:
         keys: ``[B, Hkv, nC, gate_dim]`` compressed keys of the ``nC = n_slots // block_size`` completed blocks
             (gate dtype).
         block_valid: bool ``[B, nC]``: the block holds at least one real token.
-        cos, sin: RoPE tables of every slot ``[B, n_slots, r]`` (``None`` for models without RoPE).
+        cos, sin: RoPE tables of every slot ``[B, n_slots, r]`` (``None`` for models without RoPE), from `tables`,
+            a `SlotRopeTables` the layer may share with others.
         n_slots: cache slots seen so far (== the KV cache length); n_blocks: ``nC``.
         adapter_name: the adapter whose decode gate made the compressed keys.
     """
@@ -80,21 +158,13 @@ class CompressedKeys:
         gate_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        rope_width: int | None,
-        table_dtype: torch.dtype | None,
+        tables: SlotRopeTables | None,
         adapter_name: str = "default",
     ):
         self.adapter_name = adapter_name  # the adapter whose decode gate compressed these keys
         self._keys = torch.zeros(batch, num_kv_heads, 0, gate_dim, dtype=dtype, device=device)
         self._valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        self._cos = self._sin = None
-        # RoPE tables of recent slots not yet copied into the buffers: (start slot, cos, sin). Decoding steps only
-        # keep a reference (the model makes fresh tables every forward); the copy waits until the tables are read
-        # (a block completes, crop, batch reorder), one concatenation instead of two copies per layer and step.
-        self._pending_tables: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        if rope_width is not None:
-            self._cos = torch.zeros(batch, 0, rope_width, dtype=table_dtype, device=device)
-            self._sin = torch.zeros_like(self._cos)
+        self.tables = tables  # None: a model without RoPE
         self.n_slots = 0
         self.n_blocks = 0
         self._marked_partial: int | None = None  # the partial block whose validity entry is set (see mark_...)
@@ -113,33 +183,19 @@ class CompressedKeys:
 
     @property
     def cos(self) -> torch.Tensor | None:
-        self._flush_tables()
-        return None if self._cos is None else self._cos[:, : self.n_slots]
+        return None if self.tables is None else self.tables.buffers()[0][:, : self.n_slots]
 
     @property
     def sin(self) -> torch.Tensor | None:
-        self._flush_tables()
-        return None if self._sin is None else self._sin[:, : self.n_slots]
+        return None if self.tables is None else self.tables.buffers()[1][:, : self.n_slots]
 
     def append_slots(self, count: int, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
         """Record ``count`` new slots with their RoPE tables ``[B or 1, count, r]``."""
-        if (cos is None) != (self._cos is None):
+        if (cos is None) != (self.tables is None):
             raise DecodeCacheError("RoPE tables appeared or vanished between calls of one layer")
         if cos is not None:
-            self._pending_tables.append((self.n_slots, cos, sin))
+            self.tables.record(self.n_slots, count, cos, sin)
         self.n_slots += count
-
-    def _flush_tables(self) -> None:
-        """Copy the pending RoPE tables into the buffers."""
-        if not self._pending_tables:
-            return
-        start, end = self._pending_tables[0][0], self.n_slots
-        self._cos, self._sin = _grown(self._cos, 1, end), _grown(self._sin, 1, end)
-        batch = self._cos.shape[0]
-        for buffer, index in ((self._cos, 1), (self._sin, 2)):
-            tables = [entry[index].expand(batch, -1, -1) for entry in self._pending_tables]  # [B or 1, n, r] each
-            buffer[:, start:end] = tables[0] if len(tables) == 1 else torch.cat(tables, dim=1)
-        self._pending_tables.clear()
 
     def append_blocks(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
         """Record compressed blocks ``keys [B, Hkv, n, G]`` and their validity ``[B, n]``."""
@@ -170,12 +226,11 @@ class CompressedKeys:
         """Keep/reorder/repeat batch rows (``indices`` long ``[B']``): beam search and batch selection.
 
         A reordering that keeps the batch size writes into the same buffers (their addresses stay valid for a captured
-        CUDA graph); a new batch size makes new buffers."""
-        self._flush_tables()
+        CUDA graph); a new batch size makes new buffers. The RoPE tables are not touched: the cache reorders each
+        `SlotRopeTables` once, however many layers share it."""
         indices = indices.to(self._keys.device)
         same_size = indices.numel() == self.batch_size
-        buffers = ["_keys", "_valid"] + ([] if self._cos is None else ["_cos", "_sin"])
-        for name in buffers:
+        for name in ("_keys", "_valid"):
             selected = getattr(self, name).index_select(0, indices)
             if same_size:
                 getattr(self, name).copy_(selected)
@@ -185,19 +240,19 @@ class CompressedKeys:
     def reserve(self, n_slots: int, block_size: int) -> None:
         """Allocate every buffer for ``n_slots`` cache slots now, so that shape-static decoding steps
         (`update_compressed_keys_static`) write in place at device-side positions."""
-        self._flush_tables()
-        # exactly: doubling past a 64k-slot capacity would add 64k unused slots of RoPE tables per layer
+        # exactly: doubling past a 64k-slot capacity would add 64k unused slots of RoPE tables
         n_blocks = -(-n_slots // block_size)
         self._keys, self._valid = (
             _grown(self._keys, 2, n_blocks, exact=True),
             _grown(self._valid, 1, n_blocks, exact=True),
         )
-        if self._cos is not None:
-            self._cos, self._sin = _grown(self._cos, 1, n_slots, exact=True), _grown(self._sin, 1, n_slots, exact=True)
+        if self.tables is not None:
+            self.tables.reserve(n_slots)
 
     def static_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The whole buffers ``(keys [B, Hkv, nCap, G], valid [B, nCap], cos, sin [B, Cap, r])`` (after `reserve`)."""
-        return self._keys, self._valid, self._cos, self._sin
+        cos, sin = (None, None) if self.tables is None else self.tables.buffers()
+        return self._keys, self._valid, cos, sin
 
     def advance_static(self, n_slots: int, block_size: int) -> None:
         """Host bookkeeping after shape-static steps brought the cache to ``n_slots`` slots (the device buffers were
@@ -205,11 +260,14 @@ class CompressedKeys:
         self.n_slots = n_slots
         self.n_blocks = n_slots // block_size
         self._marked_partial = self.n_blocks if n_slots % block_size else None
+        if self.tables is not None:
+            self.tables.advance_static(n_slots)
 
     def crop(self, n_slots: int, block_size: int) -> None:
         """Forget slots from ``n_slots`` on (blocks no longer complete are recompressed when they complete again)."""
-        self._flush_tables()
         self.n_slots = max(0, min(n_slots, self.n_slots))
+        if self.tables is not None:
+            self.tables.crop(self.n_slots)
         self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
         self._marked_partial = None
         self.mark_partial_block(block_size)
@@ -343,19 +401,28 @@ class SeerDynamicCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        for layer in self.seer_keys.values():
-            layer.select_batch(beam_idx)
+        self._select_compressed_rows(lambda batch: beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        for layer in self.seer_keys.values():
-            rows = torch.arange(layer.batch_size, device=layer.keys.device).repeat_interleave(repeats)
-            layer.select_batch(rows)
+        self._select_compressed_rows(lambda batch: torch.arange(batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self._select_compressed_rows(lambda batch: torch.as_tensor(indices).long())
+
+    def _select_compressed_rows(self, rows_for: Callable[[int], torch.Tensor]) -> None:
+        """Apply a batch-row selection (``rows_for(batch)``: long ``[B']``) to every layer's compressed keys and to
+        each shared `SlotRopeTables` once."""
         for layer in self.seer_keys.values():
-            layer.select_batch(torch.as_tensor(indices, device=layer.keys.device).long())
+            layer.select_batch(rows_for(layer.batch_size))
+        for tables in self.shared_rope_tables():
+            tables.select_batch(rows_for(tables.batch_size))
+
+    def shared_rope_tables(self) -> list[SlotRopeTables]:
+        """The distinct `SlotRopeTables` of the layers (one when every layer receives the model's one rotary)."""
+        distinct = {id(layer.tables): layer.tables for layer in self.seer_keys.values() if layer.tables is not None}
+        return list(distinct.values())
 
     def crop(self, max_length: int) -> None:
         """Crop the KV cache as transformers does, and the K-compression cache to the same length.
@@ -619,15 +686,18 @@ def update_compressed_keys(
                 f"layer {layer_idx}: the KV cache already held {kv_len - new_tokens} tokens when the decode gate first "
                 "saw it; start generation from an empty cache (or a SeerDynamicCache filled with the adapter on)."
             )
+        tables = None
+        if cos is not None:
+            # the tables of an earlier layer that recorded these very tensors for the same slots (this prefill)
+            same = [
+                t
+                for t in cache.shared_rope_tables()
+                if t.last_source is not None and t.last_source[0] == 0 and t.last_source[1] is cos
+                and t.batch_size == batch
+            ]  # fmt: skip
+            tables = same[0] if same else SlotRopeTables(batch, cos.shape[-1], cos.dtype, key.device)
         layer = CompressedKeys(
-            batch,
-            gate.num_kv_heads,
-            gate.gate_dim,
-            gate.k_proj.weight.dtype,
-            key.device,
-            None if cos is None else cos.shape[-1],
-            None if cos is None else cos.dtype,
-            adapter_name,
+            batch, gate.num_kv_heads, gate.gate_dim, gate.k_proj.weight.dtype, key.device, tables, adapter_name
         )
         cache.seer_keys[layer_idx] = layer
     if layer.adapter_name != adapter_name:

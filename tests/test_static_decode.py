@@ -113,6 +113,8 @@ def test_cache_buffers_hold_no_spare_batch_or_capacity():
     cache = SeerStaticCache(config=config, max_cache_len=capacity)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **_cache(cache))
+    # the model hands every layer the same RoPE tables: one copy serves all layers (a copy each was 9 GiB at 64k x 8)
+    assert len(cache.seer_keys) == config.num_hidden_layers > 1 and len(cache.shared_rope_tables()) == 1
     cache.batch_repeat_interleave(3)
     for layer in cache.layers:
         assert layer.keys.shape[0] == 3
@@ -131,10 +133,51 @@ def test_cache_buffers_hold_no_spare_batch_or_capacity():
         model(input_ids=long_ids[:, :200], use_cache=True, **_cache(dynamic))
         for step in range(200, 300):  # one token at a time: the buffers grow, geometrically
             model(input_ids=long_ids[:, step : step + 1], use_cache=True, **_cache(dynamic))
+    assert len(dynamic.shared_rope_tables()) == 1
     for compressed in dynamic.seer_keys.values():
         keys, _, cos, _ = compressed.static_buffers()
         assert compressed.n_slots == 300 and cos.shape[1] <= 300 + 300 // 8 + 16
         assert keys.shape[2] <= 300 // BLOCK + 16
+
+
+def test_shared_rope_tables_refuse_a_layer_with_other_tables():
+    """Layers share one `SlotRopeTables` when they received the same table tensors at the prefill; a sharing layer
+    that later gets different tables for the same slots is refused (never a silent mix); layers handed tables of
+    their own keep a copy each."""
+    from seer_adapter.decode import SlotRopeTables
+
+    tables = SlotRopeTables(2, 8, torch.float32, torch.device("cpu"))
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    tables.record(0, 5, cos, sin)
+    tables.record(0, 5, cos, sin)  # a second layer of the same forward: nothing more to record
+    assert tables.n_slots == 5 and torch.equal(tables.buffers()[0][:, :5], cos.expand(2, -1, -1))
+    with pytest.raises(DecodeCacheError, match="received different tables"):
+        tables.record(0, 5, cos.clone(), sin)
+    # a model handing each layer tables of its own (cloned here by a hook per decoder layer): a copy per layer, and
+    # the same generation as with the shared copy
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=45, pad_left=(0, 12), seed=1)
+    config = model.base_model.config
+    shared = SeerDynamicCache(config=config)
+    want = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(shared))
+    assert len(shared.shared_rope_tables()) == 1
+
+    def own_tables(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": (cos.clone(), sin.clone())}
+
+    layers = model.base_model.model.layers
+    handles = [layer.register_forward_pre_hook(own_tables, with_kwargs=True) for layer in layers]
+    try:
+        separate = SeerDynamicCache(config=config)
+        got = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(separate))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(separate.shared_rope_tables()) == len(layers) > 1
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
 
 
 def test_static_dense_paths_equal_the_base_model():
