@@ -43,7 +43,9 @@ class DecodeCacheError(RuntimeError):
     """The K-compression cache cannot follow the KV cache (wrong cache type, or a cache changed behind its back)."""
 
 
-_KV_GROWTH_FRACTION = 8  # buffers grow by an eighth of what they hold (at least _KV_GROWTH_MIN KV slots)
+# Spare room a buffer gets when it must grow: an eighth of what it holds (at least _KV_GROWTH_MIN slots for KV
+# layers), so appending is amortised O(new tokens) while at most ~12 % of the cache memory sits unused.
+_KV_GROWTH_FRACTION = 8
 _KV_GROWTH_MIN = 256
 
 
@@ -240,7 +242,7 @@ class CompressedKeys:
     def reserve(self, n_slots: int, block_size: int) -> None:
         """Allocate every buffer for ``n_slots`` cache slots now, so that shape-static decoding steps
         (`update_compressed_keys_static`) write in place at device-side positions."""
-        # exactly: doubling past a 64k-slot capacity would add 64k unused slots of RoPE tables
+        # exactly: the capacity is final (growing past it by the usual spare room would only hold unused memory)
         n_blocks = -(-n_slots // block_size)
         self._keys, self._valid = (
             _grown(self._keys, 2, n_blocks, exact=True),
@@ -271,10 +273,6 @@ class CompressedKeys:
         self.n_blocks = min(self.n_blocks, self.n_slots // block_size)
         self._marked_partial = None
         self.mark_partial_block(block_size)
-
-
-# Spare slots a growable KV layer adds when it must grow: an eighth of the length (at least 256 slots), so appending
-# is amortised O(new tokens) while at most ~12 % of the cache memory sits unused.
 
 
 class GrowableDynamicLayer(DynamicLayer):
