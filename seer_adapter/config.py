@@ -162,7 +162,7 @@ class SeerAttentionConfig:
             "help": "Tokens per key block of the decode gate (a power of two; None: block_size). 16-token blocks "
             "select more finely under the same decode_token_budget than the prefill's 64 (trained gates, H200: "
             "Qwen2.5-Coder-0.5B after 16128 tokens, budget 4096 +0.13 % perplexity against +1.14 % with 64-token "
-            "blocks, budget 2048 +2.35 % / +7.86 %; SmolLM2 after 7936 tokens, budget 2048 +1.18 % / +2.22 %). The "
+            "blocks, budget 2048 +2.35 % / +7.86 %; SmolLM2 after 7936 tokens, same windows, +1.60 % / +2.22 %). The "
             "sparse decode kernel runs them as fast as 64-token ones; the gate scores 4x the compressed keys per "
             "step (generate() at 64k x batch 8: 2.10x dense against 2.18x). Fixed once trained; adapter files "
             "saved before this field existed mean block_size."
