@@ -521,14 +521,15 @@ class SeerStaticCache(SeerDynamicCache):
                 f"SeerStaticCache(max_cache_len={self.max_cache_len}) is full ({length} tokens); create it with a "
                 "max_cache_len of at least the prompt length plus max_new_tokens."
             )
-        tensors = list(self._layer_tensors())
-        if len(self._static_views) == len(tensors) and all(
-            a is b for a, b in zip(self._static_views, tensors, strict=True)
-        ):
+        unchanged = len(self._static_views) == 2 * len(self.layers) and all(
+            a is b for a, b in zip(self._static_views, self._layer_tensors(), strict=True)
+        )  # no list of the current tensors is held: the loop below frees each old tensor as it re-adopts it
+        if unchanged:
             self._slot_buffer.fill_(length)
             self.static_slot = self._slot_buffer
             self._static_written.clear()
             return length
+        self._static_views = []  # stale views would keep replaced tensors alive through the loop
         device = None
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, GrowableDynamicLayer) or layer.capacity_limit != self.max_cache_len:

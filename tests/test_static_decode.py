@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from seer_adapter import DecodeCacheError, SeerDynamicCache, SeerStaticCache, get_seer_model
 from seer_adapter.cuda_graphs import StaticStepRunner
+from seer_adapter.decode import GrowableDynamicLayer
 
 ON_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
@@ -119,7 +122,20 @@ def test_cache_buffers_hold_no_spare_batch_or_capacity():
     for layer in cache.layers:
         assert layer.keys.shape[0] == 3
         assert all(b is None or b.shape[0] == 3 for b in (layer._key_buffer, layer._value_buffer))
-    cache.begin_static_step()
+    # re-adopting the repeated keys/values into full-capacity buffers frees each layer's old tensors before the next
+    # layer allocates (holding them all was 49 GiB more at 64k x 8 on an 8B model: out of memory on the H200)
+    replaced = [weakref.ref(t) for layer in cache.layers for t in (layer.keys, layer.values)]
+    appends = []
+    adopt = GrowableDynamicLayer._append
+
+    def counting_append(layer, current, new, name):
+        appends.append(sum(ref() is not None for ref in replaced))
+        return adopt(layer, current, new, name)
+
+    with patch.object(GrowableDynamicLayer, "_append", counting_append):
+        cache.begin_static_step()
+    # at each append: the tensor being re-adopted and the not-yet-visited ones are alive, nothing already replaced
+    assert appends == [len(replaced) - i for i in range(len(replaced))]
     for layer in cache.layers:
         assert layer._key_buffer.shape[:3] == layer._value_buffer.shape[:3] == (3, config.num_key_value_heads, capacity)
     for compressed in cache.seer_keys.values():
