@@ -56,6 +56,7 @@ def _decode_target_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    KEY_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     MASS: tl.constexpr,
@@ -68,8 +69,10 @@ def _decode_target_kernel(
 
     Record head ``r`` covers query heads ``r · heads_per_program + h`` (``h < heads_per_program``: 1 per head, the
     GQA group when grouped), stacked head-major as the tile's ``HEADS_PAD × BLOCK_M`` rows; a record entry is the max
-    (or sum) over them."""
+    (or sum) over them. Key tiles are ``KEY_TILE`` keys: one block, or several blocks below 16 keys (a ``tl.dot``
+    needs 16 columns)."""
     ROWS: tl.constexpr = HEADS_PAD * BLOCK_M
+    BLOCKS_PER_TILE: tl.constexpr = KEY_TILE // BLOCK_SIZE
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     row_tile = n_row_tiles - 1 - tl.program_id(0)  # latest rows (the longest) first
     record_head = tl.program_id(1)
@@ -85,7 +88,7 @@ def _decode_target_kernel(
     pos = tl.load(Rows + idx, mask=token_valid, other=0)  # [ROWS] token positions
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, KEY_TILE)
 
     q_head = first_q_head + tl.where(row_valid, head_in_program, 0)
     q_ptrs = (
@@ -99,13 +102,13 @@ def _decode_target_kernel(
     row_limit = tl.where(row_valid, pos, -1)  # last visible key of each row (rows past R see none)
     last = tl.max(row_limit, 0)
     first = tl.min(tl.where(row_valid, pos, kv_len), 0)
-    n_tiles = last // BLOCK_SIZE + 1  # key tiles holding any visible key of the tile's rows
-    n_full = (first + 1) // BLOCK_SIZE  # key tiles every valid row sees entirely
+    n_tiles = last // KEY_TILE + 1  # key tiles holding any visible key of the tile's rows
+    n_full = (first + 1) // KEY_TILE  # key tiles every valid row sees entirely
 
     # Pass 1: row max and sum of the softmax (log2 units).
     m_i, l_i = _softmax_stats(
         q, k_head_ptr, stride_ks, stride_kd, n_full, n_tiles, offs_n, offs_d, row_limit, key_padding_ptr, kv_len,
-        qk_scale, softcap_in, softcap_out, d_mask, ROWS, BLOCK_SIZE, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
+        qk_scale, softcap_in, softcap_out, d_mask, ROWS, KEY_TILE, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
     )  # fmt: skip
     seen = l_i > 0.0
     # +inf for rows without a visible key: every exp2(score - lse) below is then 0, never NaN.
@@ -117,21 +120,47 @@ def _decode_target_kernel(
     out_idx = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     out_valid = out_idx < n_rows
     record_ptrs = Record + batch * stride_rb + record_head.to(tl.int64) * stride_rh + out_idx.to(tl.int64) * stride_rr
-    for block in range(0, last // BLOCK_SIZE):
-        # [ROWS, BLOCK_SIZE] scores of the block
-        scores = _key_tile_scores(
-            q, k_head_ptr, stride_ks, stride_kd, block * BLOCK_SIZE, offs_n, offs_d, row_limit, key_padding_ptr,
-            kv_len, qk_scale, softcap_in, softcap_out, d_mask, False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D, IEEE_DOT,
-        )  # fmt: skip
-        if MASS:
-            value = tl.sum(tl.exp2(scores - lse[:, None]), 1)
-        else:
-            value = tl.exp2(tl.max(scores, 1) - lse)
-        value = tl.where((block < row_block) & row_valid, value, 0.0)  # [ROWS]
-        heads = tl.reshape(value, (HEADS_PAD, BLOCK_M))
-        per_token = tl.sum(heads, 0) if MASS else tl.max(heads, 0)  # [BLOCK_M]
-        tl.store(record_ptrs + block, per_token, mask=out_valid)
-    for block in range(last // BLOCK_SIZE, n_earlier):  # later blocks: no row of the tile has them earlier
+    if BLOCKS_PER_TILE == 1:
+        for block in range(0, last // BLOCK_SIZE):
+            # [ROWS, BLOCK_SIZE] scores of the block
+            scores = _key_tile_scores(
+                q, k_head_ptr, stride_ks, stride_kd, block * BLOCK_SIZE, offs_n, offs_d, row_limit, key_padding_ptr,
+                kv_len, qk_scale, softcap_in, softcap_out, d_mask, False, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D,
+                IEEE_DOT,
+            )  # fmt: skip
+            if MASS:
+                value = tl.sum(tl.exp2(scores - lse[:, None]), 1)
+            else:
+                value = tl.exp2(tl.max(scores, 1) - lse)
+            value = tl.where((block < row_block) & row_valid, value, 0.0)  # [ROWS]
+            heads = tl.reshape(value, (HEADS_PAD, BLOCK_M))
+            per_token = tl.sum(heads, 0) if MASS else tl.max(heads, 0)  # [BLOCK_M]
+            tl.store(record_ptrs + block, per_token, mask=out_valid)
+        written = last // BLOCK_SIZE
+    else:
+        # Blocks below 16 keys: one key tile holds BLOCKS_PER_TILE of them. The last tile may reach past the rows'
+        # limits and the keys' end, so tiles are bounds-checked; a row's own and later blocks are zeroed as above.
+        offs_b = tl.arange(0, BLOCKS_PER_TILE)
+        n_record_tiles = tl.cdiv(last // BLOCK_SIZE, BLOCKS_PER_TILE)
+        for tile in range(0, n_record_tiles):
+            scores = _key_tile_scores(
+                q, k_head_ptr, stride_ks, stride_kd, tile * KEY_TILE, offs_n, offs_d, row_limit, key_padding_ptr,
+                kv_len, qk_scale, softcap_in, softcap_out, d_mask, True, HAS_KEY_PADDING, HAS_SOFTCAP, EVEN_D,
+                IEEE_DOT,
+            )  # fmt: skip
+            blocks = tl.reshape(scores, (ROWS, BLOCKS_PER_TILE, BLOCK_SIZE))  # [ROWS, blocks of the tile, keys]
+            if MASS:
+                value = tl.sum(tl.exp2(blocks - lse[:, None, None]), 2)
+            else:
+                value = tl.exp2(tl.max(blocks, 2) - lse[:, None])  # [ROWS, BLOCKS_PER_TILE]
+            block_ids = tile * BLOCKS_PER_TILE + offs_b
+            value = tl.where((block_ids[None, :] < row_block[:, None]) & row_valid[:, None], value, 0.0)
+            heads = tl.reshape(value, (HEADS_PAD, BLOCK_M, BLOCKS_PER_TILE))
+            per_token = tl.sum(heads, 0) if MASS else tl.max(heads, 0)  # [BLOCK_M, BLOCKS_PER_TILE]
+            store_mask = out_valid[:, None] & (block_ids < n_earlier)[None, :]
+            tl.store(record_ptrs[:, None] + block_ids[None, :], per_token, mask=store_mask)
+        written = n_record_tiles * BLOCKS_PER_TILE
+    for block in range(written, n_earlier):  # later blocks: no row of the tile has them earlier
         tl.store(record_ptrs + block, tl.zeros([BLOCK_M], tl.float32), mask=out_valid)
 
 
@@ -155,7 +184,10 @@ def _decode_target_record(
     grouped: bool,
 ) -> torch.Tensor:
     """Launch the kernel; returns the record ``[B, Hkv if grouped else Hq, R, nK - 1]`` (``record`` when given)."""
-    check_triton_inputs(q, k, k, block_size, key_padding_mask=key_padding_mask)
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"the decode-target kernel needs a power-of-two block_size, got {block_size}")
+    key_tile = max(16, block_size)  # blocks below 16 keys share a key tile (tl.dot needs 16 columns)
+    check_triton_inputs(q, k, k, key_tile, key_padding_mask=key_padding_mask)
     batch, hq, length, head_dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -171,7 +203,7 @@ def _decode_target_record(
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         key_padding, has_key_padding = key_padding_as_int8(key_padding_mask, q)
         qk_scale, softcap_in, softcap_out = softcap_factors(scale, softcap)
-        launch = _decode_target_launch_config(head_dim, block_size, q.dtype)
+        launch = _decode_target_launch_config(head_dim, key_tile, q.dtype)
         heads_pad = triton.next_power_of_2(heads_per_program)
         block_m = max(1, launch["BLOCK_M"] // heads_pad)  # about as many tile rows either way
         if heads_pad * block_m >= 128:
@@ -188,6 +220,7 @@ def _decode_target_record(
                 HEAD_DIM=head_dim,
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_SIZE=block_size,
+                KEY_TILE=key_tile,
                 BLOCK_M=block_m,
                 HEADS_PAD=heads_pad,
                 MASS=target == "mass",

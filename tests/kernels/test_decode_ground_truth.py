@@ -40,6 +40,10 @@ CASES = {
     "gqa7_d64_fp16": (1, 14, 2, 150, 64, 32, None, None, torch.float16, "shuffled"),
     "gqa3_softcap_fp32": (2, 3, 1, 90, 24, 16, (50, 0), 3.0, torch.float32, "strided"),
     "one_block_fp16": (1, 2, 1, 16, 16, 16, None, None, torch.float16, None),
+    # blocks below 16 keys: several per key tile; the last tile runs past the keys' end
+    "block8_gqa2_pad_fp16": (2, 4, 2, 77, 32, 8, (0, 21), None, torch.float16, "strided"),
+    "block4_gqa7_fp32": (1, 14, 2, 45, 16, 4, None, None, torch.float32, "shuffled"),
+    "block8_softcap_fp32": (1, 3, 1, 9, 16, 8, None, 3.0, torch.float32, None),
 }
 
 
@@ -123,7 +127,9 @@ def test_bad_input_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 @requires_gpu
 @pytest.mark.parametrize("target", ["max", "mass"])
 @pytest.mark.parametrize(
-    "shape", [(14, 2, 64, 64), (32, 8, 128, 64), (9, 3, 64, 128)], ids=["qwen", "llama8b", "bs128"]
+    "shape",
+    [(14, 2, 64, 64), (32, 8, 128, 64), (9, 3, 64, 128), (14, 2, 64, 8)],
+    ids=["qwen", "llama8b", "bs128", "qwen_bs8"],
 )
 def test_gpu_bf16_matches_reference(shape, target: str) -> None:
     hq, hkv, head_dim, block_size = shape
