@@ -783,8 +783,10 @@ def update_compressed_keys_static(
         cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
         sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
     block, rows, valid = blocks.block, blocks.rows, blocks.valid
-    tables = (None, None) if cos is None else (cos_buffer.index_select(1, rows), sin_buffer.index_select(1, rows))
-    new_key = compress_key_blocks(gate, key.index_select(2, rows), *tables, valid, rope_style)  # [B, Hkv, 1, G]
+    # Advanced indexing, not index_select: for a 16-slot block CUDA's index_select takes its few-indices kernel, 8 us
+    # against 3 us on the H200 for an 8B model's [8, 8, 64k, 128] keys (bs 64: both 4 us), three gathers a layer.
+    tables = (None, None) if cos is None else (cos_buffer[:, rows], sin_buffer[:, rows])
+    new_key = compress_key_blocks(gate, key[:, :, rows], *tables, valid, rope_style)  # [B, Hkv, 1, G]
     keys.index_copy_(2, block, new_key.to(keys.dtype))
     valid_blocks.index_copy_(1, block, blocks.block_valid)
 
