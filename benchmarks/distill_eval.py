@@ -85,6 +85,9 @@ def main() -> None:
         "--decode-block-size", type=int, default=16, help="the decode gate's key-block size (default 16)"
     )
     parser.add_argument(
+        "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the GQA group)"
+    )
+    parser.add_argument(
         "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"
     )
     parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
@@ -124,7 +127,11 @@ def main() -> None:
             train_s = sum(r["seconds"] for r in records)
             tokens_per_s = sum(r["tokens_per_s"] for r in records[5:] or records) / len(records[5:] or records)
     else:
-        config = SeerAttentionConfig(decode_gate=args.decode_gate, decode_block_size=args.decode_block_size)
+        config = SeerAttentionConfig(
+            decode_gate=args.decode_gate,
+            decode_block_size=args.decode_block_size,
+            decode_gate_queries=args.decode_gate_queries,
+        )
         model = get_seer_model(base, config)
         started = time.perf_counter()
         records = train_gates(
@@ -165,7 +172,8 @@ def main() -> None:
                         "train_seconds": train_s or None, "tokens_per_s": tokens_per_s,
                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
                         "final_decode_loss": records[-1].get("decode_loss"),
-                        "decode_block_size": decode_block_size}  # fmt: skip
+                        "decode_block_size": decode_block_size,
+                        "decode_gate_queries": model.peft_config[model.active_adapter].decode_gate_queries}  # fmt: skip
         if args.adapter_in:
             distillation["note"] = f"trained earlier by this script; from {args.adapter_in}/log.jsonl"
         print(f"\ndistillation: {records[-1]['step']} steps in {train_s:.0f} s, {tokens_per_s:.0f} tokens/s")
@@ -212,6 +220,7 @@ def main() -> None:
             prompt_tokens=prompt,
             continuation_tokens=args.decode_tokens,
             decode_block_size=decode_block_size,
+            decode_gate_queries=model.peft_config[model.active_adapter].decode_gate_queries,
             dtype=str(dtype),
             command="python " + " ".join(sys.argv),
             distillation=distillation,

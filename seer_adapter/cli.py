@@ -196,7 +196,10 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         model = SeerModel.from_pretrained(base, args.init_adapter, is_trainable=True)
     else:
         config = SeerAttentionConfig(
-            block_size=args.block_size, decode_gate=args.decode_gate, decode_block_size=args.decode_block_size
+            block_size=args.block_size,
+            decode_gate=args.decode_gate,
+            decode_block_size=args.decode_block_size,
+            decode_gate_queries=args.decode_gate_queries,
         )
         model = get_seer_model(base, config)
     train_args = DistillationArguments(
@@ -633,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="tokens per key block of fresh decode gates (default 16, a power of two); 16-token blocks select more "
         "finely under the same decode token budget than 64-token ones, at the same kernel speed",
+    )
+    distill.add_argument(
+        "--decode-gate-queries",
+        type=int,
+        default=1,
+        help="gate queries per KV head of fresh decode gates (default 1; a divisor of the GQA group: each keeps "
+        "its share of the heads, blocks scored by the logsumexp over them)",
     )
     distill.add_argument(
         "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"

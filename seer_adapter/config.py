@@ -156,6 +156,18 @@ class SeerAttentionConfig:
             "trained."
         },
     )
+    decode_gate_queries: int = field(
+        default=1,
+        metadata={
+            "help": "Gate queries per KV head in the decode gate: 1 merges the GQA group's query heads into one "
+            "(SeerAttention-R); m > 1 (a divisor of the group, Hq / Hkv) keeps m merged queries, each initialised "
+            "to the mean of its share of the heads, and scores a block by the logsumexp of their logits, closer to "
+            "the distillation target's maximum over the group's heads. The compressed keys are the same, read once "
+            "per step; the scoring does m dot products per block. CPU, SmolLM2 (group 3) after 960 tokens, 16-token "
+            "blocks: m = 3 took budget 256 from +8.44 % to +6.31 % perplexity and 512 from +1.83 % to +1.55 % "
+            "(the true attention's selection: +5.75 / +0.97 %). Fixed once trained."
+        },
+    )
     decode_block_size: int | None = field(
         default=16,
         metadata={
@@ -298,6 +310,7 @@ class SeerAttentionConfig:
                 raise SeerConfigError(
                     f"decode_block_size must be a power of two (16, 32, 64, ...) or None, got {self.decode_block_size}."
                 )
+        _check_int("decode_gate_queries", self.decode_gate_queries, minimum=1)
         _check_int("decode_token_budget", self.decode_token_budget, minimum=1)
         decode_block = self.effective_decode_block_size
         if self.decode_token_budget < decode_block:

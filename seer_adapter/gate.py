@@ -243,20 +243,24 @@ class DecodeGate(nn.Module):
     """The decode gate of one attention layer (SeerAttention-R): one block selection per KV head per new token.
 
     * **Query**: the pre-RoPE queries of the ``g = Hq / Hkv`` heads of a GQA group are concatenated
-      (``[g·D]``, head-major) and merged by one bias-free linear per KV head, ``g·D -> gate_dim``; the result is
-      rotated with the model's RoPE at the token's own position.
+      (``[g·D]``, head-major) and merged by one bias-free linear per KV head, ``g·D -> m·gate_dim``: ``m``
+      gate queries (``num_queries``, a divisor of ``g``; 1 in SeerAttention-R), each rotated with the model's
+      RoPE at the token's own position.
     * **Keys**: pre-RoPE K is pooled over blocks of ``block_size`` slots (``k_pooling``, as the prefill gate),
       projected per KV head ``len(k_pooling)·D -> gate_dim``, optionally RMS-normalised (``k_norm``: a learned
       scale per KV head and channel, initialised to 1) and rotated at the position of the block's first slot
       (the prefill gate's block-RoPE convention). These compressed keys are what `seer_adapter.decode` caches.
-    * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head.
+    * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head; with ``m > 1`` gate queries, the logsumexp of
+      their ``m`` logits (a soft maximum: the distillation target takes the maximum over the group's heads, which
+      one bilinear score cannot express when the heads attend to different blocks).
 
     The same three functions serve decoding (one token, keys from the K-compression cache) and training (every token
     of a prefill against its strictly earlier blocks), so the position convention is shared by construction.
 
-    Initialisation: the query merge averages the group's heads and the key projection is the identity on the
-    ``avg`` channels (when ``gate_dim == head_dim``), so an untrained gate scores a block by the dot product of the
-    group-mean query with the block's mean key; otherwise ``nn.Linear``'s uniform init.
+    Initialisation: gate query ``j`` averages the ``g / m`` heads ``j·g/m .. (j+1)·g/m - 1`` of the group (``m = 1``:
+    the group mean; ``m = g``: one head each) and the key projection is the identity on the ``avg`` channels (when
+    ``gate_dim == head_dim``), so an untrained gate scores a block by the dot products of those head means with the
+    block's mean key; otherwise ``nn.Linear``'s uniform init.
     """
 
     def __init__(
@@ -270,14 +274,21 @@ class DecodeGate(nn.Module):
         k_norm: bool = False,
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-6,
+        num_queries: int = 1,
     ):
         super().__init__()
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.group, self.eps = num_q_heads // num_kv_heads, eps
+        if num_queries < 1 or self.group % num_queries:
+            raise ValueError(
+                f"num_queries={num_queries} must divide the GQA group of {self.group} query heads per KV head "
+                f"(1 merges the group into one gate query, {self.group} keeps one per head)"
+            )
+        self.num_queries = num_queries
         self.gate_dim, self.block_size, self.k_pooling = gate_dim, block_size, list(k_pooling)
-        self.q_proj = HeadwiseLinear(num_kv_heads, self.group * head_dim, gate_dim, dtype)
+        self.q_proj = HeadwiseLinear(num_kv_heads, self.group * head_dim, num_queries * gate_dim, dtype)
         self.k_proj = HeadwiseLinear(num_kv_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
         # RMSNorm scale of the projected keys, [Hkv, gate_dim]; None without k_norm
         self.k_norm = nn.Parameter(torch.ones(num_kv_heads, gate_dim, dtype=dtype)) if k_norm else None
@@ -289,7 +300,10 @@ class DecodeGate(nn.Module):
         if self.gate_dim != self.head_dim:
             return
         eye = torch.eye(self.head_dim, dtype=self.q_proj.weight.dtype, device=self.q_proj.weight.device)
-        self.q_proj.weight.copy_((eye / self.group).repeat(1, self.group)[None].expand_as(self.q_proj.weight))
+        per_query = self.group // self.num_queries  # heads averaged by each gate query
+        # [m·G, g·D]: gate query j reads heads j·per_query .. (j+1)·per_query - 1, each with weight 1 / per_query
+        merge = torch.block_diag(*[(eye / per_query).repeat(1, per_query)] * self.num_queries)
+        self.q_proj.weight.copy_(merge[None].expand_as(self.q_proj.weight))
         if "avg" in self.k_pooling:
             self.k_proj.weight.zero_()
             start = self.k_pooling.index("avg") * self.head_dim
@@ -309,7 +323,7 @@ class DecodeGate(nn.Module):
             cos, sin: RoPE tables at each token's position ``[B, N, r]`` or ``[N, r]`` (``None``: no RoPE).
 
         Returns:
-            ``[B, Hkv, N, gate_dim]`` in the gate dtype.
+            ``[B, Hkv, N, m·gate_dim]`` in the gate dtype: the ``m = num_queries`` gate queries side by side.
         """
         batch, heads, length, dim = q.shape
         if heads != self.num_q_heads or dim != self.head_dim:
@@ -317,8 +331,15 @@ class DecodeGate(nn.Module):
         dtype = self.q_proj.weight.dtype
         grouped = q.to(dtype).view(batch, self.num_kv_heads, self.group, length, dim)
         grouped = grouped.permute(0, 1, 3, 2, 4).reshape(batch, self.num_kv_heads, length, self.group * dim)
-        merged = self.q_proj(grouped)  # [B, Hkv, N, G]
-        return merged if cos is None else apply_rope(merged, cos, sin, rope_style)
+        merged = self.q_proj(grouped)  # [B, Hkv, N, m·G]
+        if cos is None:
+            return merged
+        if self.num_queries == 1:
+            return apply_rope(merged, cos, sin, rope_style)
+        # each gate query rotated on its own G channels: the m queries as extra heads of apply_rope
+        queries = merged.unflatten(-1, (self.num_queries, self.gate_dim)).transpose(2, 3)  # [B, Hkv, m, N, G]
+        rotated = apply_rope(queries.flatten(1, 2), cos, sin, rope_style).unflatten(1, (self.num_kv_heads, -1))
+        return rotated.transpose(2, 3).flatten(-2)
 
     def keys(
         self,
@@ -346,11 +367,15 @@ class DecodeGate(nn.Module):
         return projected if block_cos is None else apply_rope(projected, block_cos, block_sin, rope_style)
 
     def logits(self, q_gate: torch.Tensor, k_gate: torch.Tensor) -> torch.Tensor:
-        """``[B, Hkv, N, G] x [B, Hkv, nB, G] -> [B, Hkv, N, nB]`` scaled dot products (no masking)."""
-        return torch.einsum("bhng,bhkg->bhnk", q_gate, k_gate) / math.sqrt(self.gate_dim)
+        """``[B, Hkv, N, m·G] x [B, Hkv, nB, G] -> [B, Hkv, N, nB]`` scaled dot products (no masking); with
+        ``m > 1`` gate queries, the logsumexp over them."""
+        if self.num_queries == 1:
+            return torch.einsum("bhng,bhkg->bhnk", q_gate, k_gate) / math.sqrt(self.gate_dim)
+        queries = q_gate.unflatten(-1, (self.num_queries, self.gate_dim))  # [B, Hkv, N, m, G]
+        return torch.logsumexp(torch.einsum("bhnmg,bhkg->bhnmk", queries, k_gate) / math.sqrt(self.gate_dim), dim=3)
 
     def extra_repr(self) -> str:
         return (
-            f"block_size={self.block_size}, gate_dim={self.gate_dim}, group={self.group}, k_pooling={self.k_pooling}, "
-            f"k_norm={self.k_norm is not None}"
+            f"block_size={self.block_size}, gate_dim={self.gate_dim}, group={self.group}, "
+            f"num_queries={self.num_queries}, k_pooling={self.k_pooling}, k_norm={self.k_norm is not None}"
         )

@@ -239,6 +239,7 @@ CONFIG_TABLE_FIELDS = (
     "layer_overrides",
     "decode_gate",
     "decode_k_norm",
+    "decode_gate_queries",
     "decode_block_size",
     "decode_method",
     "decode_token_budget",

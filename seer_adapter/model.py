@@ -251,6 +251,13 @@ def _attach_gates(
                 f"gate_dim={gate_dim} differs from head_dim={head_dim}: that needs use_q_proj=True and a model without "
                 "RoPE (block RoPE reuses the model's rotary tables). Leave gate_dim unset."
             )
+        group = info["num_attention_heads"] // info["num_key_value_heads"]
+        if config.decode_gate and group % config.decode_gate_queries:
+            raise SeerConfigError(
+                f"decode_gate_queries={config.decode_gate_queries} must divide this model's GQA group of {group} query "
+                f"heads per KV head (num_attention_heads {info['num_attention_heads']} / num_key_value_heads "
+                f"{info['num_key_value_heads']}): use 1 or a divisor of {group}."
+            )
         reference = next(module.parameters())
         gate = AttnGate(
             info["num_attention_heads"],
@@ -273,6 +280,7 @@ def _attach_gates(
                 config.k_pooling,
                 k_norm=config.decode_k_norm,
                 dtype=dtype,
+                num_queries=config.decode_gate_queries,
             ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
         gated_layers.append(module.layer_idx)
@@ -404,6 +412,7 @@ class SeerAdapterMixin:
             "gate_dtype",
             "decode_gate",
             "decode_k_norm",
+            "decode_gate_queries",
             "decode_block_size",
             "target_modules",
             *BASE_MODEL_FIELDS,

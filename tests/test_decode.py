@@ -20,10 +20,12 @@ from seer_adapter import (
     SeerConfigError,
     SeerDynamicCache,
     SeerModel,
+    SeerStaticCache,
     get_seer_model,
 )
 from seer_adapter.decode import select_decode_blocks
 from seer_adapter.gate import pool_blocks
+from seer_adapter.rope import apply_rope
 
 BLOCK = 16
 # The KV-cache argument of forward() / generate(): "cache" in recent transformers 5.x, "past_key_values" before.
@@ -93,6 +95,56 @@ def test_decode_gate_prior_merges_the_group_by_its_mean():
         gate.query(torch.randn(2, 4, 1, 8))
     with pytest.raises(ValueError, match="k_pooled"):
         gate.keys(torch.randn(2, 2, 3, 8))
+
+
+def test_decode_gate_with_several_queries_scores_by_their_logsumexp():
+    """m gate queries per KV head: each starts as the mean of its share of the group's heads (m = g: one head each)
+    and a block's logit is the logsumexp of theirs; m must divide the group."""
+    gate = DecodeGate(6, 2, 8, 8, 4, ["max", "avg"], num_queries=3)
+    q = torch.randn(2, 6, 5, 8)
+    queries = gate.query(q).unflatten(-1, (3, 8))  # [B, Hkv, N, m, G], no RoPE
+    torch.testing.assert_close(queries, q.view(2, 2, 3, 5, 8).transpose(2, 3))
+    halves = DecodeGate(4, 1, 8, 8, 4, ["avg"], num_queries=2).query(q[:, :4]).unflatten(-1, (2, 8))
+    torch.testing.assert_close(halves, q[:, :4].view(2, 1, 2, 2, 5, 8).mean(dim=3).transpose(2, 3))
+    k_gate = torch.randn(2, 2, 7, 8)
+    per_head = torch.einsum("bhmnd,bhkd->bhmnk", q.view(2, 2, 3, 5, 8), k_gate) / math.sqrt(8)
+    torch.testing.assert_close(gate.logits(gate.query(q), k_gate), per_head.logsumexp(dim=2))
+    # RoPE rotates each gate query at the token's position, as it does the single merged query
+    cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+    rotated = gate.query(q, cos, sin).unflatten(-1, (3, 8))
+    for j in range(3):
+        torch.testing.assert_close(rotated[..., j, :], apply_rope(queries[..., j, :], cos, sin, "half"))
+    with pytest.raises(ValueError, match="must divide the GQA group of 3"):
+        DecodeGate(6, 2, 8, 8, 4, ["avg"], num_queries=2)
+    with pytest.raises(SeerConfigError, match="decode_gate_queries=3 must divide this model's GQA group of 2"):
+        get_seer_model(tiny_model("llama"), _config(decode_gate_queries=3))
+    with pytest.raises(SeerConfigError, match="decode_gate_queries"):
+        SeerAttentionConfig(decode_gate_queries=0)
+
+
+def test_several_gate_queries_decode_statically_and_round_trip(tmp_path):
+    """Two gate queries per KV head: the fused decode scores (dynamic and shape-static steps) select what the
+    gate's own logits do; the weights save and load with the field, and generation is unchanged by the round trip."""
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK, decode_gate_queries=2))
+    _randomise_decode_gates(model, seed=12)
+    gate = next(iter(model.gates().values())).decode
+    assert gate.num_queries == 2 and gate.q_proj.weight.shape == (2, 2 * 16, 2 * 16)
+    ids, mask = _inputs(batch=2, length=70, pad_left=(0, 9), seed=12)
+    want_seq, want = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False)
+    static = SeerStaticCache(config=model.base_model.config, max_cache_len=100)
+    got_seq, got = _generate_logits(model, ids, mask, max_new_tokens=20, do_sample=False, **_cache(static))
+    assert torch.equal(got_seq, want_seq)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "two")
+    from seer_adapter.adapter_info import format_report, inspect_adapter
+
+    assert "2 gate queries per KV head" in format_report(inspect_adapter(tmp_path / "two"))
+    loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "two")
+    assert loaded.peft_config["default"].decode_gate_queries == 2
+    loaded_seq, _ = _generate_logits(loaded, ids, mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(loaded_seq, want_seq)
+    with pytest.raises(SeerConfigError, match="decode_gate_queries"):
+        loaded.set_sparsity(decode_gate_queries=1)
 
 
 def test_config_knobs_are_validated():
@@ -633,15 +685,18 @@ def test_decode_target_rows_and_the_subsampled_loss():
         torch.testing.assert_close(whole.decode_losses[layer], want)
 
 
+@pytest.mark.parametrize("num_queries", [1, 2])
 @pytest.mark.parametrize("prefill_block", [BLOCK, 2 * BLOCK], ids=["one_block_size", "decode_block_smaller"])
-def test_training_logits_equal_decoding_logits(prefill_block):
+def test_training_logits_equal_decoding_logits(prefill_block, num_queries):
     """The decode gate sees the same positions in training (every token of a prefill) and in decoding. The budget
     covers the context so that the layers' inputs are the same in both runs. With a prefill block twice the decode
     block, the decode gate still scores (and trains on) its own BLOCK-token blocks."""
     from seer_adapter.attention import compute_decode_gate_logits
     from seer_adapter.kernels import block_sparse_attention_reference
 
-    config = _config(block_size=prefill_block, decode_block_size=BLOCK, decode_token_budget=128)
+    config = _config(
+        block_size=prefill_block, decode_block_size=BLOCK, decode_token_budget=128, decode_gate_queries=num_queries
+    )
     model = get_seer_model(tiny_model("qwen3"), config)
     _randomise_decode_gates(model, seed=9)
     ids, mask = _inputs(batch=2, length=60, pad_left=(0, 11), seed=9)

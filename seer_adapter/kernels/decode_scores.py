@@ -4,9 +4,10 @@ One new token per sequence. For every KV head (GQA group) the decode gate (`seer
 
 1. undoes RoPE on the group's post-RoPE queries (the attention function receives them rotated);
 2. merges the ``g = Hq / Hkv`` pre-RoPE queries, concatenated head-major (``[g·D]``), with one bias-free linear
-   ``q_weight [Hkv, G, g·D]``;
-3. rotates the merged query at the token's own position (same tables);
-4. scores the compressed keys of the strictly earlier blocks, ``logits = q_gate · k_c * scale``.
+   ``q_weight [Hkv, m·G, g·D]`` into ``m`` gate queries (``m`` = ``DecodeGate.num_queries``, usually 1);
+3. rotates each gate query at the token's own position (same tables);
+4. scores the compressed keys of the strictly earlier blocks, ``logits = q_gate · k_c * scale``; with ``m > 1``,
+   the logsumexp of the ``m`` gate queries' logits.
 
 The result is laid out for block selection: ``[B, Hkv, 1, n_earlier + 1]`` fp32 whose last column, the block
 holding the new token (always attended, never scored), is the lowest finite float, so it stays out of a softmax's
@@ -33,15 +34,19 @@ def check_decode_score_inputs(
     """Validate a decode-score call; raise ValueError naming the bad argument."""
     if q.dim() != 3 or q_weight.dim() != 3 or keys.dim() != 4:
         raise ValueError(
-            f"expected q [B, Hq, D], q_weight [Hkv, G, g·D] and keys [B, Hkv, nC, G]; got {tuple(q.shape)}, "
+            f"expected q [B, Hq, D], q_weight [Hkv, m·G, g·D] and keys [B, Hkv, nC, G]; got {tuple(q.shape)}, "
             f"{tuple(q_weight.shape)}, {tuple(keys.shape)}"
         )
     batch, hq, head_dim = q.shape
-    hkv, gate_dim, merged_width = q_weight.shape
+    hkv, query_rows, merged_width = q_weight.shape
     if hq % hkv or merged_width != (hq // hkv) * head_dim:
         raise ValueError(f"q_weight {tuple(q_weight.shape)} does not merge {hq} query heads of {head_dim} into {hkv}")
-    if tuple(keys.shape[:2]) != (batch, hkv) or keys.shape[3] != gate_dim:
-        raise ValueError(f"keys must be [B={batch}, Hkv={hkv}, nC, G={gate_dim}], got {tuple(keys.shape)}")
+    gate_dim = keys.shape[3]
+    if tuple(keys.shape[:2]) != (batch, hkv) or query_rows % gate_dim:
+        raise ValueError(
+            f"keys must be [B={batch}, Hkv={hkv}, nC, G] with G dividing q_weight's {query_rows} rows (m gate "
+            f"queries of G), got {tuple(keys.shape)}"
+        )
     if isinstance(n_earlier, torch.Tensor):  # a device tensor: its value cannot be checked without a sync
         if n_earlier.shape != (1,) or n_earlier.dtype not in (torch.int32, torch.int64) or n_earlier.device != q.device:
             raise ValueError(
@@ -78,7 +83,8 @@ def decode_gate_scores_reference(
     Args:
         q: post-RoPE queries of the new token ``[B, Hq, D]``.
         cos, sin: RoPE tables at the new token's position ``[B or 1, r]`` (``None``: no RoPE).
-        q_weight: the query merge ``[Hkv, G, g·D]`` (gate dtype; the merge runs in that dtype).
+        q_weight: the query merge ``[Hkv, m·G, g·D]`` (gate dtype; the merge runs in that dtype): ``m`` gate
+            queries, their scores combined by logsumexp (``m`` follows from ``keys``' ``G``).
         keys: compressed keys ``[B, Hkv, nC, G]``; the first ``n_earlier`` are scored.
         n_earlier: an int, or a long ``[1]`` device tensor (shape-static decoding steps: no host sync; it must be
             below ``nC``).
@@ -91,21 +97,25 @@ def decode_gate_scores_reference(
     """
     check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
     batch, hq, head_dim = q.shape
-    hkv = q_weight.shape[0]
+    hkv, gate_dim = q_weight.shape[0], keys.shape[3]
+    n_queries = q_weight.shape[1] // gate_dim
     query = q.float()[:, :, None]  # [B, Hq, 1, D]
     tables = (None, None) if cos is None else (cos[:, None], sin[:, None])  # [B or 1, 1, r]
     if cos is not None:
         query = apply_rope(query, *tables, rope_style, inverse=True)
     grouped = query.to(q_weight.dtype).view(batch, hkv, hq // hkv, 1, head_dim)
     grouped = grouped.permute(0, 1, 3, 2, 4).reshape(batch, hkv, 1, -1)  # [B, Hkv, 1, g·D]
-    merged = torch.einsum("bhni,hoi->bhno", grouped, q_weight)  # [B, Hkv, 1, G]
+    merged = torch.einsum("bhni,hoi->bhno", grouped, q_weight)  # [B, Hkv, 1, m·G]
+    merged = merged.view(batch, hkv, n_queries, gate_dim)  # [B, Hkv, m, G]: the gate queries as rows
     if cos is not None:
         merged = apply_rope(merged, *tables, rope_style)
     lowest = torch.finfo(torch.float32).min
+    scored_keys = keys if isinstance(n_earlier, torch.Tensor) else keys[:, :, :n_earlier]
+    scores = torch.einsum("bhmg,bhkg->bhmk", merged, scored_keys).float() * scale  # [B, Hkv, m, n]
+    if n_queries > 1:
+        scores = torch.logsumexp(scores, dim=2, keepdim=True)  # [B, Hkv, 1, n]
     if isinstance(n_earlier, torch.Tensor):
-        scores = torch.einsum("bhng,bhkg->bhnk", merged, keys).float() * scale  # [B, Hkv, 1, nC]
         scored = torch.arange(keys.shape[2], device=keys.device) < n_earlier
         return torch.where(scored, scores, lowest)
-    scores = torch.einsum("bhng,bhkg->bhnk", merged, keys[:, :, :n_earlier]).float() * scale
     current = scores.new_full((batch, hkv, 1, 1), lowest)
     return torch.cat((scores, current), dim=-1)

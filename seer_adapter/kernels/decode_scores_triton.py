@@ -11,6 +11,9 @@ program per (row, KV head) walking a 64k cache's 1024 blocks took 38 µs on the 
   inverse rotation, and the merge weight's rows at ``p(i)`` for the rotation of the merged query
   (``merged[p(i)] = W[p(i)] · q``); the weight is read twice, from L2 the second time.
 * The merge streams the weight in ``[G, BLOCK_K]`` tiles over the ``g·D`` input channels.
+* With ``m > 1`` gate queries (``q_weight [Hkv, m·G, g·D]``) the query kernel runs one program per gate query and
+  the score kernel scores each key tile against the ``m`` queries, combined by an online logsumexp in registers:
+  the keys are read once whatever ``m``.
 * The scores read the compressed keys in ``[BLOCK_C, G]`` tiles, written straight into the selection layout
   ``[B, Hkv, 1, n_earlier + 1]`` with the current block's lowest-float column; ``n_earlier`` may be a device tensor
   (shape-static decoding steps), then every column from it on is the lowest float.
@@ -62,19 +65,21 @@ def _decode_query_kernel(
     stride_tb,
     stride_wh, stride_wo,
     n_kv_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GATE_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GATE_DIM: tl.constexpr, N_QUERIES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
     ROT: tl.constexpr, PAIRING: tl.constexpr, TABLE: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B * Hkv,). The merged, rotated gate query of one (row, KV head): QGate fp32 [B * Hkv, G].
-    Q [B, Hq, D], Cos/Sin [B or 1, r] (row stride 0 when shared), W [Hkv, G, g·D]; last dimensions contiguous."""
+    """Grid (B * Hkv * m,). Gate query ``j`` of one (row, KV head), merged and rotated: QGate fp32
+    [B * Hkv * m, G]. Q [B, Hq, D], Cos/Sin [B or 1, r] (row stride 0 when shared), W [Hkv, m·G, g·D]; last
+    dimensions contiguous."""
     pid = tl.program_id(0)
-    batch = (pid // n_kv_heads).to(tl.int64)
-    head = (pid % n_kv_heads).to(tl.int64)
+    query = pid % N_QUERIES
+    batch = (pid // (n_kv_heads * N_QUERIES)).to(tl.int64)
+    head = ((pid // N_QUERIES) % n_kv_heads).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < GATE_DIM
     table_row = batch * stride_tb
-    w_head = W + head * stride_wh
+    w_head = W + head * stride_wh + (query * GATE_DIM).to(tl.int64) * stride_wo  # this gate query's G rows
     merged = tl.zeros([BLOCK_G], dtype=tl.float32)  # W · q_pre
     merged_partner = tl.zeros([BLOCK_G], dtype=tl.float32)  # (W · q_pre)[p(i)] = W[p(i)] · q_pre
     if PAIRING != 0:
@@ -113,11 +118,13 @@ def _decode_block_scores_kernel(
     stride_kb, stride_kh, stride_kc,
     stride_ob, stride_oh,
     n_kv_heads, n_earlier, width, scale,
-    GATE_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, N_ON_DEVICE: tl.constexpr,
+    GATE_DIM: tl.constexpr, N_QUERIES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Grid (B * Hkv, cdiv(width, BLOCK_C)). Out fp32 [B, Hkv, 1, width]: columns below the number of earlier blocks
-    (``n_earlier``, or read from ``NEarlier`` [1] when N_ON_DEVICE) get ``q_gate · key * scale``, the others the
-    lowest finite float (the current block, and with N_ON_DEVICE the blocks after it)."""
+    (``n_earlier``, or read from ``NEarlier`` [1] when N_ON_DEVICE) get ``q_gate · key * scale`` (the logsumexp over
+    the N_QUERIES gate queries of QGate [B * Hkv * m, G]), the others the lowest finite float (the current block, and
+    with N_ON_DEVICE the blocks after it)."""
     pid = tl.program_id(0)
     batch = (pid // n_kv_heads).to(tl.int64)
     head = (pid % n_kv_heads).to(tl.int64)
@@ -127,11 +134,22 @@ def _decode_block_scores_kernel(
     g_ok = offs_g < GATE_DIM
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     scored = offs_c < n_earlier
-    q_gate = tl.load(QGate + pid.to(tl.int64) * GATE_DIM + offs_g, mask=g_ok, other=0.0)
+    q_rows = QGate + pid.to(tl.int64) * N_QUERIES * GATE_DIM
     k_head = Keys + batch * stride_kb + head * stride_kh
     k = tl.load(k_head + offs_c[:, None].to(tl.int64) * stride_kc + offs_g[None, :],
                 mask=scored[:, None] & g_ok[None, :], other=0.0)  # fmt: skip
-    scores = tl.sum(k.to(tl.float32) * q_gate[None, :], axis=1) * scale
+    k = k.to(tl.float32)
+    q_gate = tl.load(q_rows + offs_g, mask=g_ok, other=0.0)
+    scores = tl.sum(k * q_gate[None, :], axis=1) * scale
+    if N_QUERIES > 1:  # online logsumexp over the gate queries (natural log, as torch.logsumexp)
+        total = tl.full([BLOCK_C], 1.0, tl.float32)  # sum of exp(score_j - scores), scores the running max
+        for query in tl.static_range(1, N_QUERIES):
+            q_gate = tl.load(q_rows + query * GATE_DIM + offs_g, mask=g_ok, other=0.0)
+            other = tl.sum(k * q_gate[None, :], axis=1) * scale
+            high = tl.maximum(scores, other)
+            total = total * tl.exp(scores - high) + tl.exp(other - high)
+            scores = high
+        scores = scores + tl.log(total)
     scores = tl.where(scored, scores, -3.4028234663852886e38)  # not scored: lowest finite float
     tl.store(Out + batch * stride_ob + head * stride_oh + offs_c, scores, mask=offs_c < width)
 
@@ -147,16 +165,17 @@ def decode_gate_scores_triton(
     rope_style: str = "half",
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Same contract as `decode_scores.decode_gate_scores_reference`: one program per (row, KV head) merges the
-    query, then one per (row, KV head, chunk of blocks) scores the compressed keys."""
+    """Same contract as `decode_scores.decode_gate_scores_reference`: one program per (row, KV head, gate query)
+    merges a query, then one per (row, KV head, chunk of blocks) scores the compressed keys."""
     check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
     batch, hq, head_dim = q.shape
-    hkv, gate_dim, _ = q_weight.shape
+    hkv, gate_dim = q_weight.shape[0], keys.shape[3]
+    n_queries = q_weight.shape[1] // gate_dim
     q, q_weight, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, q_weight, keys))
     on_device = isinstance(n_earlier, torch.Tensor)
     width = keys.shape[2] if on_device else n_earlier + 1
     out = torch.empty(batch, hkv, 1, width, dtype=torch.float32, device=q.device)
-    q_gate = torch.empty(batch * hkv, gate_dim, dtype=torch.float32, device=q.device)
+    q_gate = torch.empty(batch * hkv * n_queries, gate_dim, dtype=torch.float32, device=q.device)
     pairing, table = _ROPE_CODES[None if cos is None else rope_style]
     rot = 0 if cos is None else cos.shape[-1]
     if cos is None:
@@ -168,13 +187,13 @@ def decode_gate_scores_triton(
     block_g = triton.next_power_of_2(gate_dim)
     block_c = 32 if block_g > 128 else 64
     with on_tensor_device(q):
-        _decode_query_kernel[(batch * hkv,)](
+        _decode_query_kernel[(batch * hkv * n_queries,)](
             q, cos, sin, q_weight, q_gate,
             q.stride(0), q.stride(1),
             table_stride,
             q_weight.stride(0), q_weight.stride(1),
             hkv,
-            GROUP=hq // hkv, HEAD_DIM=head_dim, GATE_DIM=gate_dim,
+            GROUP=hq // hkv, HEAD_DIM=head_dim, GATE_DIM=gate_dim, N_QUERIES=n_queries,
             BLOCK_G=block_g, BLOCK_K=min(64, triton.next_power_of_2(head_dim)),
             ROT=rot, PAIRING=pairing, TABLE=table, num_warps=8,
         )  # fmt: skip
@@ -183,7 +202,7 @@ def decode_gate_scores_triton(
             keys.stride(0), keys.stride(1), keys.stride(2),
             out.stride(0), out.stride(1),
             hkv, 0 if on_device else n_earlier, width, float(scale),
-            GATE_DIM=gate_dim, BLOCK_G=block_g, BLOCK_C=block_c, N_ON_DEVICE=on_device,
+            GATE_DIM=gate_dim, N_QUERIES=n_queries, BLOCK_G=block_g, BLOCK_C=block_c, N_ON_DEVICE=on_device,
         )  # fmt: skip
     return out
 

@@ -27,18 +27,25 @@ def _tables(style: str, rot: int, positions: torch.Tensor) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def _gate(hq: int, hkv: int, head_dim: int, gate_dim: int, dtype: torch.dtype, seed: int) -> DecodeGate:
-    gate = DecodeGate(hq, hkv, head_dim, gate_dim, block_size=16, k_pooling=["avg", "max"], dtype=dtype)
+def _gate(
+    hq: int, hkv: int, head_dim: int, gate_dim: int, dtype: torch.dtype, seed: int, num_queries: int = 1
+) -> DecodeGate:
+    gate = DecodeGate(
+        hq, hkv, head_dim, gate_dim, block_size=16, k_pooling=["avg", "max"], dtype=dtype, num_queries=num_queries
+    )
     with torch.no_grad():  # random weights: the mean-pooling prior would hide head-order bugs
         gate.q_proj.weight.copy_(torch.randn(gate.q_proj.weight.shape, generator=torch.Generator().manual_seed(seed)))
     return gate
 
 
+@pytest.mark.parametrize("num_queries", [1, 2, 4])
 @pytest.mark.parametrize("style", ["half", "interleaved", "interleaved_half_table", None])
-def test_reference_is_the_decode_gate_query_and_logits(style):
+def test_reference_is_the_decode_gate_query_and_logits(style, num_queries):
+    """The fused step's definition equals the gate's own query + logits (training's path), with one merged gate
+    query or several (their logits combined by logsumexp)."""
     g = torch.Generator().manual_seed(1)
     batch, hq, hkv, head_dim, gate_dim, n_c = 3, 8, 2, 16, 16, 9
-    gate = _gate(hq, hkv, head_dim, gate_dim, torch.float32, 2)
+    gate = _gate(hq, hkv, head_dim, gate_dim, torch.float32, 2, num_queries)
     q = torch.randn(batch, hq, head_dim, generator=g)
     keys = torch.randn(batch, hkv, n_c, gate_dim, generator=g)
     cos = sin = None
@@ -70,6 +77,8 @@ def test_reference_rejects_bad_input():
         decode_gate_scores_reference(q, torch.ones(1, 10), torch.ones(1, 10), w, keys, 2)
     with pytest.raises(ValueError, match="tensor n_earlier must be an int32/int64"):
         decode_gate_scores_reference(q, None, None, w, keys, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="G dividing q_weight's 8 rows"):
+        decode_gate_scores_reference(q, None, None, w, torch.randn(1, 2, 3, 6), 2)
 
 
 CASES = [
@@ -85,10 +94,12 @@ CASES = [
 
 @pytest.mark.parametrize("batch,hq,hkv,head_dim,gate_dim,rot,style,n_earlier,capacity,shared", CASES)
 @pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("n_queries", [1, 3])
 def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style, n_earlier, capacity, shared, dtype,
-                                  gate_dtype):  # fmt: skip
+                                  gate_dtype, n_queries):  # fmt: skip
+    """``n_queries`` gate queries per KV head (``q_weight [Hkv, m·G, g·D]``), scored against keys read once."""
     g = torch.Generator().manual_seed(batch * 100 + n_earlier)
-    weight = torch.randn(hkv, gate_dim, hq // hkv * head_dim, generator=g).div(8).to(gate_dtype)
+    weight = torch.randn(hkv, n_queries * gate_dim, hq // hkv * head_dim, generator=g).div(8).to(gate_dtype)
     q = torch.randn(batch, hq, 1, head_dim, generator=g).to(dtype)[:, :, 0]  # a [B, Hq, 1, D] query's view
     buffer = torch.randn(batch, hkv, capacity, gate_dim, generator=g).to(gate_dtype)
     keys = buffer[:, :, : max(n_earlier, 1)]  # a view of the growable compression buffer
@@ -125,10 +136,11 @@ def test_dispatch_picks_triton_on_cuda_and_reference_elsewhere():
 
 
 @pytest.mark.parametrize("method", ["token_budget", "threshold"])
-def test_decoding_through_every_triton_kernel_equals_the_reference_path(monkeypatch, method):
+@pytest.mark.parametrize("gate_queries", [1, 2])
+def test_decoding_through_every_triton_kernel_equals_the_reference_path(monkeypatch, method, gate_queries):
     """A whole decoding run of a tiny model (left padding, a block completing on the way, one block of three chosen
     by the gate) with every kernel in Triton (scores, selection, sparse decode attention) gives the reference path's
-    logits."""
+    logits, with one or two gate queries per KV head."""
     from tiny_models import tiny_model
 
     from seer_adapter import SeerAttentionConfig, SeerDynamicCache, get_seer_model
@@ -138,7 +150,7 @@ def test_decoding_through_every_triton_kernel_equals_the_reference_path(monkeypa
         tiny_model("llama").to(DEVICE),
         SeerAttentionConfig(
             block_size=16, dense_below_length=10_000, decode_gate=True, decode_method=method,
-            decode_token_budget=48, decode_threshold=0.2,
+            decode_token_budget=48, decode_threshold=0.2, decode_gate_queries=gate_queries,
         ),
     )  # fmt: skip
     with torch.no_grad():  # random decode gates: the mean prior would make the scores too regular to test order
