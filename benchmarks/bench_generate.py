@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument(
         "--decode-block-size", type=int, default=16, help="the decode gate's key-block size (default 16)"
     )
+    parser.add_argument(
+        "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the group, 4)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -147,6 +150,7 @@ def main() -> None:
         decode_gate=True,
         decode_method="dense",
         decode_block_size=args.decode_block_size,
+        decode_gate_queries=args.decode_gate_queries,
     )
     model = get_seer_model(base, seer_config)
     cache_name = cache_argument(base)
@@ -254,6 +258,7 @@ def main() -> None:
         model=f"Llama-3.1-8B-shaped, random bf16 weights, {args.layers} layers, untrained decode gates",
         prefill="sparse nz_ratio 0.1 at batch 1, cache repeated to the batch",
         decode_block_size=seer_config.effective_decode_block_size,
+        decode_gate_queries=seer_config.decode_gate_queries,
         command="python " + " ".join(sys.argv),
         peak_gib=max(row["peak_gib"] for row in rows),
     )
