@@ -728,6 +728,7 @@ def _decode_attention(
                 n_earlier,
                 rope_style=state.rope_style or "half",
                 scale=1.0 / math.sqrt(decode_gate.gate_dim),
+                num_queries=decode_gate.num_queries,
             )  # [B, Hkv, 1, nB], the lowest float from the current block on
         else:
             position = None if static_cache is None else static_cache.static_slot

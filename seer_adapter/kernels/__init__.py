@@ -256,13 +256,15 @@ def decode_gate_scores(
     *,
     rope_style: str = "half",
     scale: float = 1.0,
+    num_queries: int = 1,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decode-gate scores of one decoding step, laid out for `select_block_lists`: the single entry point.
 
     Args:
         q: post-RoPE queries of the new token ``[B, Hq, D]``; cos, sin: its RoPE tables ``[B or 1, r]`` (or
-            ``None``); q_weight: the decode gate's query merge ``[Hkv, G, g·D]``; keys: the compressed keys
+            ``None``); q_weight: the decode gate's query merge ``[Hkv, m·G, g·D]`` (``m = num_queries`` gate
+            queries, scores combined by logsumexp); keys: the compressed keys
             ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored (an int, or a long ``[1]`` device
             tensor for shape-static steps: then the result is ``nC`` wide, the lowest float from ``n_earlier`` on).
         rope_style, scale: the model's RoPE convention; the dot-product scale (``1 / sqrt(G)``).
@@ -272,7 +274,7 @@ def decode_gate_scores(
         See `decode_scores` for the definition.
     """
     fn = backend_for("decode_scores", q.device, backend)
-    return fn(q, cos, sin, q_weight, keys, n_earlier, rope_style=rope_style, scale=scale)
+    return fn(q, cos, sin, q_weight, keys, n_earlier, rope_style=rope_style, scale=scale, num_queries=num_queries)
 
 
 def select_block_lists(

@@ -30,6 +30,7 @@ def check_decode_score_inputs(
     keys: torch.Tensor,
     n_earlier: int | torch.Tensor,
     rope_style: str,
+    num_queries: int = 1,
 ) -> None:
     """Validate a decode-score call; raise ValueError naming the bad argument."""
     if q.dim() != 3 or q_weight.dim() != 3 or keys.dim() != 4:
@@ -41,11 +42,13 @@ def check_decode_score_inputs(
     hkv, query_rows, merged_width = q_weight.shape
     if hq % hkv or merged_width != (hq // hkv) * head_dim:
         raise ValueError(f"q_weight {tuple(q_weight.shape)} does not merge {hq} query heads of {head_dim} into {hkv}")
-    gate_dim = keys.shape[3]
-    if tuple(keys.shape[:2]) != (batch, hkv) or query_rows % gate_dim:
+    if not isinstance(num_queries, int) or num_queries < 1 or query_rows % num_queries:
+        raise ValueError(f"num_queries={num_queries!r} must be a positive divisor of q_weight's {query_rows} rows")
+    gate_dim = query_rows // num_queries
+    if tuple(keys.shape[:2]) != (batch, hkv) or keys.shape[3] != gate_dim:
         raise ValueError(
-            f"keys must be [B={batch}, Hkv={hkv}, nC, G] with G dividing q_weight's {query_rows} rows (m gate "
-            f"queries of G), got {tuple(keys.shape)}"
+            f"keys must be [B={batch}, Hkv={hkv}, nC, G={gate_dim}] (q_weight's {query_rows} rows are "
+            f"{num_queries} gate quer{'y' if num_queries == 1 else 'ies'} of G), got {tuple(keys.shape)}"
         )
     if isinstance(n_earlier, torch.Tensor):  # a device tensor: its value cannot be checked without a sync
         if n_earlier.shape != (1,) or n_earlier.dtype not in (torch.int32, torch.int64) or n_earlier.device != q.device:
@@ -77,6 +80,7 @@ def decode_gate_scores_reference(
     *,
     rope_style: str = "half",
     scale: float = 1.0,
+    num_queries: int = 1,
 ) -> torch.Tensor:
     """Decode-gate scores of one decoding step (see the module docstring).
 
@@ -84,21 +88,21 @@ def decode_gate_scores_reference(
         q: post-RoPE queries of the new token ``[B, Hq, D]``.
         cos, sin: RoPE tables at the new token's position ``[B or 1, r]`` (``None``: no RoPE).
         q_weight: the query merge ``[Hkv, m·G, g·D]`` (gate dtype; the merge runs in that dtype): ``m`` gate
-            queries, their scores combined by logsumexp (``m`` follows from ``keys``' ``G``).
+            queries, their scores combined by logsumexp.
         keys: compressed keys ``[B, Hkv, nC, G]``; the first ``n_earlier`` are scored.
         n_earlier: an int, or a long ``[1]`` device tensor (shape-static decoding steps: no host sync; it must be
             below ``nC``).
         rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"`` (`seer_adapter.rope`).
         scale: multiplies the dot products (the gate uses ``1 / sqrt(G)``).
+        num_queries: ``m``, the gate queries per KV head (``DecodeGate.num_queries``; default 1).
 
     Returns:
         fp32 ``[B, Hkv, 1, n_earlier + 1]``: the scores, then the lowest finite float for the current block. With a
         tensor ``n_earlier``: ``[B, Hkv, 1, nC]``, the lowest finite float from column ``n_earlier`` on.
     """
-    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
+    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style, num_queries)
     batch, hq, head_dim = q.shape
-    hkv, gate_dim = q_weight.shape[0], keys.shape[3]
-    n_queries = q_weight.shape[1] // gate_dim
+    hkv, gate_dim, n_queries = q_weight.shape[0], keys.shape[3], num_queries
     query = q.float()[:, :, None]  # [B, Hq, 1, D]
     tables = (None, None) if cos is None else (cos[:, None], sin[:, None])  # [B or 1, 1, r]
     if cos is not None:

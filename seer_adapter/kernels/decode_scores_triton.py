@@ -164,13 +164,13 @@ def decode_gate_scores_triton(
     *,
     rope_style: str = "half",
     scale: float = 1.0,
+    num_queries: int = 1,
 ) -> torch.Tensor:
     """Same contract as `decode_scores.decode_gate_scores_reference`: one program per (row, KV head, gate query)
     merges a query, then one per (row, KV head, chunk of blocks) scores the compressed keys."""
-    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style)
+    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style, num_queries)
     batch, hq, head_dim = q.shape
-    hkv, gate_dim = q_weight.shape[0], keys.shape[3]
-    n_queries = q_weight.shape[1] // gate_dim
+    hkv, gate_dim, n_queries = q_weight.shape[0], keys.shape[3], num_queries
     q, q_weight, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, q_weight, keys))
     on_device = isinstance(n_earlier, torch.Tensor)
     width = keys.shape[2] if on_device else n_earlier + 1

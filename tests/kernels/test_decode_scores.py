@@ -52,7 +52,15 @@ def test_reference_is_the_decode_gate_query_and_logits(style, num_queries):
     if style is not None:
         cos, sin = _tables("half" if style == "interleaved_half_table" else style, 12, torch.tensor([5, 90, 33]))
     got = decode_gate_scores_reference(
-        q, cos, sin, gate.q_proj.weight, keys, 7, rope_style=style or "half", scale=1 / math.sqrt(gate_dim)
+        q,
+        cos,
+        sin,
+        gate.q_proj.weight,
+        keys,
+        7,
+        rope_style=style or "half",
+        scale=1 / math.sqrt(gate_dim),
+        num_queries=num_queries,
     )
     assert got.shape == (batch, hkv, 1, 8) and got.dtype == torch.float32
     # the decode gate's own path, as attention.py ran it before the fused kernel existed
@@ -77,8 +85,10 @@ def test_reference_rejects_bad_input():
         decode_gate_scores_reference(q, torch.ones(1, 10), torch.ones(1, 10), w, keys, 2)
     with pytest.raises(ValueError, match="tensor n_earlier must be an int32/int64"):
         decode_gate_scores_reference(q, None, None, w, keys, torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="G dividing q_weight's 8 rows"):
-        decode_gate_scores_reference(q, None, None, w, torch.randn(1, 2, 3, 6), 2)
+    with pytest.raises(ValueError, match=r"G=8\] \(q_weight's 8 rows are 1 gate query of G\)"):
+        decode_gate_scores_reference(q, None, None, w, torch.randn(1, 2, 3, 4), 2)  # 2 queries of 4, unsaid
+    with pytest.raises(ValueError, match="num_queries=3 must be a positive divisor"):
+        decode_gate_scores_reference(q, None, None, w, keys, 2, num_queries=3)
 
 
 CASES = [
@@ -108,7 +118,7 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
         positions = torch.tensor([7]) if shared else torch.arange(batch) * 31 + 3
         cos, sin = _tables("half" if style == "interleaved_half_table" else style, rot, positions)
     args = [t if t is None else t.to(DEVICE) for t in (q, cos, sin, weight, keys)]
-    kwargs = dict(rope_style=style or "half", scale=1 / math.sqrt(gate_dim))
+    kwargs = dict(rope_style=style or "half", scale=1 / math.sqrt(gate_dim), num_queries=n_queries)
     got = decode_gate_scores_triton(*args, n_earlier, **kwargs)
     want = decode_gate_scores_reference(*[t if t is None else t.float() for t in args[:3]], *args[3:], n_earlier,
                                         **kwargs)  # fmt: skip
