@@ -643,8 +643,8 @@ def _track_compressed_keys_static(
             key,
             cache.static_slot,
             mask.static_step_blocks(cache.static_slot, decode_gate.block_size),
-            None if cos is None else cos[..., -1:, :],
-            None if sin is None else sin[..., -1:, :],
+            cos,  # a static step is one token: the model's tables, the same objects for every layer
+            sin,
             state.rope_style or "half",
         )
     cache.mark_static_updates((layer_idx,))

@@ -82,6 +82,8 @@ class SlotRopeTables:
         # completes, crop, batch reorder): one concatenation instead of two copies per step.
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.last_source: tuple[int, torch.Tensor] | None = None  # (start slot, cos) of the last record
+        # (cos, sin, rows, block tables) of the current shape-static step: its later sharing layers reuse them
+        self._static_step: tuple | None = None
 
     @property
     def batch_size(self) -> int:
@@ -138,6 +140,30 @@ class SlotRopeTables:
         """After shape-static steps (which write the buffers in place) brought the cache to ``n_slots`` slots."""
         self.n_slots = n_slots
         self.last_source = None
+        self._static_step = None
+
+    def static_block_tables(
+        self, slot: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One shape-static step's tables: writes the new token's ``cos, sin [B or 1, 1, r]`` at ``slot`` (long
+        ``[1]`` on the device) and returns those of the current block's slots ``rows`` (``[B, bs, r]`` each).
+
+        The layers sharing these tables receive the same tensors in a step: the first does the work, the others reuse
+        its result (a CUDA-graph capture records it once), instead of four copies and gathers per layer."""
+        step = self._static_step
+        if step is not None and step[0] is cos and step[1] is sin and step[2] is rows:
+            return step[3]
+        if cos.shape[-2] != 1:
+            raise ValueError(f"a static step's RoPE tables hold one position, got {tuple(cos.shape)}")
+        cos_buffer, sin_buffer = self.buffers()
+        batch = cos_buffer.shape[0]
+        cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
+        sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
+        # Advanced indexing, not index_select: for a 16-slot block CUDA's index_select takes its few-indices kernel,
+        # 8 us against 3 us on the H200 (bench_block_gather.py; 64 slots: both 4 us).
+        block_tables = (cos_buffer[:, rows], sin_buffer[:, rows])
+        self._static_step = (cos, sin, rows, block_tables)
+        return block_tables
 
 
 class CompressedKeys:
@@ -777,15 +803,10 @@ def update_compressed_keys_static(
         blocks: the step's `StaticStepBlocks` (from the padding mask: True for real tokens written so far).
         cos, sin: RoPE tables of the new token ``[B or 1, 1, r]`` (``None``: no RoPE).
     """
-    batch = key.shape[0]
-    keys, valid_blocks, cos_buffer, sin_buffer = layer.static_buffers()
-    if cos is not None:
-        cos_buffer.index_copy_(1, slot, cos.expand(batch, 1, -1).to(cos_buffer.dtype))
-        sin_buffer.index_copy_(1, slot, sin.expand(batch, 1, -1).to(sin_buffer.dtype))
+    keys, valid_blocks, _, _ = layer.static_buffers()
     block, rows, valid = blocks.block, blocks.rows, blocks.valid
-    # Advanced indexing, not index_select: for a 16-slot block CUDA's index_select takes its few-indices kernel, 8 us
-    # against 3 us on the H200 for an 8B model's [8, 8, 64k, 128] keys (bs 64: both 4 us), three gathers a layer.
-    tables = (None, None) if cos is None else (cos_buffer[:, rows], sin_buffer[:, rows])
+    tables = (None, None) if cos is None else layer.tables.static_block_tables(slot, rows, cos, sin)
+    # the block's key slots by advanced indexing, not index_select (8 against 3 us for a 16-slot block, see above)
     new_key = compress_key_blocks(gate, key[:, :, rows], *tables, valid, rope_style)  # [B, Hkv, 1, G]
     keys.index_copy_(2, block, new_key.to(keys.dtype))
     valid_blocks.index_copy_(1, block, blocks.block_valid)

@@ -156,6 +156,36 @@ def test_cache_buffers_hold_no_spare_batch_or_capacity():
         assert keys.shape[2] <= 300 // BLOCK + 16
 
 
+def test_static_step_writes_shared_rope_tables_once():
+    """In a shape-static step the layers sharing one `SlotRopeTables` receive the same tables: the first layer writes
+    the new slot and gathers the block's rows, the others reuse that result (the written tables equal the dynamic
+    cache's, which the static == dynamic tests check); the next step computes its own."""
+    from seer_adapter.decode import SlotRopeTables
+
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    config = model.base_model.config
+    ids, mask = _inputs(batch=2, length=40, pad_left=(0, 5), seed=3)
+    cache = SeerStaticCache(config=config, max_cache_len=60)
+    results = []
+    original = SlotRopeTables.static_block_tables
+
+    def recording(tables, *args):
+        results.append(original(tables, *args))
+        return results[-1]
+
+    with torch.no_grad(), patch.object(SlotRopeTables, "static_block_tables", recording):
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **_cache(cache))
+        assert config.num_hidden_layers > 1 and len(cache.shared_rope_tables()) == 1
+        for step in range(2):
+            mask = torch.cat((mask, mask[:, :1]), 1)
+            model(input_ids=ids[:, step : step + 1], attention_mask=mask, use_cache=True, **_cache(cache))
+    layers = config.num_hidden_layers
+    assert len(results) == 2 * layers  # every layer of both static steps asked
+    first, second = results[:layers], results[layers:]
+    assert all(r is first[0] for r in first) and all(r is second[0] for r in second) and second[0] is not first[0]
+
+
 def test_shared_rope_tables_refuse_a_layer_with_other_tables():
     """Layers share one `SlotRopeTables` when they received the same table tensors at the prefill; a sharing layer
     that later gets different tables for the same slots is refused (never a silent mix); layers handed tables of
