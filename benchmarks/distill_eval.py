@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--adapter-out", default=None, help="where to save the trained gates")
     parser.add_argument("--adapter-in", default=None, help="evaluate these saved gates (no training)")
+    parser.add_argument(
+        "--save-steps", type=int, default=100, help="checkpoint the training every this many steps (and at the end)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the training from the newest checkpoint in --adapter-out"
+    )
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
     parser.add_argument(
@@ -144,15 +150,19 @@ def main() -> None:
                 batch_size=args.batch_size,
                 learning_rate=args.lr,
                 warmup_steps=args.warmup_steps,
-                save_steps=args.steps,
+                save_steps=min(args.save_steps, args.steps),
                 seed=args.seed,
                 save_total_limit=1,
                 progress=False,
                 decode_target=args.decode_target,
                 decode_token_fraction=args.decode_token_fraction,
             ),
+            resume_from_checkpoint=args.resume,
         )
         train_s = time.perf_counter() - started
+        if args.resume:  # report the whole training, not only the steps of this run
+            records = read_jsonl(adapter_out / "log.jsonl")
+            train_s = sum(r["seconds"] for r in records)
         steady = records[5:] or records
         tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
         for r in records[:: max(1, len(records) // 12)] + records[-1:]:

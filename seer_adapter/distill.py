@@ -401,6 +401,17 @@ def _load_checkpoint(path: Path, model: SeerModel, optimizer: torch.optim.Optimi
     return progress["step"], progress["sequences_seen"]
 
 
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (run after the checkpoint a resumed run starts from), so that the
+    resumed run's records follow without repeating steps."""
+    if not log.exists():
+        return
+    kept = [line for line in log.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    temporary = log.with_suffix(".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    temporary.replace(log)
+
+
 def _skip(iterator: Iterator[torch.Tensor], count: int) -> None:
     for _ in range(count):
         next(iterator)
@@ -452,6 +463,8 @@ def train_gates(
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {output}")
         step, seen = _load_checkpoint(path, model, optimizer, scheduler)
+        if rank == 0:
+            _truncate_log(output / "log.jsonl", step)
     iterator = iter(sequences)
     _skip(iterator, seen)
     device = next(iter(params.values())).device

@@ -134,6 +134,10 @@ def test_kill_and_resume_continues_exactly(tmp_path):
         resumed, data, DistillationArguments(output_dir=str(tmp_path / "b"), **args), resume_from_checkpoint=True
     )
     assert [r["step"] for r in rest] == [3, 4, 5, 6]
+    # the log lost step 3 of the killed run (after its checkpoint): every step once, the resumed run's records
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged[2:]] == [r["loss"] for r in rest]
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
     for a, b in zip(straight.gates().values(), resumed.gates().values(), strict=True):
         assert torch.equal(a.k_proj.weight, b.k_proj.weight)
