@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument(
         "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the group, 4)"
     )
+    parser.add_argument(
+        "--decode-gate-query-merge", choices=["mixture", "logsumexp"], default="mixture", help="merge of the queries"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -151,6 +154,7 @@ def main() -> None:
         decode_method="dense",
         decode_block_size=args.decode_block_size,
         decode_gate_queries=args.decode_gate_queries,
+        decode_gate_query_merge=args.decode_gate_query_merge,
     )
     model = get_seer_model(base, seer_config)
     cache_name = cache_argument(base)
@@ -259,6 +263,7 @@ def main() -> None:
         prefill="sparse nz_ratio 0.1 at batch 1, cache repeated to the batch",
         decode_block_size=seer_config.effective_decode_block_size,
         decode_gate_queries=seer_config.decode_gate_queries,
+        decode_gate_query_merge=seer_config.decode_gate_query_merge,
         command="python " + " ".join(sys.argv),
         peak_gib=max(row["peak_gib"] for row in rows),
     )

@@ -94,6 +94,9 @@ def main() -> None:
         "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the GQA group)"
     )
     parser.add_argument(
+        "--decode-gate-query-merge", choices=["mixture", "logsumexp"], default="mixture", help="merge of the queries"
+    )
+    parser.add_argument(
         "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"
     )
     parser.add_argument("--skip-prefill-eval", action="store_true", help="no perplexity sweep of the selectors")
@@ -137,6 +140,7 @@ def main() -> None:
             decode_gate=args.decode_gate,
             decode_block_size=args.decode_block_size,
             decode_gate_queries=args.decode_gate_queries,
+            decode_gate_query_merge=args.decode_gate_query_merge,
         )
         model = get_seer_model(base, config)
         started = time.perf_counter()
@@ -231,6 +235,7 @@ def main() -> None:
             continuation_tokens=args.decode_tokens,
             decode_block_size=decode_block_size,
             decode_gate_queries=model.peft_config[model.active_adapter].decode_gate_queries,
+            decode_gate_query_merge=model.peft_config[model.active_adapter].decode_gate_query_merge,
             dtype=str(dtype),
             command="python " + " ".join(sys.argv),
             distillation=distillation,

@@ -30,11 +30,12 @@ def _decode_line(config: dict[str, Any]) -> str:
     if not config.get("decode_gate"):
         return "Decode gate: none (decoding runs the base model's dense attention)"
     queries = config.get("decode_gate_queries", 1)  # adapters saved before the field: one merged query
+    merge = f" ({config.get('decode_gate_query_merge', 'logsumexp')} merge)" if queries > 1 else ""
     return (
         f"Decode gate: {config['decode_method']} (token budget {config['decode_token_budget']}, threshold "
         f"{config['decode_threshold']}), K RMSNorm {config.get('decode_k_norm', False)}, "
         f"{config.get('decode_block_size') or config.get('block_size', 64)}-token blocks, "
-        f"{queries} gate quer{'y' if queries == 1 else 'ies'} per KV head"
+        f"{queries} gate quer{'y' if queries == 1 else 'ies'} per KV head{merge}"
     )
 
 

@@ -478,13 +478,13 @@ def compute_decode_gate_logits(
     )  # [B, Hkv, nK, Pk·D] fp32
     q_gate = gate.query(q_pre, q_cos, q_sin, style)  # [B, Hkv, R, G]
     k_gate = gate.keys(k_pooled, block_cos, block_sin, style)  # [B, Hkv, nK, G]
-    logits = gate.logits(q_gate, k_gate)  # [B, Hkv, R, nK]
     n_blocks = k_gate.shape[2]
     token_block = rows // block_size
     allowed = torch.arange(n_blocks, device=query.device)[None, :] < token_block[:, None]  # [R, nK]
     valid = block_has_tokens(key_padding_mask, block_size)
-    allowed = allowed[None] if valid is None else allowed[None] & valid[:, None, :]  # [B or 1, R, nK]
-    return logits.masked_fill(~allowed[:, None], float("-inf"))
+    allowed = (allowed[None] if valid is None else allowed[None] & valid[:, None, :])[:, None]  # [B or 1, 1, R, nK]
+    logits = gate.logits(q_gate, k_gate, allowed)  # [B, Hkv, R, nK]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _sparse_prefill(
@@ -729,6 +729,8 @@ def _decode_attention(
                 rope_style=state.rope_style or "half",
                 scale=1.0 / math.sqrt(decode_gate.gate_dim),
                 num_queries=decode_gate.num_queries,
+                query_merge=decode_gate.query_merge,
+                block_valid=valid,
             )  # [B, Hkv, 1, nB], the lowest float from the current block on
         else:
             position = None if static_cache is None else static_cache.static_slot

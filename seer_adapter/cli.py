@@ -200,6 +200,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
             decode_gate=args.decode_gate,
             decode_block_size=args.decode_block_size,
             decode_gate_queries=args.decode_gate_queries,
+            decode_gate_query_merge=args.decode_gate_query_merge,
         )
         model = get_seer_model(base, config)
     train_args = DistillationArguments(
@@ -516,6 +517,8 @@ def _command_line(args: argparse.Namespace) -> str:
 EVAL_SELECTORS = ("gate", "untrained", "moba", "oracle", "random")
 # evaluation.DECODE_SELECTORS, spelled out so that building the parser imports no torch (a test keeps them equal)
 DECODE_SELECTORS = ("gate", "moba", "oracle", "oracle_mass")
+# config.QUERY_MERGES, spelled out for the same reason (the same test keeps them equal)
+QUERY_MERGES = ("mixture", "logsumexp")
 DECODE_NOTES = {
     "dense": "dense: sparse prefill, then cached dense decode; density is the prefill's",
     "sparse": "sparse: sparse prefill, then cached decode through the adapter's decode gate (its decode settings)",
@@ -642,7 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="gate queries per KV head of fresh decode gates (default 1; a divisor of the GQA group: each keeps "
-        "its share of the heads, blocks scored by the logsumexp over them)",
+        "its share of the heads, blocks scored by the mixture of their distributions)",
+    )
+    distill.add_argument(
+        "--decode-gate-query-merge",
+        choices=QUERY_MERGES,
+        default="mixture",
+        help="how several gate queries score a block: 'mixture' (default: the mean of the queries' softmaxes) or "
+        "'logsumexp' (of their logits)",
     )
     distill.add_argument(
         "--decode-loss-weight", type=float, default=1.0, help="weight of the decode-gate loss (0: prefill gates only)"

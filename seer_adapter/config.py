@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kernels.decode_scores import QUERY_MERGES
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "SEER_ATTENTION"
@@ -169,6 +171,15 @@ class SeerAttentionConfig:
             "trained."
         },
     )
+    decode_gate_query_merge: str = field(
+        default="mixture",
+        metadata={
+            "help": "How the decode gate merges its m > 1 gate queries' scores of a block (unused with one query): "
+            "'mixture' (the block's probability is the mean over the queries of each query's softmax over the "
+            "earlier blocks, so every query counts alike) or 'logsumexp' (of the raw logits: a query with larger "
+            "logits outweighs the others; the first form of decode_gate_queries). Fixed once trained."
+        },
+    )
     decode_block_size: int | None = field(
         default=16,
         metadata={
@@ -312,6 +323,10 @@ class SeerAttentionConfig:
                     f"decode_block_size must be a power of two (16, 32, 64, ...) or None, got {self.decode_block_size}."
                 )
         _check_int("decode_gate_queries", self.decode_gate_queries, minimum=1)
+        if self.decode_gate_query_merge not in QUERY_MERGES:
+            raise SeerConfigError(
+                f"decode_gate_query_merge must be one of {QUERY_MERGES}, got {self.decode_gate_query_merge!r}."
+            )
         _check_int("decode_token_budget", self.decode_token_budget, minimum=1)
         decode_block = self.effective_decode_block_size
         if self.decode_token_budget < decode_block:
@@ -371,6 +386,9 @@ class SeerAttentionConfig:
             # written before the field existed, when the decode gate's blocks were the prefill's: keep that meaning
             # (the default changed to 16 since; a gate trained on 64-token blocks is not one for 16-token blocks)
             data = {**data, "decode_block_size": None}
+        if data.get("decode_gate_queries", 1) > 1 and "decode_gate_query_merge" not in data:
+            # written before the field existed, when several gate queries were merged by logsumexp: keep that meaning
+            data = {**data, "decode_gate_query_merge": "logsumexp"}
         return cls(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .kernels.block_lists import key_block_has_tokens
+from .kernels.decode_scores import QUERY_MERGES, merge_query_logits
 from .rope import apply_rope
 
 
@@ -250,9 +251,11 @@ class DecodeGate(nn.Module):
       projected per KV head ``len(k_pooling)·D -> gate_dim``, optionally RMS-normalised (``k_norm``: a learned
       scale per KV head and channel, initialised to 1) and rotated at the position of the block's first slot
       (the prefill gate's block-RoPE convention). These compressed keys are what `seer_adapter.decode` caches.
-    * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head; with ``m > 1`` gate queries, the logsumexp of
-      their ``m`` logits (a soft maximum: the distillation target takes the maximum over the group's heads, which
-      one bilinear score cannot express when the heads attend to different blocks).
+    * ``logits = q_gate · k_gateᵀ / sqrt(gate_dim)`` per KV head; with ``m > 1`` gate queries, merged per block
+      (`merge_query_logits`, ``query_merge``): by default the log of the mean of the queries' softmaxes over the
+      allowed blocks (every query weighs the same, as every head does in the distillation target, the maximum over
+      the group's heads of each head's probability, which one bilinear score cannot follow when the heads attend to
+      different blocks), or the logsumexp of the raw logits.
 
     The same three functions serve decoding (one token, keys from the K-compression cache) and training (every token
     of a prefill against its strictly earlier blocks), so the position convention is shared by construction.
@@ -275,6 +278,7 @@ class DecodeGate(nn.Module):
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-6,
         num_queries: int = 1,
+        query_merge: str = "mixture",
     ):
         super().__init__()
         if num_q_heads % num_kv_heads:
@@ -287,6 +291,9 @@ class DecodeGate(nn.Module):
                 f"(1 merges the group into one gate query, {self.group} keeps one per head)"
             )
         self.num_queries = num_queries
+        if query_merge not in QUERY_MERGES:
+            raise ValueError(f"query_merge must be one of {QUERY_MERGES}, got {query_merge!r}")
+        self.query_merge = query_merge
         self.gate_dim, self.block_size, self.k_pooling = gate_dim, block_size, list(k_pooling)
         self.q_proj = HeadwiseLinear(num_kv_heads, self.group * head_dim, num_queries * gate_dim, dtype)
         self.k_proj = HeadwiseLinear(num_kv_heads, len(self.k_pooling) * head_dim, gate_dim, dtype)
@@ -366,13 +373,14 @@ class DecodeGate(nn.Module):
             projected = projected * rms * self.k_norm[None, :, None, :]
         return projected if block_cos is None else apply_rope(projected, block_cos, block_sin, rope_style)
 
-    def logits(self, q_gate: torch.Tensor, k_gate: torch.Tensor) -> torch.Tensor:
+    def logits(self, q_gate: torch.Tensor, k_gate: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, Hkv, N, m·G] x [B, Hkv, nB, G] -> [B, Hkv, N, nB]`` scaled dot products (no masking); with
-        ``m > 1`` gate queries, the logsumexp over them."""
+        ``m > 1`` gate queries, merged by `merge_query_logits` over the ``allowed`` blocks."""
         if self.num_queries == 1:
             return torch.einsum("bhng,bhkg->bhnk", q_gate, k_gate) / math.sqrt(self.gate_dim)
         queries = q_gate.unflatten(-1, (self.num_queries, self.gate_dim))  # [B, Hkv, N, m, G]
-        return torch.logsumexp(torch.einsum("bhnmg,bhkg->bhnmk", queries, k_gate) / math.sqrt(self.gate_dim), dim=3)
+        per_query = torch.einsum("bhnmg,bhkg->bhnmk", queries, k_gate) / math.sqrt(self.gate_dim)
+        return merge_query_logits(per_query, None if allowed is None else allowed.unsqueeze(-2), self.query_merge)
 
     def extra_repr(self) -> str:
         return (

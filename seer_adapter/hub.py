@@ -240,6 +240,7 @@ CONFIG_TABLE_FIELDS = (
     "decode_gate",
     "decode_k_norm",
     "decode_gate_queries",
+    "decode_gate_query_merge",
     "decode_block_size",
     "decode_method",
     "decode_token_budget",

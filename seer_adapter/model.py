@@ -281,6 +281,7 @@ def _attach_gates(
                 k_norm=config.decode_k_norm,
                 dtype=dtype,
                 num_queries=config.decode_gate_queries,
+                query_merge=config.decode_gate_query_merge,
             ).to(reference.device)
         getattr(module, GATE_ATTR)[adapter_name] = gate
         gated_layers.append(module.layer_idx)
@@ -413,6 +414,7 @@ class SeerAdapterMixin:
             "decode_gate",
             "decode_k_norm",
             "decode_gate_queries",
+            "decode_gate_query_merge",
             "decode_block_size",
             "target_modules",
             *BASE_MODEL_FIELDS,

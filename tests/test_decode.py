@@ -97,18 +97,30 @@ def test_decode_gate_prior_merges_the_group_by_its_mean():
         gate.keys(torch.randn(2, 2, 3, 8))
 
 
-def test_decode_gate_with_several_queries_scores_by_their_logsumexp():
-    """m gate queries per KV head: each starts as the mean of its share of the group's heads (m = g: one head each)
-    and a block's logit is the logsumexp of theirs; m must divide the group."""
+def test_decode_gate_with_several_queries_merges_their_scores():
+    """m gate queries per KV head: each starts as the mean of its share of the group's heads (m = g: one head each).
+    A block's logit is the log of the mean of the queries' softmaxes over the allowed blocks (the default mixture)
+    or the logsumexp of their logits; m must divide the group."""
     gate = DecodeGate(6, 2, 8, 8, 4, ["max", "avg"], num_queries=3)
+    assert gate.query_merge == "mixture"
     q = torch.randn(2, 6, 5, 8)
     queries = gate.query(q).unflatten(-1, (3, 8))  # [B, Hkv, N, m, G], no RoPE
     torch.testing.assert_close(queries, q.view(2, 2, 3, 5, 8).transpose(2, 3))
     halves = DecodeGate(4, 1, 8, 8, 4, ["avg"], num_queries=2).query(q[:, :4]).unflatten(-1, (2, 8))
     torch.testing.assert_close(halves, q[:, :4].view(2, 1, 2, 2, 5, 8).mean(dim=3).transpose(2, 3))
-    k_gate = torch.randn(2, 2, 7, 8)
-    per_head = torch.einsum("bhmnd,bhkd->bhmnk", q.view(2, 2, 3, 5, 8), k_gate) / math.sqrt(8)
-    torch.testing.assert_close(gate.logits(gate.query(q), k_gate), per_head.logsumexp(dim=2))
+    k_gate = torch.randn(2, 2, 7, 8) * 3
+    per_head = torch.einsum("bhmnd,bhkd->bhmnk", q.view(2, 2, 3, 5, 8), k_gate) / math.sqrt(8)  # [B, Hkv, m, N, nB]
+    allowed = torch.rand(2, 1, 5, 7) > 0.3
+    allowed[0, 0, 1] = False  # a row with no allowed block stays finite
+    mixture = gate.logits(gate.query(q), k_gate, allowed)
+    masked = per_head.masked_fill(~allowed[:, :, None], float("-inf"))
+    want = torch.softmax(masked, dim=-1).nan_to_num(0.0).mean(dim=2).log()  # log of the mean distribution
+    torch.testing.assert_close(mixture.masked_fill(~allowed, 0.0), want.masked_fill(~allowed, 0.0))
+    assert mixture.isfinite().all()
+    logsumexp = DecodeGate(6, 2, 8, 8, 4, ["max", "avg"], num_queries=3, query_merge="logsumexp")
+    torch.testing.assert_close(logsumexp.logits(logsumexp.query(q), k_gate, allowed), per_head.logsumexp(dim=2))
+    with pytest.raises(ValueError, match="query_merge"):
+        DecodeGate(6, 2, 8, 8, 4, ["avg"], num_queries=3, query_merge="max")
     # RoPE rotates each gate query at the token's position, as it does the single merged query
     cos, sin = torch.randn(5, 8), torch.randn(5, 8)
     rotated = gate.query(q, cos, sin).unflatten(-1, (3, 8))
@@ -120,6 +132,13 @@ def test_decode_gate_with_several_queries_scores_by_their_logsumexp():
         get_seer_model(tiny_model("llama"), _config(decode_gate_queries=3))
     with pytest.raises(SeerConfigError, match="decode_gate_queries"):
         SeerAttentionConfig(decode_gate_queries=0)
+    with pytest.raises(SeerConfigError, match="decode_gate_query_merge must be one of"):
+        SeerAttentionConfig(decode_gate_query_merge="mean")
+    # configs written before the merge field had several queries merged by logsumexp: they keep that meaning
+    old = SeerAttentionConfig(decode_gate=True, decode_gate_queries=3).to_dict()
+    del old["decode_gate_query_merge"]
+    assert SeerAttentionConfig.from_dict(old).decode_gate_query_merge == "logsumexp"
+    assert SeerAttentionConfig.from_dict({**old, "decode_gate_queries": 1}).decode_gate_query_merge == "mixture"
 
 
 def test_several_gate_queries_decode_statically_and_round_trip(tmp_path):
@@ -138,7 +157,7 @@ def test_several_gate_queries_decode_statically_and_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "two")
     from seer_adapter.adapter_info import format_report, inspect_adapter
 
-    assert "2 gate queries per KV head" in format_report(inspect_adapter(tmp_path / "two"))
+    assert "2 gate queries per KV head (mixture merge)" in format_report(inspect_adapter(tmp_path / "two"))
     loaded = SeerModel.from_pretrained(model.unload(), tmp_path / "two")
     assert loaded.peft_config["default"].decode_gate_queries == 2
     loaded_seq, _ = _generate_logits(loaded, ids, mask, max_new_tokens=20, do_sample=False)
@@ -910,9 +929,11 @@ def test_evaluate_decode_runs_every_selector():
     assert len({round(by_setting[name, 3 * BLOCK]["ppl"], 6) for name in ("gate", "oracle", "moba")}) == 3
     assert "oracle" in format_decode_table(rows)
     from seer_adapter import cli
+    from seer_adapter.config import QUERY_MERGES
     from seer_adapter.evaluation import DECODE_SELECTORS
 
     assert sorted(cli.DECODE_SELECTORS) == sorted(DECODE_SELECTORS)  # the CLI spells them out (no torch import)
+    assert cli.QUERY_MERGES == QUERY_MERGES
     with pytest.raises(ValueError, match="decode selectors must be among"):
         evaluate_decode(model, ids, 100, 20, selectors=("random",), progress=False)
 

@@ -257,6 +257,8 @@ def decode_gate_scores(
     rope_style: str = "half",
     scale: float = 1.0,
     num_queries: int = 1,
+    query_merge: str = "mixture",
+    block_valid: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decode-gate scores of one decoding step, laid out for `select_block_lists`: the single entry point.
@@ -264,17 +266,21 @@ def decode_gate_scores(
     Args:
         q: post-RoPE queries of the new token ``[B, Hq, D]``; cos, sin: its RoPE tables ``[B or 1, r]`` (or
             ``None``); q_weight: the decode gate's query merge ``[Hkv, m·G, g·D]`` (``m = num_queries`` gate
-            queries, scores combined by logsumexp); keys: the compressed keys
-            ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored (an int, or a long ``[1]`` device
-            tensor for shape-static steps: then the result is ``nC`` wide, the lowest float from ``n_earlier`` on).
+            queries); keys: the compressed keys ``[B, Hkv, nC, G]``, of which the first ``n_earlier`` are scored
+            (an int, or a long ``[1]`` device tensor for shape-static steps: then the result is ``nC`` wide, the
+            lowest float from ``n_earlier`` on).
         rope_style, scale: the model's RoPE convention; the dot-product scale (``1 / sqrt(G)``).
+        query_merge: how ``m > 1`` gate queries' logits become one score (``"mixture"`` default, or
+            ``"logsumexp"``; `decode_scores.merge_query_logits`); block_valid: optional bool ``[B, >= nC]`` mask of
+            the blocks holding a real token (the mixture's normalisers skip the others, as in training).
 
     Returns:
         fp32 ``[B, Hkv, 1, n_earlier + 1]``; the last column (the current block) is the lowest finite float.
         See `decode_scores` for the definition.
     """
     fn = backend_for("decode_scores", q.device, backend)
-    return fn(q, cos, sin, q_weight, keys, n_earlier, rope_style=rope_style, scale=scale, num_queries=num_queries)
+    return fn(q, cos, sin, q_weight, keys, n_earlier, rope_style=rope_style, scale=scale, num_queries=num_queries,
+              query_merge=query_merge, block_valid=block_valid)  # fmt: skip
 
 
 def select_block_lists(

@@ -7,7 +7,9 @@ One new token per sequence. For every KV head (GQA group) the decode gate (`seer
    ``q_weight [Hkv, m·G, g·D]`` into ``m`` gate queries (``m`` = ``DecodeGate.num_queries``, usually 1);
 3. rotates each gate query at the token's own position (same tables);
 4. scores the compressed keys of the strictly earlier blocks, ``logits = q_gate · k_c * scale``; with ``m > 1``,
-   the logsumexp of the ``m`` gate queries' logits.
+   merges the ``m`` gate queries' logits per block (`merge_query_logits`): ``"mixture"``, the log of the mean over
+   the queries of each one's softmax over the earlier blocks that hold a real token, or ``"logsumexp"`` of the raw
+   logits.
 
 The result is laid out for block selection: ``[B, Hkv, 1, n_earlier + 1]`` fp32 whose last column, the block
 holding the new token (always attended, never scored), is the lowest finite float, so it stays out of a softmax's
@@ -17,9 +19,32 @@ module is the definition it is tested against.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..rope import ROPE_STYLES, apply_rope
+
+QUERY_MERGES = ("mixture", "logsumexp")  # how m > 1 gate queries' logits become one score per block
+
+
+def merge_query_logits(per_query: torch.Tensor, allowed: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Merge ``m`` gate queries' logits into one score per block: ``[..., m, n] -> [..., n]`` (fp32 for "mixture").
+
+    ``"mixture"``: ``log(mean_j softmax(per_query[..., j, :]))`` with each softmax over the ``allowed`` blocks only
+    (bool, broadcast to ``per_query``; None: all ``n``), so the scores are log-probabilities of the mean of the
+    queries' distributions and every query weighs the same. ``"logsumexp"``: of the raw logits (a query with larger
+    logits outweighs the others). Scores of blocks that are not allowed are meaningless: callers mask them.
+    """
+    if how == "logsumexp":
+        return torch.logsumexp(per_query, dim=-2)
+    if how != "mixture":
+        raise ValueError(f"query merge must be one of {QUERY_MERGES}, got {how!r}")
+    per_query = per_query.float()
+    if allowed is not None:  # a finite stand-in: rows with no allowed block stay free of NaN (and so do gradients)
+        per_query = torch.where(allowed, per_query, torch.full_like(per_query, -1e4))
+    log_p = torch.log_softmax(per_query, dim=-1)
+    return torch.logsumexp(log_p, dim=-2) - math.log(per_query.shape[-2])
 
 
 def check_decode_score_inputs(
@@ -31,6 +56,8 @@ def check_decode_score_inputs(
     n_earlier: int | torch.Tensor,
     rope_style: str,
     num_queries: int = 1,
+    query_merge: str = "mixture",
+    block_valid: torch.Tensor | None = None,
 ) -> None:
     """Validate a decode-score call; raise ValueError naming the bad argument."""
     if q.dim() != 3 or q_weight.dim() != 3 or keys.dim() != 4:
@@ -58,6 +85,20 @@ def check_decode_score_inputs(
             )
     elif not 0 <= n_earlier <= keys.shape[2]:
         raise ValueError(f"n_earlier={n_earlier} must be within the {keys.shape[2]} compressed blocks")
+    if query_merge not in QUERY_MERGES:
+        raise ValueError(f"query_merge must be one of {QUERY_MERGES}, got {query_merge!r}")
+    if block_valid is not None:
+        columns = keys.shape[2] if isinstance(n_earlier, torch.Tensor) else n_earlier
+        if (
+            block_valid.dim() != 2
+            or block_valid.shape[0] != batch
+            or block_valid.shape[1] < columns
+            or block_valid.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"block_valid must be a bool [B={batch}, >= {columns}] mask of the blocks holding a real token, got "
+                f"{block_valid.dtype} {tuple(block_valid.shape)}"
+            )
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin come together (both None for models without RoPE)")
     if cos is not None:
@@ -81,6 +122,8 @@ def decode_gate_scores_reference(
     rope_style: str = "half",
     scale: float = 1.0,
     num_queries: int = 1,
+    query_merge: str = "mixture",
+    block_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode-gate scores of one decoding step (see the module docstring).
 
@@ -88,19 +131,22 @@ def decode_gate_scores_reference(
         q: post-RoPE queries of the new token ``[B, Hq, D]``.
         cos, sin: RoPE tables at the new token's position ``[B or 1, r]`` (``None``: no RoPE).
         q_weight: the query merge ``[Hkv, m·G, g·D]`` (gate dtype; the merge runs in that dtype): ``m`` gate
-            queries, their scores combined by logsumexp.
+            queries, their scores merged by ``query_merge``.
         keys: compressed keys ``[B, Hkv, nC, G]``; the first ``n_earlier`` are scored.
         n_earlier: an int, or a long ``[1]`` device tensor (shape-static decoding steps: no host sync; it must be
             below ``nC``).
         rope_style: ``"half"``, ``"interleaved"`` or ``"interleaved_half_table"`` (`seer_adapter.rope`).
         scale: multiplies the dot products (the gate uses ``1 / sqrt(G)``).
         num_queries: ``m``, the gate queries per KV head (``DecodeGate.num_queries``; default 1).
+        query_merge: ``"mixture"`` (default) or ``"logsumexp"`` (`merge_query_logits`; unused with one query).
+        block_valid: optional bool ``[B, >= scored columns]``: the blocks holding a real token (left padding leaves
+            the first ones empty); only the mixture's per-query normalisers read it, as in training.
 
     Returns:
         fp32 ``[B, Hkv, 1, n_earlier + 1]``: the scores, then the lowest finite float for the current block. With a
         tensor ``n_earlier``: ``[B, Hkv, 1, nC]``, the lowest finite float from column ``n_earlier`` on.
     """
-    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style, num_queries)
+    check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style, num_queries, query_merge, block_valid)
     batch, hq, head_dim = q.shape
     hkv, gate_dim, n_queries = q_weight.shape[0], keys.shape[3], num_queries
     query = q.float()[:, :, None]  # [B, Hq, 1, D]
@@ -116,10 +162,11 @@ def decode_gate_scores_reference(
     lowest = torch.finfo(torch.float32).min
     scored_keys = keys if isinstance(n_earlier, torch.Tensor) else keys[:, :, :n_earlier]
     scores = torch.einsum("bhmg,bhkg->bhmk", merged, scored_keys).float() * scale  # [B, Hkv, m, n]
+    scored = torch.arange(scores.shape[-1], device=keys.device) < n_earlier  # [n]
     if n_queries > 1:
-        scores = torch.logsumexp(scores, dim=2, keepdim=True)  # [B, Hkv, 1, n]
+        allowed = scored if block_valid is None else scored & block_valid[:, None, None, : scores.shape[-1]]
+        scores = merge_query_logits(scores, allowed, query_merge).unsqueeze(2)  # [B, Hkv, 1, n]
     if isinstance(n_earlier, torch.Tensor):
-        scored = torch.arange(keys.shape[2], device=keys.device) < n_earlier
         return torch.where(scored, scores, lowest)
     current = scores.new_full((batch, hkv, 1, 1), lowest)
     return torch.cat((scores, current), dim=-1)

@@ -104,12 +104,15 @@ CASES = [
 
 @pytest.mark.parametrize("batch,hq,hkv,head_dim,gate_dim,rot,style,n_earlier,capacity,shared", CASES)
 @pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16)])
-@pytest.mark.parametrize("n_queries", [1, 3])
+@pytest.mark.parametrize("n_queries,merge", [(1, "mixture"), (3, "mixture"), (3, "logsumexp")])
 def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style, n_earlier, capacity, shared, dtype,
-                                  gate_dtype, n_queries):  # fmt: skip
-    """``n_queries`` gate queries per KV head (``q_weight [Hkv, m·G, g·D]``), scored against keys read once."""
+                                  gate_dtype, n_queries, merge):  # fmt: skip
+    """``n_queries`` gate queries per KV head (``q_weight [Hkv, m·G, g·D]``), scored against keys read once; the
+    mixture's normalisers skip the blocks without a real token (``block_valid``, the first row's first blocks)."""
     g = torch.Generator().manual_seed(batch * 100 + n_earlier)
     weight = torch.randn(hkv, n_queries * gate_dim, hq // hkv * head_dim, generator=g).div(8).to(gate_dtype)
+    valid = torch.ones(batch, capacity + 3, dtype=torch.bool)  # wider than the blocks: a view of a larger buffer
+    valid[0, : n_earlier // 3] = False  # left padding
     q = torch.randn(batch, hq, 1, head_dim, generator=g).to(dtype)[:, :, 0]  # a [B, Hq, 1, D] query's view
     buffer = torch.randn(batch, hkv, capacity, gate_dim, generator=g).to(gate_dtype)
     keys = buffer[:, :, : max(n_earlier, 1)]  # a view of the growable compression buffer
@@ -118,7 +121,8 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
         positions = torch.tensor([7]) if shared else torch.arange(batch) * 31 + 3
         cos, sin = _tables("half" if style == "interleaved_half_table" else style, rot, positions)
     args = [t if t is None else t.to(DEVICE) for t in (q, cos, sin, weight, keys)]
-    kwargs = dict(rope_style=style or "half", scale=1 / math.sqrt(gate_dim), num_queries=n_queries)
+    kwargs = dict(rope_style=style or "half", scale=1 / math.sqrt(gate_dim), num_queries=n_queries,
+                  query_merge=merge, block_valid=valid[:, :capacity].to(DEVICE))  # fmt: skip
     got = decode_gate_scores_triton(*args, n_earlier, **kwargs)
     want = decode_gate_scores_reference(*[t if t is None else t.float() for t in args[:3]], *args[3:], n_earlier,
                                         **kwargs)  # fmt: skip
