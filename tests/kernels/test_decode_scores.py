@@ -142,6 +142,30 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
     assert bool((want_static[..., n_earlier:] == torch.finfo(torch.float32).min).all())
 
 
+@pytest.mark.parametrize("n_queries", [2, 5])
+def test_mixture_merge_over_several_chunks_of_blocks(n_queries):
+    """The mixture's normalisers are online over chunks of BLOCK_W blocks (1024 with 2 queries, 256 with 5): a long
+    context spans several, with padding blocks among them, in the dynamic and the shape-static layout."""
+    batch, hq, hkv, head_dim, gate_dim, n_earlier, capacity = 2, 10, 1, 16, 16, 2100, 2500
+    g = torch.Generator().manual_seed(n_queries)
+    weight = torch.randn(hkv, n_queries * gate_dim, hq // hkv * head_dim, generator=g).div(4)
+    q = torch.randn(batch, hq, head_dim, generator=g)
+    buffer = torch.randn(batch, hkv, capacity, gate_dim, generator=g)
+    valid = torch.ones(batch, capacity, dtype=torch.bool)
+    valid[1, :1300] = False  # a left-padded row whose real tokens start in the second chunk
+    cos, sin = _tables("half", 16, torch.tensor([40000]))
+    args = [t.to(DEVICE) for t in (q, cos, sin, weight)]
+    kwargs = dict(scale=0.25, num_queries=n_queries, block_valid=valid.to(DEVICE))
+    for keys, count in ((buffer[:, :, :n_earlier], n_earlier), (buffer, torch.tensor([n_earlier]))):
+        count = count.to(DEVICE) if isinstance(count, torch.Tensor) else count
+        got = decode_gate_scores_triton(*args, keys.to(DEVICE), count, **kwargs)
+        want = decode_gate_scores_reference(*args, keys.to(DEVICE), count, **kwargs)
+        torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-4, rtol=1e-4)
+        # the real blocks' scores are log-probabilities of one distribution per row and KV head
+        probability = want[..., :n_earlier].exp().masked_fill(~valid[:, None, None, :n_earlier].to(DEVICE), 0)
+        torch.testing.assert_close(probability.sum(-1).cpu(), torch.ones(batch, hkv, 1))
+
+
 def test_dispatch_picks_triton_on_cuda_and_reference_elsewhere():
     assert "triton" in available_backends("decode_scores") and "reference" in available_backends("decode_scores")
     q, w, keys = torch.randn(1, 4, 16), torch.randn(2, 16, 32), torch.randn(1, 2, 3, 16)
