@@ -166,9 +166,9 @@ class SeerAttentionConfig:
             "to the mean of its share of the heads, merged per block by decode_gate_query_merge — closer to the "
             "distillation target's maximum over the group's heads. The compressed keys are the same, read once per "
             "step; the scoring does m dot products per block (H200, 8B shape at 64k x 8: 4 queries 15.2 ms per "
-            "step against 14.1). CPU, SmolLM2 (group 3) after 960 tokens, 16-token blocks, two training seeds: 3 "
-            "queries as a mixture cost +5.76 % perplexity at density 0.25 against +7.64 % with one (mean of four "
-            "evaluations). Fixed once trained."
+            "step against 14.1). CPU, SmolLM2 (group 3) after 960 tokens, 16-token blocks, three training seeds: 3 "
+            "queries as a mixture cost +6.11 % perplexity at density 0.25 against +7.61 % with one (mean of six "
+            "evaluations, better in each). Fixed once trained."
         },
     )
     decode_gate_query_merge: str = field(
