@@ -48,6 +48,7 @@ from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from seer_adapter import SeerAttentionConfig, SeerDynamicCache, SeerStaticCache, get_seer_model  # noqa: E402
 from seer_adapter.benchmarking import benchmark_meta  # noqa: E402
+from seer_adapter.config import QUERY_MERGES  # noqa: E402
 from seer_adapter.decode import GrowableDynamicLayer  # noqa: E402
 from seer_adapter.evaluation import cache_argument  # noqa: E402
 
@@ -139,7 +140,7 @@ def main() -> None:
         "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the group, 4)"
     )
     parser.add_argument(
-        "--decode-gate-query-merge", choices=["mixture", "logsumexp"], default="mixture", help="merge of the queries"
+        "--decode-gate-query-merge", choices=QUERY_MERGES, default="mixture", help="merge of the queries"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()

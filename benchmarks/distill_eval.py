@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter import SeerAttentionConfig, SeerModel, get_seer_model  # noqa: E402
 from seer_adapter.assets import QWEN_CODER_05B, SMOLLM2, default_corpus, gguf_model_path  # noqa: E402
+from seer_adapter.config import QUERY_MERGES  # noqa: E402
 from seer_adapter.data import packed_sequences  # noqa: E402
 from seer_adapter.distill import DistillationArguments, train_gates  # noqa: E402
 from seer_adapter.evaluation import (  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
         "--decode-gate-queries", type=int, default=1, help="gate queries per KV head (a divisor of the GQA group)"
     )
     parser.add_argument(
-        "--decode-gate-query-merge", choices=["mixture", "logsumexp"], default="mixture", help="merge of the queries"
+        "--decode-gate-query-merge", choices=QUERY_MERGES, default="mixture", help="merge of the queries"
     )
     parser.add_argument(
         "--decode-token-fraction", type=float, default=None, help="tokens whose decode target is computed (0, 1]"
