@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill_eval import MODELS, heldout_token_ids, model_setup  # noqa: E402
 
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
-from seer_adapter.evaluation import environment_meta, evaluate_decode, format_decode_table  # noqa: E402
+from seer_adapter.evaluation import environment_meta, evaluate_decode, format_decode_table, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -67,13 +66,10 @@ def main() -> None:
         command="python " + " ".join(sys.argv),
         seconds=time.perf_counter() - started,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = environment_meta(device)["device"].split()[-1].lower()
     stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    file = out / f"decode_block_size_bound_{args.model}_{tag}_{args.prompt}_{stamp}.json"
-    file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {file}")
+    file = Path(args.out) / f"decode_block_size_bound_{args.model}_{tag}_{args.prompt}_{stamp}.json"
+    print(f"wrote {write_results(file, meta, rows)}")
     print(f"{'block':>5} {'selector':<12} {'budget':>6} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6}")
     for r in rows:
         print(

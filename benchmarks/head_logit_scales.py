@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill_eval import MODELS, heldout_token_ids, model_setup  # noqa: E402
 
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
-from seer_adapter.evaluation import environment_meta  # noqa: E402
+from seer_adapter.evaluation import environment_meta, write_results  # noqa: E402
 
 
 def group_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: int) -> dict[str, float]:
@@ -100,11 +99,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = environment_meta(device, command="python " + " ".join(sys.argv), length=args.length, rows=args.rows)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / f"head_logit_scales_{device.type}_{stamp}.json"
-    file.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {file}")
+    print(f"wrote {write_results(Path(args.out) / f'head_logit_scales_{device.type}_{stamp}.json', meta, rows)}")
     print(f"{'model':<20} {'group':>5} {'1/g':>6} {'heaviest head':>13} {'effective heads':>15} {'log Z spread':>12}")
     for row in rows:
         print(
