@@ -173,14 +173,18 @@ def format_report(info: dict[str, Any]) -> str:
         f"{config['dense_last_query_blocks']} query-block rows dense",
         _decode_line(config),
         "",
-        f"{'layer':>5}  {'mode':<11} {'params':>10}  {'method':<12} setting",
+        f"{'layer':>5}  {'mode':<11} {'params':>10}  {'method':<12} {'setting':<10}"
+        + (f"  {'decode':<12} setting" if config.get("decode_gate") else ""),
     ]
     for row in info["layers"]:
         setting = {"threshold": row["threshold"], "nz_ratio": row["nz_ratio"], "token_budget": row["token_budget"]}
         shown = setting.get(row["sparsity_method"], "")
-        lines.append(
-            f"{row['layer']:>5}  {row['mode']:<11} {row['parameters']:>10,d}  {row['sparsity_method']:<12} {shown}"
-        )
+        line = f"{row['layer']:>5}  {row['mode']:<11} {row['parameters']:>10,d}  {row['sparsity_method']:<12} "
+        line += f"{shown!s:<10}"
+        if config.get("decode_gate"):
+            decode = {"threshold": row["decode_threshold"], "token_budget": row["decode_token_budget"]}
+            line += f"  {row['decode_method']:<12} {decode.get(row['decode_method'], '')}"
+        lines.append(line.rstrip())
     check = info.get("base_model_check")
     if check is not None:
         lines.append("")

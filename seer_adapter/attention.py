@@ -7,9 +7,9 @@ per call, between:
 
 * **sparse prefill** — ``S > 1``, no past (``Sk == S``), plain causal mask, ``S >= dense_below_length``:
   invert RoPE, run the layer's gate, select blocks, call the block-sparse kernel dispatch;
-* **decode** — ``S == 1``: sparse when the layer has a decode gate and ``decode_method`` is not ``"dense"``
-  (`_decode_attention`, `seer_adapter.decode`), else dense. Every call of a layer with a decode gate and a
-  `DynamicCache` first updates the layer's K-compression cache, whatever path the call then takes;
+* **decode** — ``S == 1``: sparse when the layer has a decode gate and its ``decode_method`` (``layer_overrides``
+  applied) is not ``"dense"`` (`_decode_attention`, `seer_adapter.decode`), else dense. Every call of a layer with a
+  decode gate and a `DynamicCache` first updates the layer's K-compression cache, whatever path the call then takes;
 * **distillation** — when a `DistillationHook` is installed on the runtime, it computes the ground truth
   and the output (the distillation module provides it);
 * **dense** — everything else (dense layers, non-gated layers, sliding-window or other non-causal mask
@@ -598,11 +598,16 @@ def _track_compressed_keys(
                 state.runtime.active_adapter,
             )
     except DecodeCacheError:
-        if state.runtime.config.decode_method != "dense":
+        if _layer_decode_settings(state)["decode_method"] != "dense":
             raise
         # Dense decoding does not need the compressed keys: forget them; switching to a sparse decode_method later
         # in this generation raises then.
         cache.seer_keys.pop(state.layer_idx, None)
+
+
+def _layer_decode_settings(state: SeerLayerState) -> dict[str, Any]:
+    """The decode selection fields in force for this layer (``layer_overrides`` applied)."""
+    return state.runtime.config.sparsity_for_layer(state.layer_idx)
 
 
 def _static_step(state: SeerLayerState) -> SeerStaticCache | None:
@@ -633,7 +638,7 @@ def _track_compressed_keys_static(
         problem = f"holds compressed keys of {compressed.n_slots} slots, the KV cache {cache.get_seq_length()}"
     if problem is not None:
         cache.seer_keys.pop(layer_idx, None)
-        if state.runtime.config.decode_method != "dense":
+        if _layer_decode_settings(state)["decode_method"] != "dense":
             raise DecodeCacheError(f"layer {layer_idx}: this SeerStaticCache {problem}; start from an empty cache.")
         return
     with torch.no_grad():
@@ -669,12 +674,12 @@ def _decode_attention(
     token's block and the sink block always) and attends through `sparse_decode_attention`. On a `SeerStaticCache`
     step the same path runs shape-static: whole buffers, the current block read from the device.
     """
-    config = state.runtime.config
+    settings = _layer_decode_settings(state)
     decode_gate = module.seer_gate[state.runtime.active_adapter].decode
     args = (module, query, key, value, attention_mask, scaling, dropout, state)
     if decode_gate is None:
         return _dense_attention(*args, "decode", **kwargs)
-    if config.decode_method == "dense":
+    if settings["decode_method"] == "dense":
         return _dense_attention(*args, "decode_method='dense'", **kwargs)
     if not isinstance(attention_mask, SeerAttentionMask):
         return _dense_attention(*args, "the model passed a mask of its own making", **kwargs)
@@ -748,10 +753,10 @@ def _decode_attention(
             scores,
             valid,
             sink,
-            method=config.decode_method,
+            method=settings["decode_method"],
             block_size=block_size,
-            token_budget=config.decode_token_budget,
-            threshold=config.decode_threshold,
+            token_budget=settings["decode_token_budget"],
+            threshold=settings["decode_threshold"],
             current_block=current,
         )
     out = sparse_decode_attention(

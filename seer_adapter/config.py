@@ -23,8 +23,17 @@ PEFT_TYPE = "SEER_ATTENTION"
 SPARSITY_METHODS = ("threshold", "nz_ratio", "token_budget", "dense")
 DECODE_METHODS = ("token_budget", "threshold", "dense")
 POOLING_TYPES = ("avg", "max", "min")
-# Fields a per-layer override may set; everything else is shared by all layers.
-LAYER_OVERRIDABLE_FIELDS = ("sparsity_method", "threshold", "nz_ratio", "token_budget")
+# Fields a per-layer override may set (prefill selection, then decode selection); everything else is shared by all
+# layers.
+LAYER_OVERRIDABLE_FIELDS = (
+    "sparsity_method",
+    "threshold",
+    "nz_ratio",
+    "token_budget",
+    "decode_method",
+    "decode_token_budget",
+    "decode_threshold",
+)
 # Fields that describe the base model the gates were built for; filled by `get_seer_model`.
 BASE_MODEL_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -137,7 +146,8 @@ class SeerAttentionConfig:
         default_factory=dict,
         metadata={
             "help": "Per-layer sparsity settings: {layer_index: {field: value}} with fields among "
-            f"{LAYER_OVERRIDABLE_FIELDS}."
+            f"{LAYER_OVERRIDABLE_FIELDS}, e.g. {{'0': {{'decode_method': 'dense'}}, '5': {{'decode_token_budget': "
+            "4096}} for a layer whose decode selection costs the most (benchmarks/decode_layer_sensitivity.py)."
         },
     )
 
@@ -314,8 +324,6 @@ class SeerAttentionConfig:
         for name in ("decode_gate", "decode_k_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise SeerConfigError(f"{name} must be a bool, got {getattr(self, name)!r}.")
-        if self.decode_method not in DECODE_METHODS:
-            raise SeerConfigError(f"decode_method must be one of {DECODE_METHODS}, got {self.decode_method!r}.")
         if self.decode_block_size is not None:
             _check_int("decode_block_size", self.decode_block_size, minimum=1)
             if self.decode_block_size & (self.decode_block_size - 1):
@@ -327,16 +335,15 @@ class SeerAttentionConfig:
             raise SeerConfigError(
                 f"decode_gate_query_merge must be one of {QUERY_MERGES}, got {self.decode_gate_query_merge!r}."
             )
-        _check_int("decode_token_budget", self.decode_token_budget, minimum=1)
         decode_block = self.effective_decode_block_size
-        if self.decode_token_budget < decode_block:
-            raise SeerConfigError(
-                f"decode_token_budget={self.decode_token_budget} is below one block of the decode gate ({decode_block} "
-                "tokens); use at least one block (the current block alone takes one)."
-            )
-        t = self.decode_threshold
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t < 1.0) or math.isnan(t):
-            raise SeerConfigError(f"decode_threshold must be a probability in (0, 1), got {t!r}.")
+        for index in [None, *self.layer_overrides]:
+            where = f"layer_overrides[{index!r}]." if index else ""
+            budget = self.sparsity_for_layer(int(index))["decode_token_budget"] if index else self.decode_token_budget
+            if budget < decode_block:
+                raise SeerConfigError(
+                    f"{where}decode_token_budget={budget} is below one block of the decode gate ({decode_block} "
+                    "tokens); use at least one block (the current block alone takes one)."
+                )
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
@@ -439,3 +446,12 @@ def _check_sparsity_fields(values: dict[str, Any], where: str) -> None:
             raise SeerConfigError(f"{where}nz_ratio must be in (0, 1], got {r!r}.")
     if "token_budget" in values:
         _check_int(f"{where}token_budget", values["token_budget"], minimum=1)
+    method = values.get("decode_method")
+    if method is not None and method not in DECODE_METHODS:
+        raise SeerConfigError(f"{where}decode_method must be one of {DECODE_METHODS}, got {method!r}.")
+    if "decode_token_budget" in values:
+        _check_int(f"{where}decode_token_budget", values["decode_token_budget"], minimum=1)
+    if "decode_threshold" in values:
+        t = values["decode_threshold"]
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0.0 < t < 1.0) or math.isnan(t):
+            raise SeerConfigError(f"{where}decode_threshold must be a probability in (0, 1), got {t!r}.")

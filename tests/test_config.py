@@ -46,6 +46,9 @@ def test_json_round_trip(tmp_path):
         ("layer_overrides", {"x": {"threshold": 1e-3}}),
         ("layer_overrides", {"0": {"block_size": 32}}),
         ("layer_overrides", {"0": {"nz_ratio": 2.0}}),
+        ("layer_overrides", {"0": {"decode_method": "sparse"}}),
+        ("layer_overrides", {"0": {"decode_token_budget": 0}}),
+        ("layer_overrides", {"0": {"decode_threshold": 1.5}}),
         ("peft_type", "LORA"),
     ],
 )

@@ -518,6 +518,36 @@ def test_small_budget_is_sparse_keeps_forced_blocks_and_handles_ragged_rows():
     assert model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0).shape == (2, 103)
 
 
+def test_layer_overrides_set_each_layers_decode_selection():
+    """``layer_overrides`` with decode fields: a layer marked dense decodes densely (no sparse stats), a layer with a
+    whole-context budget keeps every block while the others keep two, and overriding every layer to dense equals
+    the global dense decoding; a whole-context budget on every layer equals it too."""
+    layers = 3
+    base = tiny_model("llama", num_hidden_layers=layers)
+    ids, mask = _inputs(batch=2, length=100, pad_left=(0, 37), seed=8)
+    overrides = {"0": {"decode_method": "dense"}, "1": {"decode_token_budget": 256}}
+    model = get_seer_model(base, _config(decode_token_budget=2 * BLOCK, layer_overrides=overrides))
+    _randomise_decode_gates(model)
+    _, mixed = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    rows = {row["layer"]: row for row in model.sparsity_stats()}
+    assert rows[0]["mode"] != "sparse"
+    assert rows[1]["mode"] == "sparse" and rows[1]["density"] == 1.0
+    assert all(rows[i]["kept_blocks"] < rows[i]["causal_blocks"] for i in range(2, layers))
+    model.set_sparsity(decode_method="dense")
+    _, dense = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert not torch.allclose(mixed[:, 1:], dense[:, 1:])
+    every_dense = {i: {"decode_method": "dense"} for i in range(layers)}
+    model.set_sparsity(decode_method="token_budget", layer_overrides=every_dense)
+    _, every_layer_dense = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(every_layer_dense, dense, atol=1e-5, rtol=1e-5)
+    model.set_sparsity(layer_overrides={i: {"decode_token_budget": 256} for i in range(layers)})
+    _, whole_budget = _generate_logits(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert all(row["density"] == 1.0 for row in model.sparsity_stats())
+    torch.testing.assert_close(whole_budget, dense, atol=1e-4, rtol=1e-4)
+    with pytest.raises(SeerConfigError, match=r"layer_overrides\['2'\]\.decode_token_budget"):
+        model.set_sparsity(layer_overrides={2: {"decode_token_budget": BLOCK // 2}})
+
+
 def test_sparse_or_dense_prefill_with_sparse_decode():
     base = tiny_model("llama")
     ids, mask = _inputs(batch=2, length=64, pad_left=(0, 7), seed=6)
