@@ -15,8 +15,10 @@ program per (row, KV head) walking a 64k cache's 1024 blocks took 38 µs on the 
   the score kernel scores each key tile against the ``m`` queries: the keys are read once whatever ``m``. The
   ``"logsumexp"`` merge happens there, online in registers. The ``"mixture"`` merge needs each query's normaliser
   over all earlier blocks, which no single chunk program sees: the score kernel writes the ``m`` rows of logits
-  (``[B·Hkv, m, width]`` fp32, a few MB at 64k), and a third kernel, one program per (row, KV head), makes two
-  passes over them in ``[m, BLOCK_W]`` tiles (the normalisers by an online logsumexp, then the merged scores).
+  (``[B·Hkv, m, width]`` fp32, a few MB at 64k) and each chunk's (max, sum of exponentials) per query, and a third
+  kernel, one program per (row, KV head, 16 chunks / m), combines the chunks' statistics into the normalisers and
+  merges its columns. (A first form, one program per (row, KV head) making two passes over the row, took 20 µs per
+  layer at 64k × 8 on the H200: 64 programs, each a chain of dependent loads.)
 * The scores read the compressed keys in ``[BLOCK_C, G]`` tiles, written straight into the selection layout
   ``[B, Hkv, 1, n_earlier + 1]`` with the current block's lowest-float column; ``n_earlier`` may be a device tensor
   (shape-static decoding steps), then every column from it on is the lowest float.
@@ -119,18 +121,22 @@ def _decode_query_kernel(
 
 @triton.jit
 def _decode_block_scores_kernel(
-    QGate, Keys, Out, NEarlier,
+    QGate, Keys, Out, NEarlier, Valid, Stats,
     stride_kb, stride_kh, stride_kc,
-    stride_ob, stride_oh,
-    n_kv_heads, n_earlier, width, scale,
+    stride_ob, stride_oh, stride_vb,
+    n_kv_heads, n_earlier, width, n_chunks, scale,
     GATE_DIM: tl.constexpr, N_QUERIES: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr, PER_QUERY: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr, PER_QUERY: tl.constexpr, HAS_VALID: tl.constexpr,
 ):  # fmt: skip
     """Grid (B * Hkv, cdiv(width, BLOCK_C)). Out fp32 [B, Hkv, 1, width]: columns below the number of earlier blocks
     (``n_earlier``, or read from ``NEarlier`` [1] when N_ON_DEVICE) get ``q_gate · key * scale`` (the logsumexp over
     the N_QUERIES gate queries of QGate [B * Hkv * m, G]), the others the lowest finite float (the current block, and
-    with N_ON_DEVICE the blocks after it). PER_QUERY: Out is [B * Hkv, m, width] instead, each query's raw logits
-    (every column; `_merge_mixture_kernel` reads the scored ones)."""
+    with N_ON_DEVICE the blocks after it).
+
+    PER_QUERY (the mixture): Out is [B * Hkv, m, width] instead, each query's logits with -1e4 standing in for the
+    blocks that are not allowed (not scored, or Valid [B, >= width] False), and Stats fp32 [B * Hkv, m, n_chunks, 2]
+    gets this chunk's (max, sum of exp(logit - max)) over the columns each query is normalised over (the n_earlier
+    scored ones, or every column with N_ON_DEVICE: `merge_query_logits`' reference), for `_merge_mixture_kernel`."""
     pid = tl.program_id(0)
     batch = (pid // n_kv_heads).to(tl.int64)
     head = (pid % n_kv_heads).to(tl.int64)
@@ -148,12 +154,22 @@ def _decode_block_scores_kernel(
     q_gate = tl.load(q_rows + offs_g, mask=g_ok, other=0.0)
     scores = tl.sum(k * q_gate[None, :], axis=1) * scale
     if PER_QUERY:
+        allowed = scored
+        if HAS_VALID:
+            allowed &= tl.load(Valid + batch * stride_vb + offs_c, mask=scored, other=0) != 0
+        in_norm = offs_c < (width if N_ON_DEVICE else n_earlier)
         out_rows = Out + pid.to(tl.int64) * N_QUERIES * width
-        tl.store(out_rows + offs_c, scores, mask=offs_c < width)
-        for query in tl.static_range(1, N_QUERIES):
-            q_gate = tl.load(q_rows + query * GATE_DIM + offs_g, mask=g_ok, other=0.0)
-            scores = tl.sum(k * q_gate[None, :], axis=1) * scale
-            tl.store(out_rows + query * width + offs_c, scores, mask=offs_c < width)
+        stats = Stats + (pid.to(tl.int64) * N_QUERIES * n_chunks + tl.program_id(1)) * 2
+        for query in tl.static_range(N_QUERIES):
+            if query > 0:
+                q_gate = tl.load(q_rows + query * GATE_DIM + offs_g, mask=g_ok, other=0.0)
+                scores = tl.sum(k * q_gate[None, :], axis=1) * scale
+            x = tl.where(allowed, scores, -1e4)
+            tl.store(out_rows + query * width + offs_c, x, mask=offs_c < width)
+            chunk_max = tl.max(tl.where(in_norm, x, -1e30), axis=0)
+            chunk_sum = tl.sum(tl.where(in_norm, tl.exp(x - chunk_max), 0.0), axis=0)
+            tl.store(stats + query * n_chunks * 2, chunk_max)
+            tl.store(stats + query * n_chunks * 2 + 1, chunk_sum)
         return
     if N_QUERIES > 1:  # online logsumexp over the gate queries (natural log, as torch.logsumexp)
         total = tl.full([BLOCK_C], 1.0, tl.float32)  # sum of exp(score_j - scores), scores the running max
@@ -170,54 +186,44 @@ def _decode_block_scores_kernel(
 
 @triton.jit
 def _merge_mixture_kernel(
-    PerQuery, Valid, Out, NEarlier,
-    stride_vb, stride_ob, stride_oh,
-    n_kv_heads, n_earlier, width, log_queries,
-    N_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr, HAS_VALID: tl.constexpr,
+    PerQuery, Stats, Out, NEarlier,
+    stride_ob, stride_oh,
+    n_kv_heads, n_earlier, width, n_chunks, log_queries,
+    N_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B * Hkv,). PerQuery fp32 [B * Hkv, m, width] raw logits -> Out fp32 [B, Hkv, 1, width]: the scored
-    columns (below n_earlier) get ``log(mean_j softmax_j)``, each query's softmax normalised over the columns of
-    `merge_query_logits`' reference (the n_earlier scored ones, or every column with N_ON_DEVICE) where the blocks
-    that are not allowed (not scored, or Valid [B, >= width] False) stand in as -1e4; the others the lowest float."""
+    """Grid (B * Hkv, cdiv(width, BLOCK_W)). PerQuery fp32 [B * Hkv, m, width] (the score kernel's masked logits) ->
+    Out fp32 [B, Hkv, 1, width]: the scored columns (below n_earlier) of this program's BLOCK_W get
+    ``log(mean_j softmax_j)``, each query's log normaliser combined from the chunks' Stats [B * Hkv, m, n_chunks, 2];
+    the others the lowest float. Every program combines the (few) chunk statistics itself, so no pass walks a row."""
     pid = tl.program_id(0)
     batch = (pid // n_kv_heads).to(tl.int64)
     head = (pid % n_kv_heads).to(tl.int64)
     if N_ON_DEVICE:
         n_earlier = tl.load(NEarlier).to(tl.int32)
-        norm_cols = width
-    else:
-        norm_cols = n_earlier
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < N_QUERIES
-    rows = PerQuery + pid.to(tl.int64) * N_QUERIES * width + offs_m[:, None] * width
-    high = tl.full([BLOCK_M], -1e30, tl.float32)  # running max of each query's logits
-    total = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(logit - high)
-    for start in range(0, norm_cols, BLOCK_W):
-        offs_w = start + tl.arange(0, BLOCK_W)
-        in_norm = offs_w < norm_cols
-        allowed = (offs_w < n_earlier) & in_norm
-        if HAS_VALID:
-            allowed &= tl.load(Valid + batch * stride_vb + offs_w, mask=allowed, other=0) != 0
-        x = tl.load(rows + offs_w[None, :], mask=m_ok[:, None] & allowed[None, :], other=-1e4)
-        x = tl.where(in_norm[None, :], x, -1e30)  # past the normalised columns: no mass
-        new_high = tl.maximum(high, tl.max(x, axis=1))
-        total = total * tl.exp(high - new_high) + tl.sum(tl.exp(x - new_high[:, None]), axis=1)
+    stats = Stats + pid.to(tl.int64) * N_QUERIES * n_chunks * 2 + offs_m[:, None] * n_chunks * 2
+    high = tl.full([BLOCK_M], -1e30, tl.float32)  # each query's running max over the chunks
+    total = tl.zeros([BLOCK_M], tl.float32)  # its sum of exp(logit - high)
+    for start in range(0, n_chunks, BLOCK_S):
+        offs_s = start + tl.arange(0, BLOCK_S)
+        ok = m_ok[:, None] & (offs_s < n_chunks)[None, :]
+        chunk_max = tl.load(stats + offs_s[None, :] * 2, mask=ok, other=-1e30)
+        chunk_sum = tl.load(stats + offs_s[None, :] * 2 + 1, mask=ok, other=0.0)
+        new_high = tl.maximum(high, tl.max(chunk_max, axis=1))
+        total = total * tl.exp(high - new_high) + tl.sum(chunk_sum * tl.exp(chunk_max - new_high[:, None]), axis=1)
         high = new_high
-    norm = high + tl.log(tl.maximum(total, 1.0))  # [BLOCK_M] each query's log normaliser (total >= 1 unless empty)
-    for start in range(0, width, BLOCK_W):
-        offs_w = start + tl.arange(0, BLOCK_W)
-        in_row = offs_w < width
-        scored = offs_w < n_earlier
-        allowed = scored
-        if HAS_VALID:
-            allowed &= tl.load(Valid + batch * stride_vb + offs_w, mask=scored, other=0) != 0
-        x = tl.load(rows + offs_w[None, :], mask=m_ok[:, None] & allowed[None, :], other=-1e4)
-        log_p = tl.where(m_ok[:, None], x - norm[:, None], -1e30)  # [BLOCK_M, BLOCK_W]
-        top = tl.max(log_p, axis=0)
-        merged = top + tl.log(tl.sum(tl.exp(log_p - top[None, :]), axis=0)) - log_queries
-        merged = tl.where(scored, merged, -3.4028234663852886e38)
-        tl.store(Out + batch * stride_ob + head * stride_oh + offs_w, merged, mask=in_row)
+    norm = high + tl.log(tl.maximum(total, 1.0))  # [BLOCK_M] (total >= 1 unless the row normalises nothing)
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    scored = offs_w < n_earlier
+    rows = PerQuery + pid.to(tl.int64) * N_QUERIES * width + offs_m[:, None] * width
+    x = tl.load(rows + offs_w[None, :], mask=m_ok[:, None] & scored[None, :], other=-1e4)
+    log_p = tl.where(m_ok[:, None], x - norm[:, None], -1e30)  # [BLOCK_M, BLOCK_W]
+    top = tl.max(log_p, axis=0)
+    merged = top + tl.log(tl.sum(tl.exp(log_p - top[None, :]), axis=0)) - log_queries
+    merged = tl.where(scored, merged, -3.4028234663852886e38)
+    tl.store(Out + batch * stride_ob + head * stride_oh + offs_w, merged, mask=offs_w < width)
 
 
 def decode_gate_scores_triton(
@@ -245,8 +251,14 @@ def decode_gate_scores_triton(
     width = keys.shape[2] if on_device else n_earlier + 1
     out = torch.empty(batch, hkv, 1, width, dtype=torch.float32, device=q.device)
     mixture = n_queries > 1 and query_merge == "mixture"
-    # the mixture's per-query logits [B·Hkv, m, width]
+    block_g = triton.next_power_of_2(gate_dim)
+    block_c = 32 if block_g > 128 else 64
+    n_chunks = triton.cdiv(width, block_c)
+    # the mixture's per-query logits [B·Hkv, m, width] and their per-chunk (max, sum of exp) [B·Hkv, m, n_chunks, 2]
     scored_out = torch.empty(batch * hkv, n_queries, width, dtype=torch.float32, device=q.device) if mixture else out
+    stats = torch.empty(batch * hkv, n_queries, n_chunks, 2, dtype=torch.float32, device=q.device) if mixture else out
+    valid = out if block_valid is None else block_valid
+    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
     q_gate = torch.empty(batch * hkv * n_queries, gate_dim, dtype=torch.float32, device=q.device)
     pairing, table = _ROPE_CODES[None if cos is None else rope_style]
     rot = 0 if cos is None else cos.shape[-1]
@@ -256,8 +268,6 @@ def decode_gate_scores_triton(
     else:
         cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
         table_stride = cos.stride(0) if cos.shape[0] == batch and batch > 1 else 0
-    block_g = triton.next_power_of_2(gate_dim)
-    block_c = 32 if block_g > 128 else 64
     with on_tensor_device(q):
         _decode_query_kernel[(batch * hkv * n_queries,)](
             q, cos, sin, q_weight, q_gate,
@@ -269,24 +279,23 @@ def decode_gate_scores_triton(
             BLOCK_G=block_g, BLOCK_K=min(64, triton.next_power_of_2(head_dim)),
             ROT=rot, PAIRING=pairing, TABLE=table, num_warps=8,
         )  # fmt: skip
-        _decode_block_scores_kernel[(batch * hkv, triton.cdiv(width, block_c))](
-            q_gate, keys, scored_out, n_earlier if on_device else out,
+        _decode_block_scores_kernel[(batch * hkv, n_chunks)](
+            q_gate, keys, scored_out, n_earlier if on_device else out, valid, stats,
             keys.stride(0), keys.stride(1), keys.stride(2),
-            out.stride(0), out.stride(1),
-            hkv, 0 if on_device else n_earlier, width, float(scale),
+            out.stride(0), out.stride(1), valid.stride(0) if block_valid is not None else 0,
+            hkv, 0 if on_device else n_earlier, width, n_chunks, float(scale),
             GATE_DIM=gate_dim, N_QUERIES=n_queries, BLOCK_G=block_g, BLOCK_C=block_c, N_ON_DEVICE=on_device,
-            PER_QUERY=mixture,
+            PER_QUERY=mixture, HAS_VALID=mixture and block_valid is not None,
         )  # fmt: skip
         if mixture:
-            valid = out if block_valid is None else block_valid
-            valid = valid if valid.stride(-1) == 1 else valid.contiguous()
             block_m = triton.next_power_of_2(n_queries)
-            _merge_mixture_kernel[(batch * hkv,)](
-                scored_out, valid, out, n_earlier if on_device else out,
-                valid.stride(0) if block_valid is not None else 0, out.stride(0), out.stride(1),
-                hkv, 0 if on_device else n_earlier, width, math.log(n_queries),
-                N_QUERIES=n_queries, BLOCK_M=block_m, BLOCK_W=max(64, 2048 // block_m),
-                N_ON_DEVICE=on_device, HAS_VALID=block_valid is not None,
+            block_w = max(64, 1024 // block_m)
+            _merge_mixture_kernel[(batch * hkv, triton.cdiv(width, block_w))](
+                scored_out, stats, out, n_earlier if on_device else out,
+                out.stride(0), out.stride(1),
+                hkv, 0 if on_device else n_earlier, width, n_chunks, math.log(n_queries),
+                N_QUERIES=n_queries, BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_S=max(16, 256 // block_m),
+                N_ON_DEVICE=on_device,
             )  # fmt: skip
     return out
 

@@ -144,13 +144,16 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
 
 @pytest.mark.parametrize("n_queries", [2, 5])
 def test_mixture_merge_over_several_chunks_of_blocks(n_queries):
-    """The mixture's normalisers are online over chunks of BLOCK_W blocks (1024 with 2 queries, 256 with 5): a long
-    context spans several, with padding blocks among them, in the dynamic and the shape-static layout."""
+    """The mixture's normalisers combine the score kernel's per-chunk statistics (64 blocks a chunk) online, in
+    tiles of 128 chunks with 2 queries and 32 with 5, and each merge program covers 512 or 128 columns: a long context
+    spans several of each, with padding blocks among them, in the dynamic and the shape-static layout. The last
+    blocks hold the largest logits, so the running maximum rises in the last tile and the sums must be rescaled."""
     batch, hq, hkv, head_dim, gate_dim, n_earlier, capacity = 2, 10, 1, 16, 16, 2100, 2500
     g = torch.Generator().manual_seed(n_queries)
     weight = torch.randn(hkv, n_queries * gate_dim, hq // hkv * head_dim, generator=g).div(4)
     q = torch.randn(batch, hq, head_dim, generator=g)
     buffer = torch.randn(batch, hkv, capacity, gate_dim, generator=g)
+    buffer[:, :, 2048:] *= 4
     valid = torch.ones(batch, capacity, dtype=torch.bool)
     valid[1, :1300] = False  # a left-padded row whose real tokens start in the second chunk
     cos, sin = _tables("half", 16, torch.tensor([40000]))
