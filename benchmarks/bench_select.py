@@ -5,6 +5,12 @@ is what the sparse prefill ran before the fused kernel: softmax, `masks.select_b
 boolean mask, then `block_mask_to_indices` (no host sync). Both results are checked to be the same lists.
 
     python benchmarks/bench_select.py --seq-lens 8k 32k 128k
+    python benchmarks/bench_select.py --decode --seq-lens 8k 64k 128k   # one decoding step's selection
+
+The fused kernel finds each row's top-k threshold by bisection (32 counting passes) or by radix select (4
+one-byte histograms); it picks by the number of rows, and both are timed here (``fused_ms`` is the one it picks,
+``bisection_ms`` / ``radix_ms`` each forced). ``--decode`` times a decoding step's selection instead: scores
+``[B, Hkv, 1, S/16 + 1]`` (batch 8, 8 KV heads, 16-token blocks, budget 2k), one row per sequence and KV head.
 
 Writes ``benchmarks/results/bench_select_<time>.json`` and prints a table last.
 """
@@ -23,6 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter.attention import gate_probabilities  # noqa: E402
+from seer_adapter.kernels import block_select_triton  # noqa: E402
 from seer_adapter.kernels.block_lists import block_mask_to_indices, causal_block_allowed  # noqa: E402
 from seer_adapter.kernels.block_select_triton import select_block_lists_triton  # noqa: E402
 from seer_adapter.masks import select_blocks  # noqa: E402
@@ -47,14 +54,67 @@ def fused_path(logits, method, params, block_size, seq):
     return lists
 
 
+def forced_search_ms(search: str, fn) -> float:
+    """Time ``fn`` with the kernel's top-k threshold search forced to ``"bisection"`` or ``"radix"``."""
+    saved = block_select_triton._RADIX_BELOW_PROGRAMS
+    block_select_triton._RADIX_BELOW_PROGRAMS = 0 if search == "bisection" else 1 << 62
+    try:
+        fn()  # compile this variant outside the timing
+        return triton.testing.do_bench(fn)
+    finally:
+        block_select_triton._RADIX_BELOW_PROGRAMS = saved
+
+
+def same_lists(a, b) -> bool:
+    width = a.indices.shape[-1]
+    real = torch.arange(width, device=a.counts.device) < a.counts[..., None]
+    return torch.equal(a.counts, b.counts) and torch.equal(
+        torch.where(real, a.indices, -1), torch.where(real, b.indices[..., :width], -1)
+    )
+
+
+def bench_decode(args, device) -> list[dict]:
+    """One decoding step's selection per context: [B, Hkv, 1, n_blocks + 1] scores, the current block last."""
+    rows = []
+    block, batch, heads, budget = 16, 8, 8, 2048
+    for seq in map(parse_seq_len, args.seq_lens):
+        n_blocks = seq // block + 1
+        torch.manual_seed(0)
+        scores = torch.randn(batch, heads, 1, n_blocks, device=device) * 2
+        scores[..., -1] = torch.finfo(torch.float32).min
+        sink = torch.zeros(batch, dtype=torch.long, device=device)
+        run = functools.partial(
+            select_block_lists_triton, scores, method="token_budget", token_budget=budget, block_size=block, q_len=1,
+            kv_len=n_blocks * block, sink_block=sink,
+        )  # fmt: skip
+        timings = {search: forced_search_ms(search, run) for search in ("bisection", "radix")}
+        saved = block_select_triton._RADIX_BELOW_PROGRAMS
+        block_select_triton._RADIX_BELOW_PROGRAMS = 0
+        bisection_lists, _ = run()
+        block_select_triton._RADIX_BELOW_PROGRAMS = 1 << 62
+        radix_lists, _ = run()
+        block_select_triton._RADIX_BELOW_PROGRAMS = saved
+        row = {"mode": "decode", "S": seq, "batch": batch, "kv_heads": heads, "block_size": block, "budget": budget,
+               "bisection_ms": timings["bisection"], "radix_ms": timings["radix"],
+               "speedup": timings["bisection"] / timings["radix"],
+               "same_lists": same_lists(bisection_lists, radix_lists)}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", nargs="+", default=["8k", "32k", "128k"])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--decode", action="store_true", help="time a decoding step's selection instead")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.decode:
+        write(args, bench_decode(args, device))
+        return
     settings = [("nz_ratio", {"nz_ratio": 0.1}), ("nz_ratio", {"nz_ratio": 0.5}), ("threshold", {"threshold": 2e-3})]
     rows = []
     for seq in map(parse_seq_len, args.seq_lens):
@@ -75,17 +135,24 @@ def main() -> None:
             torch_ms = triton.testing.do_bench(
                 functools.partial(torch_path, logits, allowed, method, params, args.block_size, seq)
             )
-            fused_ms = triton.testing.do_bench(
-                functools.partial(fused_path, logits, method, params, args.block_size, seq)
-            )
-            row = {"S": seq, "heads": args.heads, "method": method, **params, "torch_ms": torch_ms,
-                   "fused_ms": fused_ms, "speedup": torch_ms / fused_ms, "same_lists": not bool(differs.any()),
+            fused = functools.partial(fused_path, logits, method, params, args.block_size, seq)
+            fused_ms = triton.testing.do_bench(fused)
+            searches = {}
+            if method == "nz_ratio":
+                searches = {f"{search}_ms": forced_search_ms(search, fused) for search in ("bisection", "radix")}
+            row = {"mode": "prefill", "S": seq, "heads": args.heads, "method": method, **params, "torch_ms": torch_ms,
+                   "fused_ms": fused_ms, **searches, "speedup": torch_ms / fused_ms,
+                   "same_lists": not bool(differs.any()),
                    "rows_differing": int(differs.sum()), "rows": differs.numel(),
                    "density": float(lists.counts.sum() / allowed.sum() / args.heads)}  # fmt: skip
             rows.append(row)
             print(row, flush=True)
             del ref_idx, ref_cnt, lists
             torch.cuda.empty_cache()
+    write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -97,12 +164,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_select_{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {path}\n{'S':>7} {'method':<10} {'param':>7} {'density':>8} {'torch ms':>9} {'fused ms':>9} "
-          f"{'x':>6} rows differing")  # fmt: skip
+    print(f"\nwrote {path}")
+    if args.decode:
+        print(f"{'S':>7} {'bisection ms':>12} {'radix ms':>9} {'x':>6} same")
+        for r in rows:
+            times = f"{r['bisection_ms']:>12.4f} {r['radix_ms']:>9.4f} {r['speedup']:>6.2f}"
+            print(f"{r['S']:>7} {times} {r['same_lists']}")
+        return
+    print(
+        f"{'S':>7} {'method':<10} {'param':>7} {'density':>8} {'torch ms':>9} {'fused ms':>9} {'x':>6} "
+        "rows differing  bisection / radix ms"
+    )
     for r in rows:
         param = r.get("nz_ratio", r.get("threshold"))
         print(f"{r['S']:>7} {r['method']:<10} {param:>7} {r['density']:>8.3f} {r['torch_ms']:>9.3f} "
-              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}")  # fmt: skip
+              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}"
+              + (f"  {r['bisection_ms']:.3f} / {r['radix_ms']:.3f}" if "radix_ms" in r else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
