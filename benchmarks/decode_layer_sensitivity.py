@@ -41,10 +41,12 @@ from seer_adapter.evaluation import (  # noqa: E402
 
 def decode_windows(model: SeerModel, windows: torch.Tensor, prompt: int, batch_size: int) -> dict[str, float]:
     """Teacher-forced continuation of every window under the model's current settings: ``{nll, count, density}``
-    (density: kept fraction of the real-token blocks of the sparse layers' steps, 1.0 without any)."""
+    (density: kept fraction of the real-token blocks of the sparse layers' steps, 1.0 without any). On a GPU the
+    steps replay as CUDA graphs (`SeerStaticCache`), as `evaluate_decode` does."""
+    cache = "static" if next(model.base_model.parameters()).is_cuda else "dynamic"
     nll, count, density = 0.0, 0, []
     for first in range(0, windows.shape[0], batch_size):
-        for run in decode_continuation(model, windows[first : first + batch_size], prompt):
+        for run in decode_continuation(model, windows[first : first + batch_size], prompt, cache=cache):
             nll, count = nll + run["nll"], count + run["count"]
             density.append(run["decode_density"])
     return {"nll": nll, "count": count, "density": sum(density) / len(density)}
@@ -113,10 +115,12 @@ def main() -> None:
         )
         with decode_block_scorer(model, scorer):
             result = decode_windows(model, windows, args.prompt, args.batch_size)
-        # attended fraction over all layers: the sparse layers' density, the overridden layers' own share
-        sparse_layers = len(layers) - len(overridden)
-        own = 1.0 if args.layer_budget is None else None
-        attended = None if own is None else (sparse_layers * result["density"] + len(overridden) * own) / len(layers)
+        # attended fraction over all layers: with dense overrides the sparse layers' density and the dense layers
+        # whole; with --layer-budget every layer is sparse and the density already counts them all
+        attended = result["density"]
+        if args.layer_budget is None or method == "dense":
+            dense_layers = len(layers) if method == "dense" else len(overridden)
+            attended = ((len(layers) - dense_layers) * result["density"] + dense_layers) / len(layers)
         row = {
             "run": label,
             "layers_overridden": overridden,
@@ -177,7 +181,7 @@ def main() -> None:
     print(f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8}")
     for r in [dense, sparse, *sorted(per_layer, key=lambda r: r["ppl"])[:8], *rows[2 + len(per_layer) :]]:
         recovered = f"{r['recovered']:>9.2f}" if "recovered" in r else f"{'-':>9}"
-        attended = f"{r['attended_fraction']:>8.3f}" if r["attended_fraction"] is not None else f"{'-':>8}"
+        attended = f"{r['attended_fraction']:>8.3f}"
         print(f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {attended}")
 
 

@@ -98,6 +98,7 @@ CASES = [
     (1, 4, 4, 32, 16, 16, "interleaved", 64, 70, False),  # MHA (group 1)
     (2, 6, 2, 24, 24, 24, "interleaved_half_table", 33, 40, False),  # head_dim not a power of two
     (2, 8, 2, 16, 16, 0, None, 20, 21, False),  # no RoPE
+    (18, 4, 2, 32, 32, 32, "half", 9, 12, False),  # two tiles of 16 batch rows; RoPE partners in the other 16 channels
     (2, 8, 2, 16, 16, 16, "half", 0, 4, False),  # nothing earlier: only the current block
 ]
 
