@@ -142,6 +142,12 @@ def main() -> None:
     parser.add_argument(
         "--decode-gate-query-merge", choices=QUERY_MERGES, default="mixture", help="merge of the queries"
     )
+    parser.add_argument(
+        "--gate-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the gates' dtype, hence the compressed keys' (bfloat16 halves what the decode-gate scores read)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -156,6 +162,7 @@ def main() -> None:
         decode_block_size=args.decode_block_size,
         decode_gate_queries=args.decode_gate_queries,
         decode_gate_query_merge=args.decode_gate_query_merge,
+        gate_dtype=args.gate_dtype,
     )
     model = get_seer_model(base, seer_config)
     cache_name = cache_argument(base)
@@ -265,6 +272,7 @@ def main() -> None:
         decode_block_size=seer_config.effective_decode_block_size,
         decode_gate_queries=seer_config.decode_gate_queries,
         decode_gate_query_merge=seer_config.decode_gate_query_merge,
+        gate_dtype=seer_config.gate_dtype,
         command="python " + " ".join(sys.argv),
         peak_gib=max(row["peak_gib"] for row in rows),
     )
