@@ -240,7 +240,8 @@ def test_sparse_decoding(tmp_path):
         '{"density": decode_density, "untrained": [[r["selector"], r["decode_density"]] for r in rows_untrained],'
         ' "trained": [r["selector"] for r in rows_trained], "steps": [r["step"] for r in records],'
         ' "decode_gate": reloaded.decode_gate, "method": reloaded.decode_method, "new": sparse_ids.shape[1] - 256,'
-        ' "static_same": static_same}',
+        ' "static_same": static_same, "layers": [r["selector"] for r in rows_layers],'
+        ' "layer_density": layer_density}',
     )
     assert report["density"] == pytest.approx(12 / 17)  # 12 of 17 blocks of 16 at the last step (260 slots, budget 192)
     assert [s for s, _ in report["untrained"]] == ["dense", "gate", "oracle", "oracle_mass", "moba"]
@@ -248,6 +249,9 @@ def test_sparse_decoding(tmp_path):
     assert report["trained"] == ["dense", "gate"] and report["steps"] == [1, 2]
     assert report["decode_gate"] is True and report["method"] == "threshold" and report["new"] == 4
     assert report["static_same"] is True  # SeerStaticCache decodes the same tokens (static steps, eager on the CPU)
+    # per-layer budgets: the two overridden layers (budget 384 > the 263-slot context) keep every block, the others not
+    density = {int(layer): value for layer, value in report["layer_density"].items()}
+    assert report["layers"] == ["dense", "gate"] and density[20] == density[23] == 1.0 and density[0] < 1.0
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in output.iterdir()}
 
 
