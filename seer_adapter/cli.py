@@ -248,6 +248,11 @@ def _load_for_eval(args: argparse.Namespace, decode_gate: bool = False) -> tuple
         model = SeerModel.from_pretrained(base, args.adapter)
     else:
         model = get_seer_model(base, SeerAttentionConfig(decode_gate=decode_gate))
+    if args.layer_overrides is not None:
+        try:
+            model.set_sparsity(layer_overrides=args.layer_overrides)
+        except ValueError as exc:  # SeerConfigError names the layer and the field
+            raise SystemExit(f"seer-adapter eval: error: --layer-overrides: {exc}") from None
     return model, tokenizer, device, dtype
 
 
@@ -564,6 +569,20 @@ def _density(text: str) -> float:
     return value
 
 
+def _layer_overrides(text: str) -> dict[str, dict[str, Any]]:
+    """``--layer-overrides``: a JSON object ``{layer: {field: value}}`` (checked by the config when applied)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} in {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(
+            "expected a JSON object {layer: {field: value}}, e.g. "
+            f'\'{{"20": {{"decode_token_budget": 4096}}}}\', got {text!r}'
+        )
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -742,6 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[4096],
         help="tasks: lengths in tokens of the model's tokenizer, prompt + answer (e.g. 4096 8k)",
+    )
+    evaluate.add_argument(
+        "--layer-overrides",
+        type=_layer_overrides,
+        default=None,
+        help="per-layer selection settings as JSON, {layer: {field: value}}, e.g. "
+        '\'{"20": {"decode_token_budget": 4096}}\' (fields: SeerAttentionConfig.layer_overrides); replaces the '
+        "adapter's",
     )
     evaluate.add_argument("--num-samples", type=int, default=4, help="tasks: samples per task and length")
     evaluate.add_argument("--seed", type=int, default=0, help="tasks: generation seed")

@@ -537,3 +537,12 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     assert "token_budget" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="below one block"):
         cli_main([*common, "--adapter", str(tmp_path / "gates"), "--window", "128", "--decode-budgets", "8"])
+    # per-layer decode settings: both layers of the tiny model decode dense, so the budget-16 row is dense decoding
+    layered = tmp_path / "layered.json"
+    both_dense = '{"0": {"decode_method": "dense"}, "1": {"decode_method": "dense"}}'
+    cli_main([*common, *gates, "--decode-budgets", "16", "--layer-overrides", both_dense, "--out", str(layered)])
+    dense_row, budget_row = json.loads(layered.read_text())["rows"]
+    assert budget_row["token_budget"] == 16 and budget_row["ppl"] == dense_row["ppl"]
+    assert budget_row["top1_agreement"] == 100.0 and budget_row["decode_density"] == 1.0
+    with pytest.raises(SystemExit, match=r"--layer-overrides: layer_overrides\['0'\]\.decode_token_budget=8"):
+        cli_main([*common, *gates, "--decode-budgets", "16", "--layer-overrides", '{"0": {"decode_token_budget": 8}}'])
