@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--decode-gate", action="store_true", help="train a decode gate too")
     parser.add_argument("--decode-target", choices=["max", "mass"], default="max", help="the decode gate's target")
     parser.add_argument(
+        "--decode-target-temperature", type=float, default=1.0, help="the target to the power 1/T, renormalised"
+    )
+    parser.add_argument(
         "--decode-block-size", type=int, default=16, help="the decode gate's key-block size (default 16)"
     )
     parser.add_argument(
@@ -160,6 +163,7 @@ def main() -> None:
                 save_total_limit=1,
                 progress=False,
                 decode_target=args.decode_target,
+                decode_target_temperature=args.decode_target_temperature,
                 decode_token_fraction=args.decode_token_fraction,
             ),
             resume_from_checkpoint=args.resume,
@@ -183,6 +187,7 @@ def main() -> None:
         distillation = {"steps": records[-1]["step"], "lr": args.lr, "seq_len": args.seq_len,
                         "batch_size": args.batch_size, "decode_gate": args.decode_gate or bool(args.adapter_in),
                         "decode_target": None if args.adapter_in else args.decode_target,
+                        "decode_target_temperature": None if args.adapter_in else args.decode_target_temperature,
                         "decode_token_fraction": None if args.adapter_in else args.decode_token_fraction,
                         "train_seconds": train_s or None, "tokens_per_s": tokens_per_s,
                         "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],

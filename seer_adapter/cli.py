@@ -216,6 +216,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         decode_loss_weight=args.decode_loss_weight,
         decode_token_fraction=args.decode_token_fraction,
         decode_target=args.decode_target,
+        decode_target_temperature=args.decode_target_temperature,
     )
     dataset = load_text_dataset(args.data, streaming=args.streaming, shuffle_seed=args.seed)
     vocab = base.get_input_embeddings().num_embeddings
@@ -689,6 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="max",
         help="what the decode gate imitates: 'max' (largest probability per key block, max over the GQA group; "
         "SeerAttention-R's target, default) or 'mass' (the group's probability mass per block)",
+    )
+    distill.add_argument(
+        "--decode-target-temperature",
+        type=float,
+        default=1.0,
+        help="raise the decode target to 1/T and renormalise: T > 1 flattens it (see DistillationArguments)",
     )
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--init-adapter", default=None, help="start from these gates instead of fresh ones")

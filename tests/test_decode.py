@@ -807,6 +807,33 @@ def test_distillation_trains_the_decode_gate():
 
     with pytest.raises(ValueError, match="decode_target must be one of"):
         DistillationArguments(output_dir="unused", decode_target="sum")
+    # a tempered target is another loss too; temperatures must be positive numbers
+    _, tempered = distillation_loss(model, ids, mask, decode_target_temperature=2.0)
+    assert tempered.keys() == by_max.keys() and tempered != by_max
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="decode_target_temperature must be a positive number"):
+            DistillationArguments(output_dir="unused", decode_target_temperature=bad)
+
+
+def test_tempered_decode_target_is_the_renormalised_power():
+    """temper_target: each row's target to the power 1/T, renormalised; empty rows stay empty; T = 1 is the identity;
+    T > 1 flattens (the top block loses probability, the others gain relative to it)."""
+    from seer_adapter.distill import temper_target
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 5, 7, generator=gen) ** 4
+    target[0, 1, 2] = 0.0  # a row without a target (a padding token)
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
+    assert temper_target(target, 1.0) is target
+    got = temper_target(target, 2.0)
+    want = target.sqrt() / target.sqrt().sum(-1, keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[0, 1, 2], torch.zeros(7))
+    sums = got.sum(-1)
+    torch.testing.assert_close(sums[sums > 0], torch.ones_like(sums[sums > 0]))
+    assert bool((got.amax(-1)[sums > 0] < target.amax(-1)[sums > 0]).all())
+    sharper = temper_target(target, 0.5)
+    assert bool((sharper.amax(-1)[sums > 0] > target.amax(-1)[sums > 0]).all())
 
 
 def test_train_gates_logs_the_decode_gate_loss(tmp_path):
