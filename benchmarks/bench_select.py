@@ -18,6 +18,7 @@ Writes ``benchmarks/results/bench_select_<time>.json`` and prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -54,15 +55,22 @@ def fused_path(logits, method, params, block_size, seq):
     return lists
 
 
-def forced_search_ms(search: str, fn) -> float:
-    """Time ``fn`` with the kernel's top-k threshold search forced to ``"bisection"`` or ``"radix"``."""
+@contextlib.contextmanager
+def forced_search(search: str):
+    """Force the kernel's top-k threshold search to ``"bisection"`` or ``"radix"`` (it picks one by the row count)."""
     saved = block_select_triton._RADIX_BELOW_PROGRAMS
     block_select_triton._RADIX_BELOW_PROGRAMS = 0 if search == "bisection" else 1 << 62
     try:
-        fn()  # compile this variant outside the timing
-        return triton.testing.do_bench(fn)
+        yield
     finally:
         block_select_triton._RADIX_BELOW_PROGRAMS = saved
+
+
+def forced_search_ms(search: str, fn) -> float:
+    """Time ``fn`` with the kernel's top-k threshold search forced to ``search``."""
+    with forced_search(search):
+        fn()  # compile this variant outside the timing
+        return triton.testing.do_bench(fn)
 
 
 def same_lists(a, b) -> bool:
@@ -88,12 +96,10 @@ def bench_decode(args, device) -> list[dict]:
             kv_len=n_blocks * block, sink_block=sink,
         )  # fmt: skip
         timings = {search: forced_search_ms(search, run) for search in ("bisection", "radix")}
-        saved = block_select_triton._RADIX_BELOW_PROGRAMS
-        block_select_triton._RADIX_BELOW_PROGRAMS = 0
-        bisection_lists, _ = run()
-        block_select_triton._RADIX_BELOW_PROGRAMS = 1 << 62
-        radix_lists, _ = run()
-        block_select_triton._RADIX_BELOW_PROGRAMS = saved
+        with forced_search("bisection"):
+            bisection_lists, _ = run()
+        with forced_search("radix"):
+            radix_lists, _ = run()
         row = {"mode": "decode", "S": seq, "batch": batch, "kv_heads": heads, "block_size": block, "budget": budget,
                "bisection_ms": timings["bisection"], "radix_ms": timings["radix"],
                "speedup": timings["bisection"] / timings["radix"],

@@ -13,7 +13,6 @@ trained gate needed, and writes one JSON with a row per (block size, selector, b
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distill_eval import MODELS, heldout_token_ids, model_setup  # noqa: E402
+from distill_eval import MODELS, heldout_token_ids, model_setup, result_file_tags  # noqa: E402
 
 from seer_adapter import SeerAttentionConfig, get_seer_model  # noqa: E402
 from seer_adapter.evaluation import environment_meta, evaluate_decode, format_decode_table, write_results  # noqa: E402
@@ -66,8 +65,7 @@ def main() -> None:
         command="python " + " ".join(sys.argv),
         seconds=time.perf_counter() - started,
     )
-    tag = environment_meta(device)["device"].split()[-1].lower()
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    tag, stamp = result_file_tags(device)
     file = Path(args.out) / f"decode_block_size_bound_{args.model}_{tag}_{args.prompt}_{stamp}.json"
     print(f"wrote {write_results(file, meta, rows)}")
     print(f"{'block':>5} {'selector':<12} {'budget':>6} {'density':>8} {'ppl':>9} {'Δ%':>7} {'top1%':>6}")

@@ -15,7 +15,6 @@ attended fraction of the context (the dense layers count whole).
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 import time
@@ -27,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distill_eval import MODELS, heldout_token_ids, model_setup  # noqa: E402
+from distill_eval import MODELS, heldout_token_ids, model_setup, result_file_tags  # noqa: E402
 
 from seer_adapter import SeerModel  # noqa: E402
 from seer_adapter.evaluation import (  # noqa: E402
@@ -174,8 +173,7 @@ def main() -> None:
         command="python " + " ".join(sys.argv),
         seconds=time.perf_counter() - started,
     )
-    tag = environment_meta(device)["device"].split()[-1].lower()
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    tag, stamp = result_file_tags(device)
     file = Path(args.out) / f"decode_layer_sensitivity_{args.model}_{tag}_{args.prompt}_{stamp}.json"
     print(f"wrote {write_results(file, meta, rows)}")
     print(f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8}")

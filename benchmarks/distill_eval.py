@@ -67,6 +67,13 @@ def heldout_token_ids(tokenizer: AutoTokenizer) -> torch.Tensor:
     return tokenizer(tokenizer.eos_token.join(d["text"] for d in heldout), return_tensors="pt").input_ids[0]
 
 
+def result_file_tags(device: torch.device) -> tuple[str, str]:
+    """``(device, time)`` parts of a results file name: the device's last word (``h200``, ``cpu``) and a timestamp,
+    so that a run never overwrites an earlier one's file."""
+    device_tag = environment_meta(device)["device"].split()[-1].lower()
+    return device_tag, f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
@@ -200,8 +207,7 @@ def main() -> None:
     model_name = f"{spec.hf_name} ({spec.gguf_name}, dequantised)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device_tag = environment_meta(device)["device"].split()[-1].lower()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")  # never overwrite an earlier run's file
+    device_tag, stamp = result_file_tags(device)
     if not args.skip_prefill_eval:
         rows = evaluate_selectors(
             model, heldout_ids, args.seq_len, max_windows=args.eval_windows, nz_ratios=(0.5, 0.3, 0.1),
