@@ -250,9 +250,9 @@ def decode_gate_scores_triton(
     query_merge: str = "mixture",
     block_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `decode_scores.decode_gate_scores_reference`: one program per (row, KV head, gate query)
-    merges a query, then one per (row, KV head, chunk of blocks) scores the compressed keys (and, for the mixture of
-    ``m > 1`` queries, one per (row, KV head) merges their scores)."""
+    """Same contract as `decode_scores.decode_gate_scores_reference`: one program per (KV head, gate query, 16
+    channels, 16 batch rows) merges the queries, then one per (row, KV head, chunk of blocks) scores the compressed
+    keys (and, for the mixture of ``m > 1`` queries, one per (row, KV head, column tile) merges their scores)."""
     check_decode_score_inputs(q, cos, sin, q_weight, keys, n_earlier, rope_style, num_queries, query_merge, block_valid)
     batch, hq, head_dim = q.shape
     hkv, gate_dim, n_queries = q_weight.shape[0], keys.shape[3], num_queries
