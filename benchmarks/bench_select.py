@@ -7,10 +7,8 @@ boolean mask, then `block_mask_to_indices` (no host sync). Both results are chec
     python benchmarks/bench_select.py --seq-lens 8k 32k 128k
     python benchmarks/bench_select.py --decode --seq-lens 8k 64k 128k   # one decoding step's selection
 
-The fused kernel finds each row's top-k threshold by bisection (32 counting passes) or by radix select (4
-one-byte histograms); it picks by the number of rows, and both are timed here (``fused_ms`` is the one it picks,
-``bisection_ms`` / ``radix_ms`` each forced). ``--decode`` times a decoding step's selection instead: scores
-``[B, Hkv, 1, S/16 + 1]`` (batch 8, 8 KV heads, 16-token blocks, budget 2k), one row per sequence and KV head.
+``--decode`` times a decoding step's selection instead: scores ``[B, Hkv, 1, S/16 + 1]`` (batch 8, 8 KV heads,
+16-token blocks, budget 2k), one row per sequence and KV head, the current block last.
 
 Writes ``benchmarks/results/bench_select_<time>.json`` and prints a table last.
 """
@@ -18,7 +16,6 @@ Writes ``benchmarks/results/bench_select_<time>.json`` and prints a table last.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -30,7 +27,6 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter.attention import gate_probabilities  # noqa: E402
-from seer_adapter.kernels import block_select_triton  # noqa: E402
 from seer_adapter.kernels.block_lists import block_mask_to_indices, causal_block_allowed  # noqa: E402
 from seer_adapter.kernels.block_select_triton import select_block_lists_triton  # noqa: E402
 from seer_adapter.masks import select_blocks  # noqa: E402
@@ -40,70 +36,51 @@ def parse_seq_len(text: str) -> int:
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
 
 
-def torch_path(logits, allowed, method, params, block_size, seq):
+def torch_path(logits, allowed, method, params, block_size, q_len, kv_len):
     probs = gate_probabilities(logits)
     keep = select_blocks(probs, allowed, method=method, block_size=block_size, **params,
-                         sink_block=torch.zeros(1, dtype=torch.long, device=logits.device))  # fmt: skip
-    return block_mask_to_indices(keep, block_size=block_size, q_len=seq, kv_len=seq, compact=False)
+                         sink_block=torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))  # fmt: skip
+    return block_mask_to_indices(keep, block_size=block_size, q_len=q_len, kv_len=kv_len, compact=False)
 
 
-def fused_path(logits, method, params, block_size, seq):
+def fused_path(logits, method, params, block_size, q_len, kv_len):
     lists, _ = select_block_lists_triton(
-        logits, method=method, block_size=block_size, q_len=seq, kv_len=seq,
-        sink_block=torch.zeros(1, dtype=torch.long, device=logits.device), **params,
+        logits, method=method, block_size=block_size, q_len=q_len, kv_len=kv_len,
+        sink_block=torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device), **params,
     )  # fmt: skip
     return lists
 
 
-@contextlib.contextmanager
-def forced_search(search: str):
-    """Force the kernel's top-k threshold search to ``"bisection"`` or ``"radix"`` (it picks one by the row count)."""
-    saved = block_select_triton._RADIX_BELOW_PROGRAMS
-    block_select_triton._RADIX_BELOW_PROGRAMS = 0 if search == "bisection" else 1 << 62
-    try:
-        yield
-    finally:
-        block_select_triton._RADIX_BELOW_PROGRAMS = saved
-
-
-def forced_search_ms(search: str, fn) -> float:
-    """Time ``fn`` with the kernel's top-k threshold search forced to ``search``."""
-    with forced_search(search):
-        fn()  # compile this variant outside the timing
-        return triton.testing.do_bench(fn)
-
-
-def same_lists(a, b) -> bool:
-    width = a.indices.shape[-1]
-    real = torch.arange(width, device=a.counts.device) < a.counts[..., None]
-    return torch.equal(a.counts, b.counts) and torch.equal(
-        torch.where(real, a.indices, -1), torch.where(real, b.indices[..., :width], -1)
-    )
+def lists_differ(lists, ref_idx: torch.Tensor, ref_cnt: torch.Tensor) -> torch.Tensor:
+    """Rows whose lists differ (ties at the k-th probability, or probabilities within an ulp of the threshold)."""
+    width = lists.indices.shape[-1]
+    real = torch.arange(width, device=lists.counts.device) < lists.counts[..., None]
+    return (ref_cnt != lists.counts) | (
+        torch.where(real, lists.indices, -1) != torch.where(real, ref_idx[..., :width], -1)
+    ).any(-1)
 
 
 def bench_decode(args, device) -> list[dict]:
-    """One decoding step's selection per context: [B, Hkv, 1, n_blocks + 1] scores, the current block last."""
+    """One decoding step's selection per context: [B, Hkv, 1, n_blocks] scores, the current block last."""
     rows = []
     block, batch, heads, budget = 16, 8, 8, 2048
+    params = {"token_budget": budget}
     for seq in map(parse_seq_len, args.seq_lens):
         n_blocks = seq // block + 1
+        kv_len = n_blocks * block
         torch.manual_seed(0)
-        scores = torch.randn(batch, heads, 1, n_blocks, device=device) * 2
-        scores[..., -1] = torch.finfo(torch.float32).min
-        sink = torch.zeros(batch, dtype=torch.long, device=device)
-        run = functools.partial(
-            select_block_lists_triton, scores, method="token_budget", token_budget=budget, block_size=block, q_len=1,
-            kv_len=n_blocks * block, sink_block=sink,
-        )  # fmt: skip
-        timings = {search: forced_search_ms(search, run) for search in ("bisection", "radix")}
-        with forced_search("bisection"):
-            bisection_lists, _ = run()
-        with forced_search("radix"):
-            radix_lists, _ = run()
+        allowed = causal_block_allowed(1, n_blocks, block_size=block, q_len=1, kv_len=kv_len, device=device)
+        logits = (torch.randn(batch, heads, 1, n_blocks, device=device) * 2).masked_fill(~allowed, -torch.inf)
+        ref_idx, ref_cnt = torch_path(logits, allowed, "token_budget", params, block, 1, kv_len)
+        fused = functools.partial(fused_path, logits, "token_budget", params, block, 1, kv_len)
+        differs = lists_differ(fused(), ref_idx, ref_cnt)
+        torch_ms = triton.testing.do_bench(
+            functools.partial(torch_path, logits, allowed, "token_budget", params, block, 1, kv_len)
+        )
+        fused_ms = triton.testing.do_bench(fused)
         row = {"mode": "decode", "S": seq, "batch": batch, "kv_heads": heads, "block_size": block, "budget": budget,
-               "bisection_ms": timings["bisection"], "radix_ms": timings["radix"],
-               "speedup": timings["bisection"] / timings["radix"],
-               "same_lists": same_lists(bisection_lists, radix_lists)}  # fmt: skip
+               "torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
+               "rows_differing": int(differs.sum()), "rows": differs.numel()}  # fmt: skip
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -130,24 +107,17 @@ def main() -> None:
                                        device=device)  # fmt: skip
         logits = (torch.randn(1, args.heads, n_blocks, n_blocks, device=device) * 2).masked_fill(~allowed, -torch.inf)
         for method, params in settings:
-            ref_idx, ref_cnt = torch_path(logits, allowed, method, params, args.block_size, seq)
-            lists = fused_path(logits, method, params, args.block_size, seq)
-            # Rows whose lists differ (ties at the k-th probability, or probabilities within an ulp of the threshold).
-            width = lists.indices.shape[-1]
-            real = torch.arange(width, device=device) < lists.counts[..., None]
-            differs = (ref_cnt != lists.counts) | (
-                torch.where(real, lists.indices, -1) != torch.where(real, ref_idx[..., :width], -1)
-            ).any(-1)
+            ref_idx, ref_cnt = torch_path(logits, allowed, method, params, args.block_size, seq, seq)
+            lists = fused_path(logits, method, params, args.block_size, seq, seq)
+            differs = lists_differ(lists, ref_idx, ref_cnt)
             torch_ms = triton.testing.do_bench(
-                functools.partial(torch_path, logits, allowed, method, params, args.block_size, seq)
+                functools.partial(torch_path, logits, allowed, method, params, args.block_size, seq, seq)
             )
-            fused = functools.partial(fused_path, logits, method, params, args.block_size, seq)
-            fused_ms = triton.testing.do_bench(fused)
-            searches = {}
-            if method == "nz_ratio":
-                searches = {f"{search}_ms": forced_search_ms(search, fused) for search in ("bisection", "radix")}
+            fused_ms = triton.testing.do_bench(
+                functools.partial(fused_path, logits, method, params, args.block_size, seq, seq)
+            )
             row = {"mode": "prefill", "S": seq, "heads": args.heads, "method": method, **params, "torch_ms": torch_ms,
-                   "fused_ms": fused_ms, **searches, "speedup": torch_ms / fused_ms,
+                   "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
                    "same_lists": not bool(differs.any()),
                    "rows_differing": int(differs.sum()), "rows": differs.numel(),
                    "density": float(lists.counts.sum() / allowed.sum() / args.heads)}  # fmt: skip
@@ -172,20 +142,18 @@ def write(args, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}")
     if args.decode:
-        print(f"{'S':>7} {'bisection ms':>12} {'radix ms':>9} {'x':>6} same")
+        print(f"{'S':>7} {'torch ms':>9} {'fused ms':>9} {'x':>6} rows differing")
         for r in rows:
-            times = f"{r['bisection_ms']:>12.4f} {r['radix_ms']:>9.4f} {r['speedup']:>6.2f}"
-            print(f"{r['S']:>7} {times} {r['same_lists']}")
+            print(f"{r['S']:>7} {r['torch_ms']:>9.4f} {r['fused_ms']:>9.4f} {r['speedup']:>6.1f} "
+                  f"{r['rows_differing']}/{r['rows']}")  # fmt: skip
         return
     print(
-        f"{'S':>7} {'method':<10} {'param':>7} {'density':>8} {'torch ms':>9} {'fused ms':>9} {'x':>6} "
-        "rows differing  bisection / radix ms"
+        f"{'S':>7} {'method':<10} {'param':>7} {'density':>8} {'torch ms':>9} {'fused ms':>9} {'x':>6} rows differing"
     )
     for r in rows:
         param = r.get("nz_ratio", r.get("threshold"))
         print(f"{r['S']:>7} {r['method']:<10} {param:>7} {r['density']:>8.3f} {r['torch_ms']:>9.3f} "
-              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}"
-              + (f"  {r['bisection_ms']:.3f} / {r['radix_ms']:.3f}" if "radix_ms" in r else ""))  # fmt: skip
+              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}")  # fmt: skip
 
 
 if __name__ == "__main__":

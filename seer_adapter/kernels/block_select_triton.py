@@ -3,9 +3,8 @@
 The PyTorch path (`block_lists.select_block_lists_reference`) goes scores -> softmax -> top-k -> boolean mask ->
 cumsum/scatter -> index lists, about twenty passes over a ``[B, H, nQ, nK]`` tensor plus a top-k (at 128k tokens
 and 32 heads that tensor has 134 M elements per layer). Here one program owns one query-block row: it loads the
-row's scores once (``nK`` floats in registers), applies the softmax, finds the top-k threshold on the
-order-preserving integer image of the floats — by bisection (32 counting passes over registers, no sort) when many
-rows fill the GPU, by radix select (4 histograms of one byte each) when few rows do — adds the forced sink and
+row's scores once (``nK`` floats in registers), applies the softmax, finds the top-k threshold by bisection on the
+order-preserving integer image of the floats (32 counting passes over registers, no sort), adds the forced sink and
 local blocks, and writes the kept block indices in ascending order with a prefix sum. Ties at the k-th value are
 broken towards lower block indices. Only the lists (``[B, H, nQ, W]`` int32), their counts and the per-row count of
 allowed blocks (for density statistics) are written.
@@ -41,11 +40,9 @@ def _select_block_lists_kernel(
     HAS_SINK: tl.constexpr,
     FORCE_LOCAL: tl.constexpr,
     HAS_LOCAL_TENSOR: tl.constexpr,
-    RADIX: tl.constexpr,
 ):  # fmt: skip
     """Grid: (nQ, H, B). Scores [B, H, nQ, nK] float; BlockValid int8 [B, nK]; SinkBlock int64 [B];
-    Indices int32 [B, H, nQ, W]; Counts, AllowedCounts int32 [B, H, nQ]. METHOD: 0 dense, 1 threshold, 2 top-k.
-    RADIX: the top-k threshold by radix select (4 histogram passes) instead of bisection (32 counting passes)."""
+    Indices int32 [B, H, nQ, W]; Counts, AllowedCounts int32 [B, H, nQ]. METHOD: 0 dense, 1 threshold, 2 top-k."""
     q_block = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
@@ -89,36 +86,15 @@ def _select_block_lists_kernel(
         rank = tl.where(forced, float("inf"), tl.where(allowed, probs, float("-inf")))
         bits = rank.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        # Largest t with count(key >= t) >= top_k among allowed blocks: bisection over [-2^31, 2^31).
+        low = tl.full([], -2147483648, tl.int64)
+        high = tl.full([], 2147483648, tl.int64)
         key64 = key.to(tl.int64)
-        if RADIX:
-            # The top_k-th largest key among the allowed blocks, 8 bits a pass: each pass histograms one byte of the
-            # keys that match the bytes found so far (the others go to the spare bins 256..511) and picks the
-            # highest byte value with at least the still-needed count at or above it. 4 dependent passes instead
-            # of the bisection's 32, for rows that are each a program's whole work (decoding steps).
-            ukey = key64 + 2147483648  # [0, 2^32), same order
-            bins = tl.arange(0, 512)
-            matching = allowed
-            need = tl.minimum(top_k, n_allowed)  # fewer allowed blocks than k: the threshold is the smallest key
-            low = tl.full([], 0, tl.int64)
-            for step in tl.static_range(4):
-                digit = ((ukey >> (24 - 8 * step)) & 255).to(tl.int32)
-                counts = tl.histogram(tl.where(matching, digit, 256 + digit), 512)
-                counts = tl.where(bins < 256, counts, 0)
-                at_or_above = tl.cumsum(counts, 0, reverse=True)  # matching keys with this byte or a higher one
-                chosen = tl.max(tl.where((at_or_above >= need) & (bins < 256), bins, 0), 0)
-                need -= tl.sum(tl.where(bins == chosen, at_or_above - counts, 0), 0)
-                low += chosen.to(tl.int64) << (24 - 8 * step)
-                matching = matching & (digit == chosen)
-            low -= 2147483648
-        else:
-            # Largest t with count(key >= t) >= top_k among allowed blocks: bisection over [-2^31, 2^31).
-            low = tl.full([], -2147483648, tl.int64)
-            high = tl.full([], 2147483648, tl.int64)
-            for _ in range(32):
-                mid = low + (high - low) // 2
-                enough = tl.sum((allowed & (key64 >= mid)).to(tl.int32), 0) >= top_k
-                low = tl.where(enough, mid, low)
-                high = tl.where(enough, high, mid)
+        for _ in range(32):
+            mid = low + (high - low) // 2
+            enough = tl.sum((allowed & (key64 >= mid)).to(tl.int32), 0) >= top_k
+            low = tl.where(enough, mid, low)
+            high = tl.where(enough, high, mid)
         above = allowed & (key64 > low)
         at = allowed & (key64 == low)
         room = top_k - tl.sum(above.to(tl.int32), 0)
@@ -134,12 +110,6 @@ def _select_block_lists_kernel(
     count_offset = batch * stride_cb + head * stride_ch + q_block
     tl.store(Counts + count_offset, tl.sum(keep_i32, 0))
     tl.store(AllowedCounts + count_offset, n_allowed)
-
-
-# Below this many programs (rows) the top-k threshold is found by radix select: a decoding step has one row per
-# sequence and KV head, the GPU is nearly idle and each row's chain of dependent reductions sets the time. Prefill
-# keeps the bisection, whose many rows fill the GPU (measured there; radix select not timed on prefill).
-_RADIX_BELOW_PROGRAMS = 1024
 
 
 def _select_num_warps(nk_pad: int, programs: int) -> int:
@@ -208,7 +178,6 @@ def select_block_lists_triton(
             HAS_SINK=sink_block is not None,
             FORCE_LOCAL=force_local_block,
             HAS_LOCAL_TENSOR=local_block is not None,
-            RADIX=n_q_blocks * heads * batch < _RADIX_BELOW_PROGRAMS,
             num_warps=_select_num_warps(nk_pad, n_q_blocks * heads * batch),
         )  # fmt: skip
     return BlockLists(indices, counts, n_k_blocks), allowed_counts

@@ -10,12 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from seer_adapter.kernels import (  # noqa: E402
-    BlockLists,
-    block_select_triton,
-    block_sparse_attention,
-    select_block_lists,
-)
+from seer_adapter.kernels import BlockLists, block_sparse_attention, select_block_lists  # noqa: E402
 from seer_adapter.kernels.block_lists import (  # noqa: E402
     block_mask_to_indices,
     causal_block_allowed,
@@ -48,13 +43,6 @@ def make_case(batch, heads, q_len, kv_len, block_size, padded, seed):
     return scores, block_valid, sink
 
 
-@pytest.fixture(params=["bisection", "radix"])
-def top_k_search(request, monkeypatch) -> str:
-    """Run a test under both top-k threshold searches of the kernel (it picks one by the number of rows)."""
-    monkeypatch.setattr(block_select_triton, "_RADIX_BELOW_PROGRAMS", 0 if request.param == "bisection" else 1 << 62)
-    return request.param
-
-
 CASES = [
     # batch, heads, q_len, kv_len, block_size
     (1, 1, 63, 63, 16),
@@ -65,7 +53,6 @@ CASES = [
 ]
 
 
-@pytest.mark.usefixtures("top_k_search")
 @pytest.mark.parametrize("method,params", [("threshold", {"threshold": 0.05}), ("token_budget", {"token_budget": 640})])
 @pytest.mark.parametrize("n_blocks", [1, 2, 37, 3000])
 def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> None:
@@ -102,7 +89,6 @@ def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> 
         assert lists_as_rows(static) == lists_as_rows(expected), select.__name__
 
 
-@pytest.mark.usefixtures("top_k_search")
 @pytest.mark.parametrize(
     "batch,heads,q_len,kv_len,block_size,padded",
     [(*case, False) for case in CASES] + [(*CASES[1], True), (*CASES[3], True)],
@@ -130,7 +116,6 @@ def test_select_block_lists_matches_reference(batch, heads, q_len, kv_len, block
     assert lists_as_rows(got) == lists_as_rows(expected)
 
 
-@pytest.mark.usefixtures("top_k_search")
 @pytest.mark.parametrize("apply_softmax", [True, False])
 @pytest.mark.parametrize("dense_last", [0, 2])
 @pytest.mark.parametrize("force_local", [True, False])
@@ -148,7 +133,6 @@ def test_select_block_lists_options(apply_softmax, dense_last, force_local) -> N
     assert lists_as_rows(got) == lists_as_rows(expected)
 
 
-@pytest.mark.usefixtures("top_k_search")
 def test_select_block_lists_ties_keep_k_lowest_blocks() -> None:
     # All-equal scores: every row keeps k blocks (forced ones first), the remaining ones the lowest indices.
     n_blocks = 20
@@ -163,7 +147,6 @@ def test_select_block_lists_ties_keep_k_lowest_blocks() -> None:
         assert row == expected, (q_block, row)
 
 
-@pytest.mark.usefixtures("top_k_search")
 def test_select_block_lists_always_keeps_forced_blocks_and_stays_causal() -> None:
     scores, block_valid, sink = make_case(2, 3, 900, 900, 64, True, seed=3)
     lists, allowed_counts = select_block_lists_triton(
