@@ -44,8 +44,13 @@ def _both_caches(model, ids, mask, capacity, full_sliding_layers=False, **kwargs
         {"decode_method": "threshold", "decode_threshold": 0.3},
         # the prefill gate on 4x larger blocks than the decode gate
         {"decode_token_budget": 2 * BLOCK, "block_size": 4 * BLOCK, "decode_block_size": BLOCK},
+        # per-layer decode selection: each layer's list width differs inside one static step
+        {
+            "decode_token_budget": BLOCK,
+            "layer_overrides": {"0": {"decode_token_budget": 3 * BLOCK}, "1": {"decode_method": "dense"}},
+        },
     ],
-    ids=["one_block", "three_blocks", "threshold", "decode_block_smaller"],
+    ids=["one_block", "three_blocks", "threshold", "decode_block_smaller", "per_layer"],
 )
 def test_static_steps_equal_dynamic_decoding(family, settings):
     """Padded rows of different lengths, a capacity that is not a multiple of the block size, prompt ending inside a
@@ -58,7 +63,12 @@ def test_static_steps_equal_dynamic_decoding(family, settings):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_seq, want_seq)
     stats = model.sparsity_stats()
-    assert {row["phase"] for row in stats} == {"decode"} and any(row["density"] < 1 for row in stats)
+    sparse = [row for row in stats if row["mode"] == "sparse"]
+    assert {row["phase"] for row in sparse} == {"decode"} and any(row["density"] < 1 for row in sparse)
+    if "layer_overrides" in settings:  # layer 0 keeps 3 blocks per (row, KV head), layer 1 decodes dense
+        config = model.base_model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-2 / OPT: no GQA
+        assert [row["mode"] for row in stats[:2]] == ["sparse", "dense"] and stats[0]["kept_blocks"] == 3 * 2 * heads
 
 
 SLIDING_FAMILIES = {"gemma2", "gemma3_text"}  # sliding-window layers: refused unless full_sliding_layers=True
@@ -336,7 +346,14 @@ def test_forward_wrapper_keeps_the_signature_follows_deep_copies_and_unloads():
 # CUDA graphs (GPU)
 # ------------------------------------------------------------------------------------------------------
 @needs_gpu
-@pytest.mark.parametrize("settings", [{"decode_token_budget": 2 * BLOCK}, {"decode_method": "dense"}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"decode_token_budget": 2 * BLOCK},
+        {"decode_method": "dense"},
+        {"decode_token_budget": BLOCK, "layer_overrides": {"0": {"decode_token_budget": 3 * BLOCK}}},
+    ],
+)
 def test_cuda_graph_steps_equal_eager_static_and_dynamic(settings):
     """One capture serves a whole generation; its tokens and logits equal eager static steps and the dynamic cache
     (same Triton kernels); changing the sparsity settings re-captures instead of replaying a stale graph."""
