@@ -15,6 +15,7 @@ attended fraction of the context (the dense layers count whole).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -105,12 +106,15 @@ def main() -> None:
     scorer = None if args.selector == "gate" else args.selector
     started = time.perf_counter()
 
+    def overrides_of(overridden: list[int]) -> dict[str, dict[str, Any]]:
+        return {str(layer): dict(override) for layer in overridden}
+
     def run(label: str, method: str, overridden: list[int], budget: int = args.budget) -> dict[str, Any]:
         model.set_sparsity(
             dense_below_length=window + 1,  # dense prefill: only the decoding steps differ between runs
             decode_method=method,
             decode_token_budget=budget,
-            layer_overrides={layer: dict(override) for layer in overridden},
+            layer_overrides=overrides_of(overridden),
         )
         with decode_block_scorer(model, scorer):
             result = decode_windows(model, windows, args.prompt, args.batch_size)
@@ -181,6 +185,11 @@ def main() -> None:
         recovered = f"{r['recovered']:>9.2f}" if "recovered" in r else f"{'-':>9}"
         attended = f"{r['attended_fraction']:>8.3f}"
         print(f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {attended}")
+    # the chosen sets as a user writes them: SeerAttentionConfig(layer_overrides=...) or seer-adapter eval
+    # --layer-overrides (with decode_token_budget=args.budget for every other layer)
+    print(f"\nlayer_overrides of the chosen sets (every other layer: decode_token_budget={args.budget}):")
+    for label, chosen in zip(labels, chosen_sets, strict=True):
+        print(f"{label:<22} {json.dumps(overrides_of(chosen))}")
 
 
 if __name__ == "__main__":
