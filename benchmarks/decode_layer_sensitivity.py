@@ -15,14 +15,10 @@ attended fraction of the context (the dense layers count whole).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,24 +28,11 @@ from distill_eval import MODELS, heldout_token_ids, model_setup, result_file_tag
 from seer_adapter import SeerModel  # noqa: E402
 from seer_adapter.evaluation import (  # noqa: E402
     DECODE_SELECTORS,
-    decode_block_scorer,
-    decode_continuation,
+    decode_layer_sensitivity,
     environment_meta,
+    format_layer_sensitivity_table,
     write_results,
 )
-
-
-def decode_windows(model: SeerModel, windows: torch.Tensor, prompt: int, batch_size: int) -> dict[str, float]:
-    """Teacher-forced continuation of every window under the model's current settings: ``{nll, count, density}``
-    (density: kept fraction of the real-token blocks of the sparse layers' steps, 1.0 without any). On a GPU the
-    steps replay as CUDA graphs (`SeerStaticCache`), as `evaluate_decode` does."""
-    cache = "static" if next(model.base_model.parameters()).is_cuda else "dynamic"
-    nll, count, density = 0.0, 0, []
-    for first in range(0, windows.shape[0], batch_size):
-        for run in decode_continuation(model, windows[first : first + batch_size], prompt, cache=cache):
-            nll, count = nll + run["nll"], count + run["count"]
-            density.append(run["decode_density"])
-    return {"nll": nll, "count": count, "density": sum(density) / len(density)}
 
 
 def main() -> None:
@@ -91,86 +74,33 @@ def main() -> None:
     path, tokenizer, device, dtype = model_setup(args.model)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model = SeerModel.from_pretrained(base, args.adapter)
-    config = model.peft_config[model.active_adapter]
-    if not config.decode_gate:
-        raise SystemExit(f"{args.adapter} has no decode gate: train one with distill_eval.py --decode-gate")
-    window = args.prompt + args.tokens
-    token_ids = heldout_token_ids(tokenizer)
-    n_windows = min(args.windows, token_ids.numel() // window - args.first_window)
-    if n_windows < 1:
-        raise SystemExit(f"the held-out text has {token_ids.numel() // window} windows of {window} tokens")
-    first = args.first_window * window
-    windows = token_ids[first : first + n_windows * window].reshape(n_windows, window)  # [W, prompt + tokens]
-    layers = sorted(model.gates())
-    override = {"decode_method": "dense"} if args.layer_budget is None else {"decode_token_budget": args.layer_budget}
-    scorer = None if args.selector == "gate" else args.selector
     started = time.perf_counter()
-
-    def overrides_of(overridden: list[int]) -> dict[str, dict[str, Any]]:
-        return {str(layer): dict(override) for layer in overridden}
-
-    def run(label: str, method: str, overridden: list[int], budget: int = args.budget) -> dict[str, Any]:
-        model.set_sparsity(
-            dense_below_length=window + 1,  # dense prefill: only the decoding steps differ between runs
-            decode_method=method,
-            decode_token_budget=budget,
-            layer_overrides=overrides_of(overridden),
+    try:
+        rows = decode_layer_sensitivity(
+            model,
+            heldout_token_ids(tokenizer),
+            args.prompt,
+            args.tokens,
+            budget=args.budget,
+            layer_budget=args.layer_budget,
+            max_windows=args.windows,
+            first_window=args.first_window,
+            top=args.fix_top,
+            layer_sets=None if args.override_sets is None else [text.split(",") for text in args.override_sets],
+            uniform_budgets=args.uniform_budgets,
+            selector=args.selector,
+            batch_size=args.batch_size,
         )
-        with decode_block_scorer(model, scorer):
-            result = decode_windows(model, windows, args.prompt, args.batch_size)
-        # attended fraction over all layers: with dense overrides the sparse layers' density and the dense layers
-        # whole; with --layer-budget every layer is sparse and the density already counts them all
-        attended = result["density"]
-        if args.layer_budget is None or method == "dense":
-            dense_layers = len(layers) if method == "dense" else len(overridden)
-            attended = ((len(layers) - dense_layers) * result["density"] + dense_layers) / len(layers)
-        row = {
-            "run": label,
-            "layers_overridden": overridden,
-            "ppl": math.exp(result["nll"] / result["count"]),
-            "budget": None if method == "dense" else budget,
-            "tokens": result["count"],
-            "sparse_density": result["density"],
-            "attended_fraction": attended,
-        }
-        print(f"{label:<22} ppl {row['ppl']:8.3f}  density {result['density']:.3f}", flush=True)
-        return row
-
-    dense = run("dense", "dense", [])
-    sparse = run("all sparse", "token_budget", [])
-    gap = sparse["ppl"] - dense["ppl"]
-    rows = [dense, sparse]
-    per_layer = []
-    if args.override_sets is None:
-        for layer in layers:
-            row = run(f"layer {layer} overridden", "token_budget", [layer])
-            row["recovered"] = (sparse["ppl"] - row["ppl"]) / gap if gap else float("nan")
-            per_layer.append(row)
-        rows += per_layer
-        ranked = sorted(per_layer, key=lambda r: r["ppl"])
-        chosen_sets = [sorted(r["layers_overridden"][0] for r in ranked[:k]) for k in args.fix_top]
-        labels = [f"top {k} overridden" for k in args.fix_top]
-    else:
-        chosen_sets = [sorted(int(layer) for layer in text.split(",")) for text in args.override_sets]
-        labels = [f"{len(chosen)} given overridden" for chosen in chosen_sets]
-    for label, chosen in zip(labels, chosen_sets, strict=True):
-        row = run(label, "token_budget", chosen)
-        row["recovered"] = (sparse["ppl"] - row["ppl"]) / gap if gap else float("nan")
-        rows.append(row)
-    for budget in args.uniform_budgets:
-        row = run(f"all sparse at {budget}", "token_budget", [], budget)
-        row["recovered"] = (sparse["ppl"] - row["ppl"]) / gap if gap else float("nan")
-        rows.append(row)
-    for row in rows:
-        row["ppl_delta_pct"] = 100.0 * (row["ppl"] / dense["ppl"] - 1.0)
-
+    except ValueError as exc:  # no decode gate, a budget below one block, unknown layers
+        raise SystemExit(f"decode_layer_sensitivity.py: {exc}") from None
+    n_windows = rows[0]["tokens"] // (args.tokens - 1)
     meta = environment_meta(
         device,
         model=f"{spec.hf_name} ({spec.gguf_name}, dequantised)",
         adapter=args.adapter,
         selector=args.selector,
         budget=args.budget,
-        override=override,
+        override="dense" if args.layer_budget is None else {"decode_token_budget": args.layer_budget},
         data=f"held-out works, windows {args.first_window}..{args.first_window + n_windows - 1}: prompt "
         f"{args.prompt} (dense prefill) + {args.tokens} tokens decoded token by token",
         dtype=str(dtype),
@@ -180,16 +110,7 @@ def main() -> None:
     tag, stamp = result_file_tags(device)
     file = Path(args.out) / f"decode_layer_sensitivity_{args.model}_{tag}_{args.prompt}_{stamp}.json"
     print(f"wrote {write_results(file, meta, rows)}")
-    print(f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8}")
-    for r in [dense, sparse, *sorted(per_layer, key=lambda r: r["ppl"])[:8], *rows[2 + len(per_layer) :]]:
-        recovered = f"{r['recovered']:>9.2f}" if "recovered" in r else f"{'-':>9}"
-        attended = f"{r['attended_fraction']:>8.3f}"
-        print(f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {attended}")
-    # the chosen sets as a user writes them: SeerAttentionConfig(layer_overrides=...) or seer-adapter eval
-    # --layer-overrides (with decode_token_budget=args.budget for every other layer)
-    print(f"\nlayer_overrides of the chosen sets (every other layer: decode_token_budget={args.budget}):")
-    for label, chosen in zip(labels, chosen_sets, strict=True):
-        print(f"{label:<22} {json.dumps(overrides_of(chosen))}")
+    print(format_layer_sensitivity_table(rows))
 
 
 if __name__ == "__main__":

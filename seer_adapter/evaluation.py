@@ -644,6 +644,188 @@ def evaluate_decode(
     return rows
 
 
+def decode_layer_sensitivity(
+    model: Any,
+    token_ids: torch.Tensor,
+    prompt_len: int,
+    continuation: int,
+    *,
+    budget: int,
+    layer_budget: int | None = None,
+    max_windows: int | None = 4,
+    first_window: int = 0,
+    top: Sequence[int] | None = None,
+    layer_sets: Sequence[Sequence[int]] | None = None,
+    uniform_budgets: Sequence[int] = (),
+    selector: str = "gate",
+    batch_size: int = 1,
+    cache: str = "auto",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Which layers' decode selection costs the perplexity, and what giving them more context buys.
+
+    The continuation of each window (``prompt_len + continuation`` tokens, cut from the 1-D ``token_ids`` after
+    skipping ``first_window`` windows) is decoded token by token (`decode_continuation`, dense prefill) once densely,
+    once with every gated layer at ``decode_token_budget=budget``, then — unless ``layer_sets`` is given — once per
+    gated layer with only that layer overridden: dense decoding (``layer_budget=None``) or ``layer_budget`` tokens.
+    The ``top`` costliest layers (those whose override lowered the perplexity most) are then overridden together;
+    ``layer_sets`` evaluates given sets instead (chosen on other windows: the honest check of a choice). Every
+    ``uniform_budgets`` entry runs every layer at that budget, to compare with the overrides at an equal attended
+    fraction. The model's settings are restored afterwards; overrides the adapter already has stay under the sweep's.
+
+    Args:
+        model: a `SeerModel` whose active adapter has a decode gate.
+        budget: decode token budget of every layer not overridden (>= one decode block).
+        layer_budget: the overridden layers' budget; ``None`` (default) decodes them dense.
+        max_windows: windows to decode (default 4; ``None``: all that fit).
+        top: sizes of the costliest-layer sets to evaluate after the per-layer sweep (each <= the gated layers;
+            default 1, 2 and 4, those below the number of gated layers).
+        layer_sets: layer sets to evaluate instead of the per-layer sweep.
+        selector: who scores the blocks (`DECODE_SELECTORS`; ``"gate"``, the decode gate, by default).
+        batch_size, cache: as in `evaluate_decode`.
+
+    Returns:
+        One row per run: ``{run, layers_overridden, layer_overrides (the JSON a user passes to
+        SeerAttentionConfig.layer_overrides, on top of decode_token_budget=budget), budget, ppl, ppl_delta_pct,
+        tokens, sparse_density (kept fraction of the sparse layers' blocks), attended_fraction (over every gated
+        layer, dense ones whole), recovered (share of the all-sparse perplexity gap given back)}``; ``dense`` first,
+        ``all sparse`` second.
+    """
+    from tqdm.auto import tqdm
+
+    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
+        raise TypeError(f"decode_layer_sensitivity runs on a SeerModel, got {type(model).__name__}")
+    saved = model.peft_config[model.active_adapter]
+    if not saved.decode_gate:
+        raise ValueError("the active adapter has no decode gate (decode_gate=False): nothing selects decode blocks")
+    decode_block = saved.effective_decode_block_size
+    for name, value in [
+        ("budget", budget),
+        ("layer_budget", layer_budget),
+        *(("uniform_budgets", b) for b in uniform_budgets),
+    ]:
+        if value is not None and (not isinstance(value, int) or value < decode_block):
+            raise ValueError(f"{name}={value!r} is below one block of the decode gate ({decode_block} tokens)")
+    if selector not in DECODE_SELECTORS:
+        raise ValueError(f"selector must be one of {DECODE_SELECTORS}, got {selector!r}")
+    if continuation < 2:
+        raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if cache not in ("auto", "dynamic", "static"):
+        raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
+    layers = sorted(model.gates())
+    if layer_sets is not None:
+        layer_sets = [sorted({int(layer) for layer in chosen}) for chosen in layer_sets]
+        unknown = sorted({layer for chosen in layer_sets for layer in chosen} - set(layers))
+        if unknown or not layer_sets or not all(layer_sets):
+            raise ValueError(f"layer_sets must be non-empty sets of gated layers {layers}; got {unknown or layer_sets}")
+    elif top is None:
+        top = [k for k in (1, 2, 4) if k < len(layers)]
+    elif any(not isinstance(k, int) or not 1 <= k <= len(layers) for k in top):
+        raise ValueError(f"top sizes must lie in 1..{len(layers)} (the gated layers), got {list(top)}")
+    if not isinstance(first_window, int) or first_window < 0:
+        raise ValueError(f"first_window must be a non-negative int, got {first_window!r}")
+    window = prompt_len + continuation
+    n_windows = token_ids.numel() // window - first_window
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise ValueError(
+            f"need {first_window + 1} windows of {window} tokens (prompt_len + continuation), got "
+            f"{token_ids.numel()} tokens"
+        )
+    windows = token_ids[first_window * window : (first_window + n_windows) * window].reshape(n_windows, window)
+    if cache == "auto":
+        cache = "static" if next(model.base_model.parameters()).is_cuda else "dynamic"
+    override = {"decode_method": "dense"} if layer_budget is None else {"decode_token_budget": layer_budget}
+    scorer = selector if selector in DECODE_SCORERS else None
+    runs_total = 2 + (len(layers) if layer_sets is None else 0) + len(layer_sets or top) + len(uniform_budgets)
+    bar = tqdm(total=runs_total, disable=not progress, desc="decode layers", unit="run")
+
+    def overrides_of(overridden: list[int]) -> dict[str, dict[str, Any]]:
+        return {str(layer): dict(override) for layer in overridden}
+
+    def run(label: str, overridden: list[int], run_budget: int | None) -> dict[str, Any]:
+        """One decoding of every window; ``run_budget=None``: every layer dense."""
+        merged = {key: dict(value) for key, value in saved.layer_overrides.items()}
+        for key, value in overrides_of(overridden).items():
+            merged[key] = {**merged.get(key, {}), **value}
+        method = {"decode_method": "dense"} if run_budget is None else {"decode_method": "token_budget"}
+        model.peft_config[model.active_adapter] = saved.replace(
+            dense_below_length=window + 1,  # dense prefill: only the decoding steps differ between runs
+            decode_token_budget=budget if run_budget is None else run_budget,
+            layer_overrides=merged,
+            **method,
+        )
+        nll, count, densities = 0.0, 0, []
+        with decode_block_scorer(model, scorer):
+            for first in range(0, n_windows, batch_size):
+                for result in decode_continuation(model, windows[first : first + batch_size], prompt_len, cache=cache):
+                    nll, count = nll + result["nll"], count + result["count"]
+                    densities.append(result["decode_density"])
+        density = sum(densities) / len(densities)
+        # over every gated layer: with dense overrides the sparse layers' density and the dense layers whole; with a
+        # layer budget every layer is sparse and the density already counts them all
+        dense_layers = len(layers) if run_budget is None else (len(overridden) if layer_budget is None else 0)
+        attended = (
+            density if run_budget is None else ((len(layers) - dense_layers) * density + dense_layers) / len(layers)
+        )
+        bar.update(1)
+        return {
+            "run": label,
+            "layers_overridden": overridden,
+            "layer_overrides": overrides_of(overridden),
+            "budget": run_budget,
+            "ppl": math.exp(nll / count),
+            "tokens": count,
+            "sparse_density": density,
+            "attended_fraction": attended,
+        }
+
+    try:
+        dense = run("dense", [], None)
+        sparse = run("all sparse", [], budget)
+        rows = [dense, sparse]
+        if layer_sets is None:
+            per_layer = [run(f"layer {layer} overridden", [layer], budget) for layer in layers]
+            rows += per_layer
+            ranked = [row["layers_overridden"][0] for row in sorted(per_layer, key=lambda row: row["ppl"])]
+            chosen_sets = [(f"top {k} overridden", sorted(ranked[:k])) for k in top]
+        else:
+            chosen_sets = [(f"{len(chosen)} given overridden", chosen) for chosen in layer_sets]
+        rows += [run(label, chosen, budget) for label, chosen in chosen_sets]
+        rows += [run(f"all sparse at {b}", [], b) for b in uniform_budgets]
+    finally:
+        bar.close()
+        model.peft_config[model.active_adapter] = saved
+    gap = sparse["ppl"] - dense["ppl"]
+    for row in rows:
+        row["ppl_delta_pct"] = 100.0 * (row["ppl"] / dense["ppl"] - 1.0)
+        if row is not dense and row is not sparse:
+            row["recovered"] = (sparse["ppl"] - row["ppl"]) / gap if gap else float("nan")
+    return rows
+
+
+def format_layer_sensitivity_table(rows: list[dict[str, Any]], single_layers: int = 8) -> str:
+    """A text table of `decode_layer_sensitivity` rows (the ``single_layers`` best single-layer overrides only),
+    then each chosen set as the ``layer_overrides`` JSON to paste into a config or ``--layer-overrides``."""
+    single = [r for r in rows[2:] if r["run"].startswith("layer ")]
+    chosen = [r for r in rows[2:] if not r["run"].startswith(("layer ", "all sparse at"))]
+    shown = [*rows[:2], *sorted(single, key=lambda r: r["ppl"])[:single_layers]]
+    shown += [r for r in rows[2:] if not r["run"].startswith("layer ")]
+    lines = [f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8}"]
+    for r in shown:
+        recovered = f"{r['recovered']:>9.2f}" if "recovered" in r else f"{'-':>9}"
+        lines.append(f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {r['attended_fraction']:>8.3f}")
+    if chosen:
+        lines.append(
+            f"\nlayer_overrides of the chosen sets (every other layer: decode_token_budget={rows[1]['budget']}):"
+        )
+        lines += [f"{r['run']:<22} {json.dumps(r['layer_overrides'])}" for r in chosen]
+    return "\n".join(lines)
+
+
 def format_decode_table(rows: list[dict[str, Any]]) -> str:
     """A text table of `evaluate_decode` rows."""
     lines = [

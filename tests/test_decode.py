@@ -904,6 +904,76 @@ def test_evaluate_decode_full_budget_equals_dense_and_small_budget_differs():
     assert "token_budget" in format_decode_table(rows)
 
 
+def test_decode_layer_sensitivity_sweeps_layers_and_returns_usable_overrides():
+    """Per-layer sweep on a 3-layer model: rows in order, the model's settings restored (its own overrides kept
+    under the sweep's), every layer dense equals dense decoding, and each row's ``layer_overrides`` reproduces its
+    perplexity when a user sets them."""
+    from seer_adapter.evaluation import decode_continuation, decode_layer_sensitivity, format_layer_sensitivity_table
+
+    layers, window = 3, 150
+    own = {"1": {"threshold": 0.01}}  # a prefill override of the adapter's own: kept, and restored after
+    model = get_seer_model(tiny_model("llama", num_hidden_layers=layers), _config(layer_overrides=own))
+    _randomise_decode_gates(model)
+    ids = torch.randint(3, 128, (3 * window,), generator=torch.Generator().manual_seed(5))
+    saved = model.peft_config["default"]
+    rows = decode_layer_sensitivity(
+        model, ids, 100, 50, budget=BLOCK, max_windows=2, top=(1, layers), uniform_budgets=(3 * BLOCK,),
+        progress=False,
+    )  # fmt: skip
+    assert model.peft_config["default"] == saved
+    assert [r["run"] for r in rows] == [
+        "dense", "all sparse", "layer 0 overridden", "layer 1 overridden", "layer 2 overridden",
+        "top 1 overridden", "top 3 overridden", f"all sparse at {3 * BLOCK}",
+    ]  # fmt: skip
+    dense, sparse, *per_layer = rows[:5]
+    assert all(r["tokens"] == 2 * 49 for r in rows) and dense["ppl_delta_pct"] == 0.0
+    assert dense["attended_fraction"] == 1.0 and 0.0 < sparse["attended_fraction"] < 0.5
+    assert abs(sparse["ppl_delta_pct"]) > 0.01  # one block of budget really changes the model
+    for row in per_layer:  # one of three layers dense: a third of the attention whole
+        want = (2 * row["sparse_density"] + 1) / 3
+        assert row["attended_fraction"] == pytest.approx(want)
+    best = min(per_layer, key=lambda r: r["ppl"])
+    assert rows[5]["layers_overridden"] == best["layers_overridden"] and rows[5]["ppl"] == pytest.approx(best["ppl"])
+    assert rows[6]["layers_overridden"] == [0, 1, 2] and abs(rows[6]["ppl_delta_pct"]) < 1e-3  # all dense = dense
+    assert rows[6]["recovered"] == pytest.approx(1.0, abs=1e-4) and rows[6]["attended_fraction"] == 1.0
+    assert rows[7]["layer_overrides"] == {} and rows[7]["budget"] == 3 * BLOCK
+    # a row's layer_overrides, set by a user on top of the budget, give the row's perplexity
+    row = per_layer[1]
+    assert row["layer_overrides"] == {"1": {"decode_method": "dense"}}
+    merged = {"1": {**own["1"], **row["layer_overrides"]["1"]}}
+    model.set_sparsity(decode_token_budget=BLOCK, dense_below_length=window + 1, layer_overrides=merged)
+    runs = [decode_continuation(model, ids[w * window : (w + 1) * window], 100) for w in range(2)]
+    assert row["ppl"] == pytest.approx(float(torch.tensor(sum(r["nll"] for r in runs) / 98).exp()), rel=1e-6)
+    model.peft_config["default"] = saved
+    table = format_layer_sensitivity_table(rows)
+    assert '{"0": {"decode_method": "dense"}, "1": {"decode_method": "dense"}, "2"' in table
+
+    # given sets with a layer budget (validation on other windows): every layer sparse, so the density counts all
+    given = decode_layer_sensitivity(
+        model, ids, 100, 50, budget=BLOCK, layer_budget=4 * BLOCK, first_window=1, max_windows=None,
+        layer_sets=[[2, 0]], progress=False,
+    )  # fmt: skip
+    assert [r["run"] for r in given] == ["dense", "all sparse", "2 given overridden"]
+    assert given[0]["tokens"] == 2 * 49  # windows 1 and 2 of the three
+    assert given[2]["layer_overrides"] == {"0": {"decode_token_budget": 4 * BLOCK}, "2": {"decode_token_budget": 64}}
+    assert given[2]["attended_fraction"] == given[2]["sparse_density"] > given[1]["sparse_density"]
+    for bad, match in [
+        ({"budget": BLOCK // 2}, "below one block"),
+        ({"budget": BLOCK, "layer_budget": 3}, "layer_budget=3 is below one block"),
+        ({"budget": BLOCK, "layer_sets": [[0, 7]]}, r"gated layers \[0, 1, 2\]"),
+        ({"budget": BLOCK, "layer_sets": []}, r"non-empty sets of gated layers"),
+        ({"budget": BLOCK, "top": (4,)}, r"top sizes must lie in 1..3"),
+        ({"budget": BLOCK, "first_window": 3}, "need 4 windows"),
+        ({"budget": BLOCK, "selector": "random"}, "selector must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            decode_layer_sensitivity(model, ids, 100, 50, progress=False, **bad)
+    plain = get_seer_model(tiny_model("llama"), _config(decode_gate=False))
+    with pytest.raises(ValueError, match="no decode gate"):
+        decode_layer_sensitivity(plain, ids, 100, 50, budget=BLOCK, progress=False)
+    assert model.peft_config["default"] == saved
+
+
 def _naive_decode_oracle(query, key, padding, block_size, scale, n_earlier, target="max"):
     """log of: per strictly earlier block, the largest attention probability of the group's heads (or their summed
     probability mass), renormalised."""
