@@ -270,6 +270,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     long-context task suite instead (`run_task_eval`)."""
     if args.tasks:
         return run_task_eval(args)
+    if args.layer_sensitivity:
+        return run_layer_sensitivity(args)
     if args.decode_budgets is not None or args.decode_thresholds:
         return run_decode_eval(args)
     from .evaluation import environment_meta, evaluate_selectors, format_selector_table, write_results
@@ -353,6 +355,69 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
         write_results(args.out, meta, rows)
     _logger(args)(format_decode_table(rows))
     return {"meta": meta, "rows": rows}
+
+
+def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
+    """Which layers' decode selection costs the perplexity (`evaluation.decode_layer_sensitivity`) at the one
+    ``--decode-budgets`` value; prints the chosen layer sets as ``--layer-overrides`` JSON."""
+    from .evaluation import decode_layer_sensitivity, environment_meta, format_layer_sensitivity_table, write_results
+
+    prefix = "seer-adapter eval --layer-sensitivity"
+    if args.tasks or args.decode_thresholds:
+        raise SystemExit(f"{prefix}: error: does not combine with --tasks or --decode-thresholds")
+    if args.decode_budgets is None or len(args.decode_budgets) != 1 or len(args.decode_selectors) != 1:
+        raise SystemExit(
+            f"{prefix}: error: give the budget of every other layer as one --decode-budgets value (e.g. "
+            "--decode-budgets 2048) and at most one --decode-selectors"
+        )
+    model, tokenizer, device, dtype = _load_for_eval(args, decode_gate=True)
+    token_ids = _eval_token_ids(args.data, tokenizer)
+    try:
+        rows = decode_layer_sensitivity(
+            model,
+            token_ids,
+            args.window,
+            args.decode_tokens,
+            budget=args.decode_budgets[0],
+            layer_budget=args.layer_budget,
+            max_windows=args.max_windows or 4,
+            first_window=args.first_window,
+            top=args.top,
+            layer_sets=args.layer_sets,
+            uniform_budgets=args.uniform_budgets,
+            selector=args.decode_selectors[0],
+            batch_size=args.decode_batch_size,
+            cache=args.decode_cache,
+            progress=not args.json,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"{prefix}: error: {exc}") from None
+    windows = rows[0]["tokens"] // (args.decode_tokens - 1)
+    meta = environment_meta(
+        device,
+        model=args.model,
+        adapter=args.adapter,
+        data=f"{args.data}: windows {args.first_window}..{args.first_window + windows - 1}, prompt {args.window} + "
+        f"continuation {args.decode_tokens}",
+        budget=args.decode_budgets[0],
+        layer_budget=args.layer_budget,
+        dtype=str(dtype),
+        command=_command_line(args),
+    )
+    if args.out:
+        write_results(args.out, meta, rows)
+    _logger(args)(format_layer_sensitivity_table(rows))
+    return {"meta": meta, "rows": rows}
+
+
+def _layer_set(text: str) -> list[int]:
+    """A comma-separated layer set (``20,23``) as ints; argparse turns the ValueError into a usage error."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 20,23, got {text!r}"
+        ) from None
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -721,10 +786,13 @@ def build_parser() -> argparse.ArgumentParser:
         "The selector applies to the prefill; answers decode densely (--decode sparse: through the adapter's decode "
         "gate; --decode recompute: every answer token from a fresh sparse prefill). "
         "With --decode-budgets: sparse decoding quality, a held-out continuation decoded token by token with the "
-        "decode gate at each budget against dense decoding.",
+        "decode gate at each budget against dense decoding. With --layer-sensitivity as well: which layers' decode "
+        "selection costs the perplexity at that budget, and the layer_overrides that give them more.",
         epilog="examples:\n"
         "  seer-adapter eval --adapter gates/ --window 4096 --out benchmarks/results/eval.json\n"
         "  seer-adapter eval --adapter gates/ --window 7936 --decode-budgets 2048 4096 --decode-tokens 256\n"
+        "  seer-adapter eval --adapter gates/ --window 7936 --decode-budgets 2048 --layer-sensitivity \\\n"
+        "      --layer-budget 4096 --top 2 4\n"
         "  seer-adapter eval --adapter gates/ --tasks niah_single,niah_multikey,vt --lengths 4k 8k \\\n"
         "      --densities 0.3 0.1 --num-samples 8 --out benchmarks/results/tasks.json --plot tasks.png\n"
         f"\ntasks: {', '.join(TASK_NAMES)}; aliases vt, cwe, fwe; 'default' = {', '.join(DEFAULT_TASK_NAMES)}",
@@ -846,6 +914,40 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["dense", "gate"],
         default="dense",
         help="sparse decoding: the prompt's prefill runs dense (default) or through the prefill gate as configured",
+    )
+    evaluate.add_argument(
+        "--layer-sensitivity",
+        action="store_true",
+        help="sparse decoding, per layer: decode with every layer at the one --decode-budgets value, then with each "
+        "layer alone given --layer-budget tokens (default: dense decoding), then the --top costliest layers together; "
+        "prints each chosen set as --layer-overrides JSON",
+    )
+    evaluate.add_argument(
+        "--layer-budget",
+        type=int,
+        default=None,
+        help="layer sensitivity: the overridden layers' budget (default dense)",
+    )
+    evaluate.add_argument(
+        "--top", type=int, nargs="+", default=None, help="layer sensitivity: sizes of the costliest-layer sets (1 2 4)"
+    )
+    evaluate.add_argument(
+        "--layer-sets",
+        type=_layer_set,
+        nargs="+",
+        default=None,
+        help="layer sensitivity: evaluate these comma-separated layer sets (e.g. 20,23 16,20,22,23) instead of the "
+        "per-layer sweep: a choice made on other windows (--first-window)",
+    )
+    evaluate.add_argument(
+        "--uniform-budgets",
+        type=int,
+        nargs="*",
+        default=[],
+        help="layer sensitivity: every layer at these budgets too, to compare at an equal attended fraction",
+    )
+    evaluate.add_argument(
+        "--first-window", type=int, default=0, help="layer sensitivity: skip this many windows of the text"
     )
     evaluate.add_argument("--no-chat-template", action="store_true", help="tasks: plain prompts even with a template")
     evaluate.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/...)")

@@ -546,3 +546,29 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     assert budget_row["top1_agreement"] == 100.0 and budget_row["decode_density"] == 1.0
     with pytest.raises(SystemExit, match=r"--layer-overrides: layer_overrides\['0'\]\.decode_token_budget=8"):
         cli_main([*common, *gates, "--decode-budgets", "16", "--layer-overrides", '{"0": {"decode_token_budget": 8}}'])
+    # which layers' decode selection costs most: the sweep, and its chosen sets printed as --layer-overrides JSON
+    capsys.readouterr()
+    sweep = tmp_path / "layers.json"
+    cli_main([*common, *gates, "--decode-budgets", "16", "--layer-sensitivity", "--top", "1", "2", "--out", str(sweep)])
+    result = json.loads(sweep.read_text())
+    runs = [r["run"] for r in result["rows"]]
+    assert runs == [
+        "dense",
+        "all sparse",
+        "layer 0 overridden",
+        "layer 1 overridden",
+        "top 1 overridden",
+        "top 2 overridden",
+    ]
+    assert abs(result["rows"][-1]["ppl_delta_pct"]) < 1e-6 and result["meta"]["budget"] == 16  # both dense = dense
+    assert '{"0": {"decode_method": "dense"}, "1": {"decode_method": "dense"}}' in capsys.readouterr().out
+    given = tmp_path / "given.json"
+    options = ["--layer-sets", "1", "--layer-budget", "32", "--first-window", "1", "--uniform-budgets", "32"]
+    cli_main([*common, *gates, "--decode-budgets", "16", "--layer-sensitivity", *options, "--out", str(given)])
+    rows = json.loads(given.read_text())["rows"]
+    assert [r["run"] for r in rows] == ["dense", "all sparse", "1 given overridden", "all sparse at 32"]
+    assert rows[2]["layer_overrides"] == {"1": {"decode_token_budget": 32}}
+    with pytest.raises(SystemExit, match="one --decode-budgets value"):
+        cli_main([*common, *gates, "--decode-budgets", "16", "32", "--layer-sensitivity"])
+    with pytest.raises(SystemExit, match=r"gated layers \[0, 1\]"):
+        cli_main([*common, *gates, "--decode-budgets", "16", "--layer-sensitivity", "--layer-sets", "0,5"])
