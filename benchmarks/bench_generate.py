@@ -148,6 +148,12 @@ def main() -> None:
         default="float32",
         help="the gates' dtype, hence the compressed keys' (bfloat16 halves what the decode-gate scores read)",
     )
+    parser.add_argument(
+        "--decode-key-dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="store the compressed keys in this dtype with the gates in --gate-dtype (decode_key_dtype)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -163,6 +169,7 @@ def main() -> None:
         decode_gate_queries=args.decode_gate_queries,
         decode_gate_query_merge=args.decode_gate_query_merge,
         gate_dtype=args.gate_dtype,
+        decode_key_dtype=args.decode_key_dtype,
     )
     model = get_seer_model(base, seer_config)
     cache_name = cache_argument(base)
@@ -273,6 +280,7 @@ def main() -> None:
         decode_gate_queries=seer_config.decode_gate_queries,
         decode_gate_query_merge=seer_config.decode_gate_query_merge,
         gate_dtype=seer_config.gate_dtype,
+        decode_key_dtype=seer_config.decode_key_dtype,
         command="python " + " ".join(sys.argv),
         peak_gib=max(row["peak_gib"] for row in rows),
     )

@@ -124,6 +124,12 @@ def main() -> None:
         "--decode-cache", choices=["auto", "dynamic", "static"], default="auto", help="see evaluate_decode's cache"
     )
     parser.add_argument("--decode-batch-size", type=int, default=1, help="windows decoded together as one batch")
+    parser.add_argument(
+        "--decode-key-dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="decode with the compressed keys stored in this dtype (decode_key_dtype; the gates stay fp32)",
+    )
     args = parser.parse_args()
 
     spec = MODELS[args.model]
@@ -230,6 +236,8 @@ def main() -> None:
         print(format_selector_table(rows))
     if args.decode_budgets is not None or args.decode_thresholds:
         prompt = args.decode_prompt or args.seq_len - args.decode_tokens
+        if args.decode_key_dtype is not None:
+            model.set_sparsity(decode_key_dtype=args.decode_key_dtype)
         started = time.perf_counter()
         rows = evaluate_decode(
             model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
@@ -248,6 +256,7 @@ def main() -> None:
             decode_block_size=decode_block_size,
             decode_gate_queries=model.peft_config[model.active_adapter].decode_gate_queries,
             decode_gate_query_merge=model.peft_config[model.active_adapter].decode_gate_query_merge,
+            decode_key_dtype=model.peft_config[model.active_adapter].decode_key_dtype,
             dtype=str(dtype),
             command="python " + " ".join(sys.argv),
             distillation=distillation,

@@ -596,6 +596,7 @@ def _track_compressed_keys(
                 sin,
                 state.rope_style or "half",
                 state.runtime.active_adapter,
+                _decode_key_dtype(state),
             )
     except DecodeCacheError:
         if _layer_decode_settings(state)["decode_method"] != "dense":
@@ -603,6 +604,12 @@ def _track_compressed_keys(
         # Dense decoding does not need the compressed keys: forget them; switching to a sparse decode_method later
         # in this generation raises then.
         cache.seer_keys.pop(state.layer_idx, None)
+
+
+def _decode_key_dtype(state: SeerLayerState) -> torch.dtype | None:
+    """The compressed keys' dtype a new K-compression cache takes (``decode_key_dtype``; ``None``: the gate's)."""
+    name = state.runtime.config.decode_key_dtype
+    return None if name is None else getattr(torch, name)
 
 
 def _layer_decode_settings(state: SeerLayerState) -> dict[str, Any]:

@@ -686,6 +686,7 @@ def update_compressed_keys(
     sin: torch.Tensor | None,
     rope_style: str,
     adapter_name: str = "default",
+    key_dtype: torch.dtype | None = None,
 ) -> CompressedKeys:
     """Append ``new_tokens`` slots to the layer's K-compression cache and compress the blocks they complete.
 
@@ -695,6 +696,8 @@ def update_compressed_keys(
         token_valid: bool ``[B, Sk]`` (True = real token) or ``None`` when nothing is padded.
         cos, sin: RoPE tables of the new slots ``[B or 1, new_tokens, r]`` (``None``: no RoPE).
         adapter_name: the active adapter (a cache filled by another adapter's decode gate is refused).
+        key_dtype: dtype of the compressed keys when this call creates the layer's cache (``None``: the gate's);
+            an existing cache keeps its own.
 
     Raises:
         DecodeCacheError: the compression cache is out of step with the KV cache.
@@ -721,9 +724,8 @@ def update_compressed_keys(
                 and t.batch_size == batch
             ]  # fmt: skip
             tables = same[0] if same else SlotRopeTables(batch, cos.shape[-1], cos.dtype, key.device)
-        layer = CompressedKeys(
-            batch, gate.num_kv_heads, gate.gate_dim, gate.k_proj.weight.dtype, key.device, tables, adapter_name
-        )
+        dtype = key_dtype or gate.k_proj.weight.dtype
+        layer = CompressedKeys(batch, gate.num_kv_heads, gate.gate_dim, dtype, key.device, tables, adapter_name)
         cache.seer_keys[layer_idx] = layer
     if layer.adapter_name != adapter_name:
         raise DecodeCacheError(

@@ -114,6 +114,34 @@ def test_static_stats_and_compressed_keys_equal_dynamic():
         assert torch.equal(got_keys[index][1], valid)
 
 
+def test_half_precision_compressed_keys_in_both_caches():
+    """``decode_key_dtype="bfloat16"`` with fp32 gates: both caches store the compressed keys in bf16, equal to the
+    fp32 run's keys rounded; the setting is a run-time one, taken by the next cache; bad values are refused."""
+    from seer_adapter import SeerConfigError
+
+    model = get_seer_model(tiny_model("llama"), _config(decode_token_budget=2 * BLOCK))
+    _randomise_decode_gates(model)
+    ids, mask = _inputs(batch=2, length=40, pad_left=(5, 0), seed=8)
+    config = model.base_model.config
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    reference = SeerDynamicCache(config=config)
+    model.generate(ids, attention_mask=mask, **kwargs, **_cache(reference))
+    model.set_sparsity(decode_key_dtype="bfloat16")
+    for cache in (SeerDynamicCache(config=config), SeerStaticCache(config=config, max_cache_len=60)):
+        sequences = model.generate(ids, attention_mask=mask, **kwargs, **_cache(cache))
+        assert sequences.shape == (2, 52)
+        for index, layer in cache.seer_keys.items():
+            want = reference.seer_keys[index].keys
+            assert layer.keys.dtype == torch.bfloat16 and layer.keys.shape == want.shape
+            torch.testing.assert_close(layer.keys.float(), want.to(torch.bfloat16).float(), atol=1e-6, rtol=0)
+    model.set_sparsity(decode_key_dtype=None)
+    again = SeerDynamicCache(config=config)
+    model.generate(ids, attention_mask=mask, **kwargs, **_cache(again))
+    assert all(layer.keys.dtype == torch.float32 for layer in again.seer_keys.values())
+    with pytest.raises(SeerConfigError, match="decode_key_dtype must be None"):
+        model.set_sparsity(decode_key_dtype="int8")
+
+
 def test_cache_buffers_hold_no_spare_batch_or_capacity():
     """Memory: a static cache's buffers are exactly its capacity (the compressed keys' RoPE tables too: doubling them
     past a 64k capacity cost 17 GB on an 8B model at batch 8), a dynamic cache's grow by an eighth, and a batch

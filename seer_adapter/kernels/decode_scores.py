@@ -161,6 +161,7 @@ def decode_gate_scores_reference(
         merged = apply_rope(merged, *tables, rope_style)
     lowest = torch.finfo(torch.float32).min
     scored_keys = keys if isinstance(n_earlier, torch.Tensor) else keys[:, :, :n_earlier]
+    scored_keys = scored_keys.to(merged.dtype)  # half-precision compressed keys (decode_key_dtype) score as the gate
     scores = torch.einsum("bhmg,bhkg->bhmk", merged, scored_keys).float() * scale  # [B, Hkv, m, n]
     scored = torch.arange(scores.shape[-1], device=keys.device) < n_earlier  # [n]
     if n_queries > 1:

@@ -143,12 +143,31 @@ def test_triton_matches_reference(batch, hq, hkv, head_dim, gate_dim, rot, style
     assert bool((want_static[..., n_earlier:] == torch.finfo(torch.float32).min).all())
 
 
+@pytest.mark.parametrize("key_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keys_score_like_their_fp32_values(key_dtype):
+    """``decode_key_dtype``: fp32 gate queries against half-precision compressed keys score exactly as against those
+    keys' fp32 values (the kernel reads them and computes in fp32), in both layouts."""
+    g = torch.Generator().manual_seed(4)
+    batch, hq, hkv, head_dim, gate_dim, n_earlier, capacity = 2, 8, 2, 16, 16, 70, 90
+    weight = torch.randn(hkv, 2 * gate_dim, hq // hkv * head_dim, generator=g).div(8)
+    q = torch.randn(batch, hq, head_dim, generator=g)
+    buffer = torch.randn(batch, hkv, capacity, gate_dim, generator=g).to(key_dtype)
+    cos, sin = _tables("half", 16, torch.tensor([100, 7]))
+    args = [t.to(DEVICE) for t in (q, cos, sin, weight)]
+    kwargs = dict(scale=0.25, num_queries=2, query_merge="mixture")
+    for keys, count in ((buffer[:, :, :n_earlier], n_earlier), (buffer, torch.tensor([n_earlier], device=DEVICE))):
+        want = decode_gate_scores_reference(*args, keys.float().to(DEVICE), count, **kwargs)
+        for scores in (decode_gate_scores_reference, decode_gate_scores_triton):
+            got = scores(*args, keys.to(DEVICE), count, **kwargs)
+            torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n_queries", [2, 5])
 def test_mixture_merge_over_several_chunks_of_blocks(n_queries):
-    """The mixture's normalisers combine the score kernel's per-chunk statistics (64 blocks a chunk) online, in
-    tiles of 128 chunks with 2 queries and 32 with 5, and each merge program covers 512 or 128 columns: a long context
-    spans several of each, with padding blocks among them, in the dynamic and the shape-static layout. The last
-    blocks hold the largest logits, so the running maximum rises in the last tile and the sums must be rescaled."""
+    """The merge kernel walks each row's columns in tiles (1024 with 2 queries, 256 with 5), keeping a running
+    maximum and sum per query: a long context spans several tiles, with padding blocks among them, in the dynamic and
+    the shape-static layout. The last blocks hold the largest logits, so the running maximum rises in the last tile
+    and the sums must be rescaled."""
     batch, hq, hkv, head_dim, gate_dim, n_earlier, capacity = 2, 10, 1, 16, 16, 2100, 2500
     g = torch.Generator().manual_seed(n_queries)
     weight = torch.randn(hkv, n_queries * gate_dim, hq // hkv * head_dim, generator=g).div(4)
