@@ -7,8 +7,10 @@ boolean mask, then `block_mask_to_indices` (no host sync). Both results are chec
     python benchmarks/bench_select.py --seq-lens 8k 32k 128k
     python benchmarks/bench_select.py --decode --seq-lens 8k 64k 128k   # one decoding step's selection
 
-``--decode`` times a decoding step's selection instead: scores ``[B, Hkv, 1, S/16 + 1]`` (batch 8, 8 KV heads,
-16-token blocks, budget 2k), one row per sequence and KV head, the current block last.
+``early_exit_ms``: the top-k methods again with the bisection stopped at the first exact count
+(`block_select_triton.EARLY_EXIT_SEARCH`, off by default until this benchmark shows it faster), with a check that the
+lists are the same. ``--decode`` times a decoding step's selection instead: scores ``[B, Hkv, 1, S/16 + 1]``
+(batch 8, 8 KV heads, 16-token blocks, budget 2k), one row per sequence and KV head, the current block last.
 
 Writes ``benchmarks/results/bench_select_<time>.json`` and prints a table last.
 """
@@ -27,6 +29,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seer_adapter.attention import gate_probabilities  # noqa: E402
+from seer_adapter.kernels import block_select_triton  # noqa: E402
 from seer_adapter.kernels.block_lists import block_mask_to_indices, causal_block_allowed  # noqa: E402
 from seer_adapter.kernels.block_select_triton import select_block_lists_triton  # noqa: E402
 from seer_adapter.masks import select_blocks  # noqa: E402
@@ -60,6 +63,20 @@ def lists_differ(lists, ref_idx: torch.Tensor, ref_cnt: torch.Tensor) -> torch.T
     ).any(-1)
 
 
+def early_exit_timing(fused, full_lists) -> dict:
+    """``fused`` timed with the top-k bisection stopped at the first exact count (`EARLY_EXIT_SEARCH`), and whether
+    its lists equal the full bisection's ``full_lists``."""
+    saved = block_select_triton.EARLY_EXIT_SEARCH
+    block_select_triton.EARLY_EXIT_SEARCH = True
+    try:
+        lists = fused()  # compiles this variant outside the timing
+        ms = triton.testing.do_bench(fused)
+    finally:
+        block_select_triton.EARLY_EXIT_SEARCH = saved
+    same = not bool(lists_differ(lists, full_lists.indices, full_lists.counts).any())
+    return {"early_exit_ms": ms, "early_exit_same_lists": same}
+
+
 def bench_decode(args, device) -> list[dict]:
     """One decoding step's selection per context: [B, Hkv, 1, n_blocks] scores, the current block last."""
     rows = []
@@ -73,14 +90,16 @@ def bench_decode(args, device) -> list[dict]:
         logits = (torch.randn(batch, heads, 1, n_blocks, device=device) * 2).masked_fill(~allowed, -torch.inf)
         ref_idx, ref_cnt = torch_path(logits, allowed, "token_budget", params, block, 1, kv_len)
         fused = functools.partial(fused_path, logits, "token_budget", params, block, 1, kv_len)
-        differs = lists_differ(fused(), ref_idx, ref_cnt)
+        full_lists = fused()
+        differs = lists_differ(full_lists, ref_idx, ref_cnt)
         torch_ms = triton.testing.do_bench(
             functools.partial(torch_path, logits, allowed, "token_budget", params, block, 1, kv_len)
         )
         fused_ms = triton.testing.do_bench(fused)
         row = {"mode": "decode", "S": seq, "batch": batch, "kv_heads": heads, "block_size": block, "budget": budget,
                "torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
-               "rows_differing": int(differs.sum()), "rows": differs.numel()}  # fmt: skip
+               "rows_differing": int(differs.sum()), "rows": differs.numel(),
+               **early_exit_timing(fused, full_lists)}  # fmt: skip
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -113,14 +132,14 @@ def main() -> None:
             torch_ms = triton.testing.do_bench(
                 functools.partial(torch_path, logits, allowed, method, params, args.block_size, seq, seq)
             )
-            fused_ms = triton.testing.do_bench(
-                functools.partial(fused_path, logits, method, params, args.block_size, seq, seq)
-            )
+            fused = functools.partial(fused_path, logits, method, params, args.block_size, seq, seq)
+            fused_ms = triton.testing.do_bench(fused)
+            early = early_exit_timing(fused, lists) if method != "threshold" else {}
             row = {"mode": "prefill", "S": seq, "heads": args.heads, "method": method, **params, "torch_ms": torch_ms,
                    "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
                    "same_lists": not bool(differs.any()),
                    "rows_differing": int(differs.sum()), "rows": differs.numel(),
-                   "density": float(lists.counts.sum() / allowed.sum() / args.heads)}  # fmt: skip
+                   "density": float(lists.counts.sum() / allowed.sum() / args.heads), **early}  # fmt: skip
             rows.append(row)
             print(row, flush=True)
             del ref_idx, ref_cnt, lists
@@ -142,18 +161,22 @@ def write(args, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\nwrote {path}")
     if args.decode:
-        print(f"{'S':>7} {'torch ms':>9} {'fused ms':>9} {'x':>6} rows differing")
+        print(f"{'S':>7} {'torch ms':>9} {'fused ms':>9} {'x':>6} rows differing  early exit ms (same)")
         for r in rows:
+            early = f"{r['early_exit_ms']:.4f} ({r['early_exit_same_lists']})"
             print(f"{r['S']:>7} {r['torch_ms']:>9.4f} {r['fused_ms']:>9.4f} {r['speedup']:>6.1f} "
-                  f"{r['rows_differing']}/{r['rows']}")  # fmt: skip
+                  f"{r['rows_differing']}/{r['rows']}  {early}")  # fmt: skip
         return
     print(
         f"{'S':>7} {'method':<10} {'param':>7} {'density':>8} {'torch ms':>9} {'fused ms':>9} {'x':>6} rows differing"
+        "  early exit ms (same)"
     )
     for r in rows:
         param = r.get("nz_ratio", r.get("threshold"))
+        early = f"  {r['early_exit_ms']:.3f} ({r['early_exit_same_lists']})" if "early_exit_ms" in r else ""
         print(f"{r['S']:>7} {r['method']:<10} {param:>7} {r['density']:>8.3f} {r['torch_ms']:>9.3f} "
-              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}")  # fmt: skip
+              f"{r['fused_ms']:>9.3f} {r['speedup']:>6.1f} {r['rows_differing']}/{r['rows']}"
+              + early)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ def _select_block_lists_kernel(
     HAS_SINK: tl.constexpr,
     FORCE_LOCAL: tl.constexpr,
     HAS_LOCAL_TENSOR: tl.constexpr,
+    EARLY_EXIT: tl.constexpr,
 ):  # fmt: skip
     """Grid: (nQ, H, B). Scores [B, H, nQ, nK] float; BlockValid int8 [B, nK]; SinkBlock int64 [B];
-    Indices int32 [B, H, nQ, W]; Counts, AllowedCounts int32 [B, H, nQ]. METHOD: 0 dense, 1 threshold, 2 top-k."""
+    Indices int32 [B, H, nQ, W]; Counts, AllowedCounts int32 [B, H, nQ]. METHOD: 0 dense, 1 threshold, 2 top-k.
+    EARLY_EXIT: stop the bisection at the first candidate that exactly k blocks reach (the same kept set)."""
     q_block = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
@@ -90,11 +92,25 @@ def _select_block_lists_kernel(
         low = tl.full([], -2147483648, tl.int64)
         high = tl.full([], 2147483648, tl.int64)
         key64 = key.to(tl.int64)
-        for _ in range(32):
-            mid = low + (high - low) // 2
-            enough = tl.sum((allowed & (key64 >= mid)).to(tl.int32), 0) >= top_k
-            low = tl.where(enough, mid, low)
-            high = tl.where(enough, high, mid)
+        if EARLY_EXIT:
+            # A candidate that exactly k blocks reach separates the k-th value from the next: keeping key >= it is
+            # the bisection's own result. Random rows reach one after about 16 passes (a step's slowest of 64 rows:
+            # about 22) instead of 32; ties at the k-th value still take all 32.
+            passes = 0
+            exact = 0
+            while (passes < 32) & (exact == 0):
+                mid = low + (high - low) // 2
+                reached = tl.sum((allowed & (key64 >= mid)).to(tl.int32), 0)
+                low = tl.where(reached >= top_k, mid, low)
+                high = tl.where(reached >= top_k, high, mid)
+                exact = (reached == top_k).to(tl.int32)
+                passes += 1
+        else:
+            for _ in range(32):
+                mid = low + (high - low) // 2
+                enough = tl.sum((allowed & (key64 >= mid)).to(tl.int32), 0) >= top_k
+                low = tl.where(enough, mid, low)
+                high = tl.where(enough, high, mid)
         above = allowed & (key64 > low)
         at = allowed & (key64 == low)
         room = top_k - tl.sum(above.to(tl.int32), 0)
@@ -110,6 +126,11 @@ def _select_block_lists_kernel(
     count_offset = batch * stride_cb + head * stride_ch + q_block
     tl.store(Counts + count_offset, tl.sum(keep_i32, 0))
     tl.store(AllowedCounts + count_offset, n_allowed)
+
+
+# Stop the top-k bisection early (see the kernel). Off until timed on a GPU (benchmarks/bench_select.py times both):
+# the same kept lists by construction, about half the counting passes.
+EARLY_EXIT_SEARCH = False
 
 
 def _select_num_warps(nk_pad: int, programs: int) -> int:
@@ -178,6 +199,7 @@ def select_block_lists_triton(
             HAS_SINK=sink_block is not None,
             FORCE_LOCAL=force_local_block,
             HAS_LOCAL_TENSOR=local_block is not None,
+            EARLY_EXIT=EARLY_EXIT_SEARCH,
             num_warps=_select_num_warps(nk_pad, n_q_blocks * heads * batch),
         )  # fmt: skip
     return BlockLists(indices, counts, n_k_blocks), allowed_counts

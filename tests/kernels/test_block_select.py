@@ -10,7 +10,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from seer_adapter.kernels import BlockLists, block_sparse_attention, select_block_lists  # noqa: E402
+from seer_adapter.kernels import (  # noqa: E402
+    BlockLists,
+    block_select_triton,
+    block_sparse_attention,
+    select_block_lists,
+)
 from seer_adapter.kernels.block_lists import (  # noqa: E402
     block_mask_to_indices,
     causal_block_allowed,
@@ -43,6 +48,13 @@ def make_case(batch, heads, q_len, kv_len, block_size, padded, seed):
     return scores, block_valid, sink
 
 
+@pytest.fixture(params=[False, True], ids=["full_bisection", "early_exit"])
+def bisection_exit(request, monkeypatch) -> bool:
+    """Run a test with the kernel's top-k bisection run to the end and stopped at the first exact count."""
+    monkeypatch.setattr(block_select_triton, "EARLY_EXIT_SEARCH", request.param)
+    return request.param
+
+
 CASES = [
     # batch, heads, q_len, kv_len, block_size
     (1, 1, 63, 63, 16),
@@ -53,6 +65,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("bisection_exit")
 @pytest.mark.parametrize("method,params", [("threshold", {"threshold": 0.05}), ("token_budget", {"token_budget": 640})])
 @pytest.mark.parametrize("n_blocks", [1, 2, 37, 3000])
 def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> None:
@@ -89,6 +102,7 @@ def test_decode_shaped_selection_matches_reference(n_blocks, method, params) -> 
         assert lists_as_rows(static) == lists_as_rows(expected), select.__name__
 
 
+@pytest.mark.usefixtures("bisection_exit")
 @pytest.mark.parametrize(
     "batch,heads,q_len,kv_len,block_size,padded",
     [(*case, False) for case in CASES] + [(*CASES[1], True), (*CASES[3], True)],
@@ -133,6 +147,7 @@ def test_select_block_lists_options(apply_softmax, dense_last, force_local) -> N
     assert lists_as_rows(got) == lists_as_rows(expected)
 
 
+@pytest.mark.usefixtures("bisection_exit")
 def test_select_block_lists_ties_keep_k_lowest_blocks() -> None:
     # All-equal scores: every row keeps k blocks (forced ones first), the remaining ones the lowest indices.
     n_blocks = 20
@@ -147,6 +162,7 @@ def test_select_block_lists_ties_keep_k_lowest_blocks() -> None:
         assert row == expected, (q_block, row)
 
 
+@pytest.mark.usefixtures("bisection_exit")
 def test_select_block_lists_always_keeps_forced_blocks_and_stays_causal() -> None:
     scores, block_valid, sink = make_case(2, 3, 900, 900, 64, True, seed=3)
     lists, allowed_counts = select_block_lists_triton(
