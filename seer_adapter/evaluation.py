@@ -512,6 +512,25 @@ def decode_continuation(
     return results[0] if token_ids.dim() == 1 else results
 
 
+def _check_decode_run(model: Any, caller: str, continuation: int, batch_size: int, cache: str) -> Any:
+    """The checks every token-by-token decoding evaluation shares; returns the active adapter's config."""
+    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
+        raise TypeError(f"{caller} runs on a SeerModel, got {type(model).__name__}")
+    config = model.peft_config[model.active_adapter]
+    if not config.decode_gate:
+        raise ValueError(
+            "the active adapter has no decode gate (decode_gate=False); train one with `seer-adapter distill "
+            "--decode-gate` or get_seer_model(..., SeerAttentionConfig(decode_gate=True)) and train_gates"
+        )
+    if continuation < 2:
+        raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if cache not in ("auto", "dynamic", "static"):
+        raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
+    return config
+
+
 def evaluate_decode(
     model: Any,
     token_ids: torch.Tensor,
@@ -556,18 +575,9 @@ def evaluate_decode(
     """
     from tqdm.auto import tqdm
 
-    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
-        raise TypeError(f"evaluate_decode runs on a SeerModel, got {type(model).__name__}")
-    config = model.peft_config[model.active_adapter]
-    if not config.decode_gate:
-        raise ValueError(
-            "the active adapter has no decode gate (decode_gate=False); train one with `seer-adapter distill "
-            "--decode-gate` or get_seer_model(..., SeerAttentionConfig(decode_gate=True)) and train_gates"
-        )
+    config = _check_decode_run(model, "evaluate_decode", continuation, batch_size, cache)
     if prefill not in ("dense", "gate"):
         raise ValueError(f"prefill must be 'dense' or 'gate', got {prefill!r}")
-    if continuation < 2:
-        raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
     for budget in budgets:
         if budget < config.effective_decode_block_size:
             raise ValueError(
@@ -583,10 +593,6 @@ def evaluate_decode(
     unknown = [name for name in selectors if name not in DECODE_SELECTORS]
     if unknown or not selectors:
         raise ValueError(f"decode selectors must be among {DECODE_SELECTORS}, got {list(selectors)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if cache not in ("auto", "dynamic", "static"):
-        raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
     on_cuda = next(model.base_model.parameters()).device.type == "cuda"
     default_cache = "static" if on_cuda else "dynamic"
     sparse = [{"decode_method": "token_budget", "decode_token_budget": int(b)} for b in budgets]
@@ -693,11 +699,7 @@ def decode_layer_sensitivity(
     """
     from tqdm.auto import tqdm
 
-    if not hasattr(model, "runtime") or not hasattr(model, "set_sparsity"):
-        raise TypeError(f"decode_layer_sensitivity runs on a SeerModel, got {type(model).__name__}")
-    saved = model.peft_config[model.active_adapter]
-    if not saved.decode_gate:
-        raise ValueError("the active adapter has no decode gate (decode_gate=False): nothing selects decode blocks")
+    saved = _check_decode_run(model, "decode_layer_sensitivity", continuation, batch_size, cache)
     decode_block = saved.effective_decode_block_size
     for name, value in [
         ("budget", budget),
@@ -708,12 +710,6 @@ def decode_layer_sensitivity(
             raise ValueError(f"{name}={value!r} is below one block of the decode gate ({decode_block} tokens)")
     if selector not in DECODE_SELECTORS:
         raise ValueError(f"selector must be one of {DECODE_SELECTORS}, got {selector!r}")
-    if continuation < 2:
-        raise ValueError(f"continuation must be at least 2 tokens, got {continuation}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if cache not in ("auto", "dynamic", "static"):
-        raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', got {cache!r}")
     layers = sorted(model.gates())
     if layer_sets is not None:
         layer_sets = [sorted({int(layer) for layer in chosen}) for chosen in layer_sets]
