@@ -274,7 +274,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         return run_layer_sensitivity(args)
     if args.decode_budgets is not None or args.decode_thresholds:
         return run_decode_eval(args)
-    from .evaluation import environment_meta, evaluate_selectors, format_selector_table, write_results
+    from .evaluation import environment_meta, evaluate_selectors, format_selector_table
 
     model, tokenizer, device, dtype = _load_for_eval(args)
     token_ids = _eval_token_ids(args.data, tokenizer)
@@ -298,19 +298,17 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         dtype=str(dtype),
         command=_command_line(args),
     )
-    if args.out:
-        write_results(args.out, meta, rows)
-    _logger(args)(format_selector_table(rows))
+    result = _report(args, meta, rows, format_selector_table(rows))
     if args.plot:
         from .plots import plot_ppl_vs_density
 
-        _save_plot(args, plot_ppl_vs_density({"meta": meta, "rows": rows}))
-    return {"meta": meta, "rows": rows}
+        _save_plot(args, plot_ppl_vs_density(result))
+    return result
 
 
 def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Held-out continuation decoded token by token: the decode gate at each budget against dense decoding."""
-    from .evaluation import environment_meta, evaluate_decode, format_decode_table, write_results
+    from .evaluation import environment_meta, evaluate_decode, format_decode_table
 
     if args.tasks:
         raise SystemExit("seer-adapter eval: error: --decode-budgets / --decode-thresholds do not combine with --tasks")
@@ -351,16 +349,13 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
         dtype=str(dtype),
         command=_command_line(args),
     )
-    if args.out:
-        write_results(args.out, meta, rows)
-    _logger(args)(format_decode_table(rows))
-    return {"meta": meta, "rows": rows}
+    return _report(args, meta, rows, format_decode_table(rows))
 
 
 def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     """Which layers' decode selection costs the perplexity (`evaluation.decode_layer_sensitivity`) at the one
     ``--decode-budgets`` value; prints the chosen layer sets as ``--layer-overrides`` JSON."""
-    from .evaluation import decode_layer_sensitivity, environment_meta, format_layer_sensitivity_table, write_results
+    from .evaluation import decode_layer_sensitivity, environment_meta, format_layer_sensitivity_table
 
     prefix = "seer-adapter eval --layer-sensitivity"
     if args.tasks or args.decode_thresholds:
@@ -404,9 +399,16 @@ def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
         dtype=str(dtype),
         command=_command_line(args),
     )
+    return _report(args, meta, rows, format_layer_sensitivity_table(rows))
+
+
+def _report(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]], table: str) -> dict[str, Any]:
+    """An ``eval`` run's ending: the results file at ``--out`` (if given), the table on the log, the result."""
+    from .evaluation import write_results
+
     if args.out:
         write_results(args.out, meta, rows)
-    _logger(args)(format_layer_sensitivity_table(rows))
+    _logger(args)(table)
     return {"meta": meta, "rows": rows}
 
 
