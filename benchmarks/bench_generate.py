@@ -154,6 +154,13 @@ def main() -> None:
         default=None,
         help="store the compressed keys in this dtype with the gates in --gate-dtype (decode_key_dtype)",
     )
+    parser.add_argument(
+        "--layer-overrides",
+        type=json.loads,
+        default={},
+        help="per-layer decode settings of the seer variants as JSON (SeerAttentionConfig.layer_overrides), e.g. "
+        '\'{"3": {"decode_token_budget": 4096}}\' with --budgets 1664: uneven budgets of the same mean',
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -204,10 +211,11 @@ def main() -> None:
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash_only else contextlib.nullcontext()
 
         use_layer_class(cache, DynamicLayer if variant == "dense_stock" else GrowableDynamicLayer)
+        overrides = args.layer_overrides if variant.startswith("seer") else {}
         if budget is None:
-            model.set_sparsity(decode_method="dense")
+            model.set_sparsity(decode_method="dense", layer_overrides=overrides)
         else:
-            model.set_sparsity(decode_method="token_budget", decode_token_budget=budget)
+            model.set_sparsity(decode_method="token_budget", decode_token_budget=budget, layer_overrides=overrides)
         torch.cuda.reset_peak_memory_stats()
         with sdpa():
             # warm-up past a block boundary: a completing block compiles the pooling kernels (Triton, allocator)
@@ -249,6 +257,7 @@ def main() -> None:
             {
                 "variant": variant,
                 "budget": budget,
+                "layer_overrides": overrides,
                 "batch": args.batch,
                 "context": args.context,
                 "new_tokens": args.new_tokens,

@@ -67,6 +67,12 @@ def main() -> None:
         help="every layer sparse at these budgets too: the uniform budgets to compare the overrides with at an equal "
         "attended fraction",
     )
+    parser.add_argument(
+        "--keep-average",
+        action="store_true",
+        help="lower every other layer's budget so the chosen sets keep the mean per-layer budget "
+        "(needs --layer-budget)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -88,6 +94,7 @@ def main() -> None:
             top=args.fix_top,
             layer_sets=None if args.override_sets is None else [text.split(",") for text in args.override_sets],
             uniform_budgets=args.uniform_budgets,
+            keep_average=args.keep_average,
             selector=args.selector,
             batch_size=args.batch_size,
         )

@@ -130,6 +130,13 @@ def main() -> None:
         default=None,
         help="decode with the compressed keys stored in this dtype (decode_key_dtype; the gates stay fp32)",
     )
+    parser.add_argument(
+        "--decode-layer-overrides",
+        type=json.loads,
+        default=None,
+        help="per-layer decode settings as JSON (layer_overrides, e.g. a set from decode_layer_sensitivity.py "
+        "--keep-average) under every --decode-budgets value",
+    )
     args = parser.parse_args()
 
     spec = MODELS[args.model]
@@ -238,6 +245,8 @@ def main() -> None:
         prompt = args.decode_prompt or args.seq_len - args.decode_tokens
         if args.decode_key_dtype is not None:
             model.set_sparsity(decode_key_dtype=args.decode_key_dtype)
+        if args.decode_layer_overrides is not None:
+            model.set_sparsity(layer_overrides=args.decode_layer_overrides)
         started = time.perf_counter()
         rows = evaluate_decode(
             model, heldout_ids, prompt, args.decode_tokens, max_windows=args.decode_windows,
@@ -257,6 +266,7 @@ def main() -> None:
             decode_gate_queries=model.peft_config[model.active_adapter].decode_gate_queries,
             decode_gate_query_merge=model.peft_config[model.active_adapter].decode_gate_query_merge,
             decode_key_dtype=model.peft_config[model.active_adapter].decode_key_dtype,
+            layer_overrides=model.peft_config[model.active_adapter].layer_overrides,
             dtype=str(dtype),
             command="python " + " ".join(sys.argv),
             distillation=distillation,

@@ -354,7 +354,7 @@ def run_decode_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     """Which layers' decode selection costs the perplexity (`evaluation.decode_layer_sensitivity`) at the one
-    ``--decode-budgets`` value; prints the chosen layer sets as ``--layer-overrides`` JSON."""
+    ``--decode-budgets`` value; prints the chosen layer sets as a budget and ``--layer-overrides`` JSON."""
     from .evaluation import decode_layer_sensitivity, environment_meta, format_layer_sensitivity_table
 
     prefix = "seer-adapter eval --layer-sensitivity"
@@ -380,6 +380,7 @@ def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
             top=args.top,
             layer_sets=args.layer_sets,
             uniform_budgets=args.uniform_budgets,
+            keep_average=args.keep_average,
             selector=args.decode_selectors[0],
             batch_size=args.decode_batch_size,
             cache=args.decode_cache,
@@ -396,6 +397,7 @@ def run_layer_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
         f"continuation {args.decode_tokens}",
         budget=args.decode_budgets[0],
         layer_budget=args.layer_budget,
+        keep_average=args.keep_average,
         dtype=str(dtype),
         command=_command_line(args),
     )
@@ -947,6 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         help="layer sensitivity: every layer at these budgets too, to compare at an equal attended fraction",
+    )
+    evaluate.add_argument(
+        "--keep-average",
+        action="store_true",
+        help="layer sensitivity: run the chosen sets with every other layer's budget lowered so the mean per-layer "
+        "budget stays at most the --decode-budgets value (needs --layer-budget): the same decoding cost as the "
+        "uniform budget",
     )
     evaluate.add_argument(
         "--first-window", type=int, default=0, help="layer sensitivity: skip this many windows of the text"

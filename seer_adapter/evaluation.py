@@ -650,6 +650,28 @@ def evaluate_decode(
     return rows
 
 
+def budget_keeping_average(budget: int, layer_budget: int, chosen: int, layers: int, block_size: int) -> int:
+    """The decode budget of the ``layers - chosen`` other layers when ``chosen`` layers get ``layer_budget`` and the
+    mean per-layer budget must stay at most ``budget``: rounded down to whole ``block_size`` blocks.
+
+    E.g. 24 layers, 5 of them at 4096, mean 2048: the other 19 get 1504 (mean 2044). Raises ValueError when that
+    leaves the others less than one block (or when every layer is chosen and ``layer_budget`` exceeds ``budget``).
+    """
+    others = layers - chosen
+    spare = budget * layers - layer_budget * chosen
+    if others == 0:
+        if spare < 0:
+            raise ValueError(f"all {layers} layers at layer_budget={layer_budget} exceed the mean budget {budget}")
+        return budget
+    rest = spare // others // block_size * block_size
+    if rest < block_size:
+        raise ValueError(
+            f"{chosen} of {layers} layers at {layer_budget} tokens leave the other {others} less than one "
+            f"{block_size}-token block under a mean budget of {budget}; choose fewer layers or a smaller layer_budget"
+        )
+    return rest
+
+
 def decode_layer_sensitivity(
     model: Any,
     token_ids: torch.Tensor,
@@ -663,6 +685,7 @@ def decode_layer_sensitivity(
     top: Sequence[int] | None = None,
     layer_sets: Sequence[Sequence[int]] | None = None,
     uniform_budgets: Sequence[int] = (),
+    keep_average: bool = False,
     selector: str = "gate",
     batch_size: int = 1,
     cache: str = "auto",
@@ -677,7 +700,10 @@ def decode_layer_sensitivity(
     The ``top`` costliest layers (those whose override lowered the perplexity most) are then overridden together;
     ``layer_sets`` evaluates given sets instead (chosen on other windows: the honest check of a choice). Every
     ``uniform_budgets`` entry runs every layer at that budget, to compare with the overrides at an equal attended
-    fraction. The model's settings are restored afterwards; overrides the adapter already has stay under the sweep's.
+    fraction. With ``keep_average`` the chosen sets cost no more than the uniform budget: the layers outside a set
+    drop to the largest whole-block budget that keeps the mean per-layer budget at or below ``budget``
+    (`budget_keeping_average`), so a set trades context between layers instead of adding it. The model's settings
+    are restored afterwards; overrides the adapter already has stay under the sweep's.
 
     Args:
         model: a `SeerModel` whose active adapter has a decode gate.
@@ -687,12 +713,16 @@ def decode_layer_sensitivity(
         top: sizes of the costliest-layer sets to evaluate after the per-layer sweep (each <= the gated layers;
             default 1, 2 and 4, those below the number of gated layers).
         layer_sets: layer sets to evaluate instead of the per-layer sweep.
+        uniform_budgets: budgets to run every layer at as well (default none).
+        keep_average: run the chosen sets with the other layers' budget lowered so the mean per-layer budget stays
+            at most ``budget`` (needs ``layer_budget``; default False: the other layers keep ``budget``).
         selector: who scores the blocks (`DECODE_SELECTORS`; ``"gate"``, the decode gate, by default).
         batch_size, cache: as in `evaluate_decode`.
 
     Returns:
         One row per run: ``{run, layers_overridden, layer_overrides (the JSON a user passes to
-        SeerAttentionConfig.layer_overrides, on top of decode_token_budget=budget), budget, ppl, ppl_delta_pct,
+        SeerAttentionConfig.layer_overrides, on top of decode_token_budget=budget: the row's budget, lowered for the
+        sets under keep_average), budget, mean_budget (per layer, sparse runs), ppl, ppl_delta_pct,
         tokens, sparse_density (kept fraction of the sparse layers' blocks), attended_fraction (over every gated
         layer, dense ones whole), recovered (share of the all-sparse perplexity gap given back)}``; ``dense`` first,
         ``all sparse`` second.
@@ -710,6 +740,11 @@ def decode_layer_sensitivity(
             raise ValueError(f"{name}={value!r} is below one block of the decode gate ({decode_block} tokens)")
     if selector not in DECODE_SELECTORS:
         raise ValueError(f"selector must be one of {DECODE_SELECTORS}, got {selector!r}")
+    if keep_average and layer_budget is None:
+        raise ValueError(
+            "keep_average needs a layer_budget: dense layers attend the whole context, which no budget elsewhere "
+            "can balance"
+        )
     layers = sorted(model.gates())
     if layer_sets is not None:
         layer_sets = [sorted({int(layer) for layer in chosen}) for chosen in layer_sets]
@@ -779,6 +814,17 @@ def decode_layer_sensitivity(
             "attended_fraction": attended,
         }
 
+    def set_budget(chosen: list[int]) -> int:
+        """The budget of the layers outside ``chosen``: ``budget``, or under keep_average what keeps the mean."""
+        if not keep_average:
+            return budget
+        return budget_keeping_average(budget, layer_budget, len(chosen), len(layers), decode_block)
+
+    if keep_average:  # refuse a set too large to balance before any decoding
+        for chosen in layer_sets or []:
+            set_budget(chosen)
+        for k in top or []:
+            set_budget(list(range(k)))
     try:
         dense = run("dense", [], None)
         sparse = run("all sparse", [], budget)
@@ -790,7 +836,7 @@ def decode_layer_sensitivity(
             chosen_sets = [(f"top {k} overridden", sorted(ranked[:k])) for k in top]
         else:
             chosen_sets = [(f"{len(chosen)} given overridden", chosen) for chosen in layer_sets]
-        rows += [run(label, chosen, budget) for label, chosen in chosen_sets]
+        rows += [run(label, chosen, set_budget(chosen)) for label, chosen in chosen_sets]
         rows += [run(f"all sparse at {b}", [], b) for b in uniform_budgets]
     finally:
         bar.close()
@@ -798,6 +844,11 @@ def decode_layer_sensitivity(
     gap = sparse["ppl"] - dense["ppl"]
     for row in rows:
         row["ppl_delta_pct"] = 100.0 * (row["ppl"] / dense["ppl"] - 1.0)
+        if row["budget"] is not None and (layer_budget is not None or not row["layers_overridden"]):
+            overridden = len(row["layers_overridden"])
+            row["mean_budget"] = (row["budget"] * (len(layers) - overridden) + (layer_budget or 0) * overridden) / len(
+                layers
+            )
         if row is not dense and row is not sparse:
             row["recovered"] = (sparse["ppl"] - row["ppl"]) / gap if gap else float("nan")
     return rows
@@ -810,15 +861,18 @@ def format_layer_sensitivity_table(rows: list[dict[str, Any]], single_layers: in
     chosen = [r for r in rows[2:] if not r["run"].startswith(("layer ", "all sparse at"))]
     shown = [*rows[:2], *sorted(single, key=lambda r: r["ppl"])[:single_layers]]
     shown += [r for r in rows[2:] if not r["run"].startswith("layer ")]
-    lines = [f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8}"]
+    lines = [f"{'run':<22} {'Δ% ppl':>8} {'recovered':>9} {'attended':>8} {'mean budget':>11}"]
     for r in shown:
         recovered = f"{r['recovered']:>9.2f}" if "recovered" in r else f"{'-':>9}"
-        lines.append(f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {r['attended_fraction']:>8.3f}")
-    if chosen:
+        mean_budget = f"{r['mean_budget']:>11.0f}" if "mean_budget" in r else f"{'-':>11}"
         lines.append(
-            f"\nlayer_overrides of the chosen sets (every other layer: decode_token_budget={rows[1]['budget']}):"
+            f"{r['run']:<22} {r['ppl_delta_pct']:>+8.2f} {recovered} {r['attended_fraction']:>8.3f} {mean_budget}"
         )
-        lines += [f"{r['run']:<22} {json.dumps(r['layer_overrides'])}" for r in chosen]
+    if chosen:
+        lines.append("\nthe chosen sets as settings (decode_token_budget of every other layer, then layer_overrides):")
+        lines += [
+            f"{r['run']:<22} decode_token_budget={r['budget']} {json.dumps(r['layer_overrides'])}" for r in chosen
+        ]
     return "\n".join(lines)
 
 

@@ -904,6 +904,19 @@ def test_evaluate_decode_full_budget_equals_dense_and_small_budget_differs():
     assert "token_budget" in format_decode_table(rows)
 
 
+def test_budget_keeping_average():
+    from seer_adapter.evaluation import budget_keeping_average
+
+    assert budget_keeping_average(2048, 4096, 5, 24, 16) == 1504  # 5 * 4096 + 19 * 1504 <= 24 * 2048
+    assert budget_keeping_average(2048, 4096, 0, 24, 16) == 2048
+    assert budget_keeping_average(2048, 2048, 24, 24, 16) == 2048
+    assert budget_keeping_average(100, 200, 1, 3, 16) == 48  # 50 rounded down to whole blocks
+    with pytest.raises(ValueError, match="exceed the mean budget"):
+        budget_keeping_average(2048, 4096, 24, 24, 16)
+    with pytest.raises(ValueError, match="12 of 24 layers at 4096 tokens leave the other 12 less than one"):
+        budget_keeping_average(2048, 4096, 12, 24, 16)
+
+
 def test_decode_layer_sensitivity_sweeps_layers_and_returns_usable_overrides():
     """Per-layer sweep on a 3-layer model: rows in order, the model's settings restored (its own overrides kept
     under the sweep's), every layer dense equals dense decoding, and each row's ``layer_overrides`` reproduces its
@@ -957,7 +970,28 @@ def test_decode_layer_sensitivity_sweeps_layers_and_returns_usable_overrides():
     assert given[0]["tokens"] == 2 * 49  # windows 1 and 2 of the three
     assert given[2]["layer_overrides"] == {"0": {"decode_token_budget": 4 * BLOCK}, "2": {"decode_token_budget": 64}}
     assert given[2]["attended_fraction"] == given[2]["sparse_density"] > given[1]["sparse_density"]
+    assert given[2]["mean_budget"] == (4 * BLOCK * 2 + BLOCK) / 3
+    # keep_average: a set costs no more than the uniform budget; the row's budget and overrides reproduce it
+    balanced = decode_layer_sensitivity(
+        model, ids, 100, 50, budget=2 * BLOCK, layer_budget=4 * BLOCK, max_windows=2, layer_sets=[[1]],
+        keep_average=True, progress=False,
+    )  # fmt: skip
+    row = balanced[2]
+    assert row["budget"] == BLOCK and row["mean_budget"] == balanced[1]["mean_budget"] == 2 * BLOCK
+    assert row["layer_overrides"] == {"1": {"decode_token_budget": 4 * BLOCK}}
+    merged = {"1": {**own["1"], **row["layer_overrides"]["1"]}}
+    model.set_sparsity(decode_token_budget=row["budget"], dense_below_length=window + 1, layer_overrides=merged)
+    runs = [decode_continuation(model, ids[w * window : (w + 1) * window], 100) for w in range(2)]
+    assert row["ppl"] == pytest.approx(float(torch.tensor(sum(r["nll"] for r in runs) / 98).exp()), rel=1e-6)
+    model.peft_config["default"] = saved
+    assert "decode_token_budget=16" in format_layer_sensitivity_table(balanced)
     for bad, match in [
+        ({"budget": BLOCK, "keep_average": True, "layer_sets": [[1]]}, "keep_average needs a layer_budget"),
+        (
+            {"budget": 2 * BLOCK, "layer_budget": 4 * BLOCK, "keep_average": True, "layer_sets": [[0, 1]]},
+            "leave the other 1 less than one 16-token block",
+        ),
+        ({"budget": 2 * BLOCK, "layer_budget": 4 * BLOCK, "keep_average": True, "top": (2,)}, "less than one"),
         ({"budget": BLOCK // 2}, "below one block"),
         ({"budget": BLOCK, "layer_budget": 3}, "layer_budget=3 is below one block"),
         ({"budget": BLOCK, "layer_sets": [[0, 7]]}, r"gated layers \[0, 1, 2\]"),

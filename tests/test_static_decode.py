@@ -399,8 +399,13 @@ def test_cuda_graph_steps_equal_eager_static_and_dynamic(settings):
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_seq, eager_seq) and torch.equal(got_seq, want_seq)
-    # a second generation from a fresh cache of the same shape captures again (new buffers); a settings change too
-    model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK)
+    # the same settings replay the captured graph; a settings change (different from every parametrised case)
+    # re-captures instead of replaying a stale one
+    graph_cache.crop(-40)
+    replay_seq, _ = _generate_logits(model, ids, mask, **kwargs, **_cache(graph_cache))
+    assert graph_cache.graph_runner.captures == 1 and torch.equal(replay_seq, want_seq)
+    other_layer = {"1": {"decode_token_budget": 2 * BLOCK}}
+    model.set_sparsity(decode_method="token_budget", decode_token_budget=BLOCK, layer_overrides=other_layer)
     graph_cache.crop(-40)
     got_seq, _ = _generate_logits(model, ids, mask, **kwargs, **_cache(graph_cache))
     assert graph_cache.graph_runner.captures == 2

@@ -568,6 +568,14 @@ def test_cli_eval_decode_budgets(tmp_path, tokenizer, capsys):
     rows = json.loads(given.read_text())["rows"]
     assert [r["run"] for r in rows] == ["dense", "all sparse", "1 given overridden", "all sparse at 32"]
     assert rows[2]["layer_overrides"] == {"1": {"decode_token_budget": 32}}
+    # --keep-average: layer 1 at 48 tokens, layer 0 down to 16, a mean of 32 like the uniform budget
+    options = ["--layer-sets", "1", "--layer-budget", "48", "--keep-average", "--first-window", "1"]
+    cli_main([*common, *gates, "--decode-budgets", "32", "--layer-sensitivity", *options, "--out", str(given)])
+    result = json.loads(given.read_text())
+    assert result["meta"]["keep_average"] and result["rows"][2]["budget"] == 16
+    assert result["rows"][2]["mean_budget"] == 32 and "decode_token_budget=16" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="keep_average needs a layer_budget"):
+        cli_main([*common, *gates, "--decode-budgets", "32", "--layer-sensitivity", "--keep-average"])
     with pytest.raises(SystemExit, match="one --decode-budgets value"):
         cli_main([*common, *gates, "--decode-budgets", "16", "32", "--layer-sensitivity"])
     with pytest.raises(SystemExit, match=r"gated layers \[0, 1\]"):
