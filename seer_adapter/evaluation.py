@@ -722,7 +722,8 @@ def decode_layer_sensitivity(
     Returns:
         One row per run: ``{run, layers_overridden, layer_overrides (the JSON a user passes to
         SeerAttentionConfig.layer_overrides, on top of decode_token_budget=budget: the row's budget, lowered for the
-        sets under keep_average), budget, mean_budget (per layer, sparse runs), ppl, ppl_delta_pct,
+        sets under keep_average), budget, mean_budget (per layer, sparse runs; the sweep's budgets, not the
+        adapter's own overrides), ppl, ppl_delta_pct,
         tokens, sparse_density (kept fraction of the sparse layers' blocks), attended_fraction (over every gated
         layer, dense ones whole), recovered (share of the all-sparse perplexity gap given back)}``; ``dense`` first,
         ``all sparse`` second.
