@@ -815,17 +815,16 @@ def decode_layer_sensitivity(
             "attended_fraction": attended,
         }
 
-    def set_budget(chosen: list[int]) -> int:
-        """The budget of the layers outside ``chosen``: ``budget``, or under keep_average what keeps the mean."""
+    def rest_budget(n_chosen: int) -> int:
+        """The budget of the layers outside a set of ``n_chosen``: ``budget``, or under keep_average what keeps the
+        mean."""
         if not keep_average:
             return budget
-        return budget_keeping_average(budget, layer_budget, len(chosen), len(layers), decode_block)
+        return budget_keeping_average(budget, layer_budget, n_chosen, len(layers), decode_block)
 
-    if keep_average:  # refuse a set too large to balance before any decoding
-        for chosen in layer_sets or []:
-            set_budget(chosen)
-        for k in top or []:
-            set_budget(list(range(k)))
+    # refuse a set too large to balance before any decoding
+    for n_chosen in [len(chosen) for chosen in layer_sets or []] + list(top or []):
+        rest_budget(n_chosen)
     try:
         dense = run("dense", [], None)
         sparse = run("all sparse", [], budget)
@@ -837,7 +836,7 @@ def decode_layer_sensitivity(
             chosen_sets = [(f"top {k} overridden", sorted(ranked[:k])) for k in top]
         else:
             chosen_sets = [(f"{len(chosen)} given overridden", chosen) for chosen in layer_sets]
-        rows += [run(label, chosen, set_budget(chosen)) for label, chosen in chosen_sets]
+        rows += [run(label, chosen, rest_budget(len(chosen))) for label, chosen in chosen_sets]
         rows += [run(f"all sparse at {b}", [], b) for b in uniform_budgets]
     finally:
         bar.close()
